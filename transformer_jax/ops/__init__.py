@@ -1,0 +1,40 @@
+"""Pure-JAX building blocks of the Transformer: attention, masks, positions, losses.
+
+No Flax here; every function works under ``jax.jit``, ``jax.vmap`` and ``jax.grad``.
+"""
+
+from transformer_jax.ops.attention import (
+    IMPLEMENTATIONS,
+    dot_product_attention,
+    masked_softmax,
+    multi_head_attention,
+    project_out,
+    project_qkv,
+)
+from transformer_jax.ops.losses import cross_entropy, token_accuracy
+from transformer_jax.ops.masks import causal_mask, combine_masks, padding_mask, segment_mask
+from transformer_jax.ops.positional import (
+    alibi_bias,
+    alibi_slopes,
+    apply_rope,
+    sinusoidal_encoding,
+)
+
+__all__ = [
+    "IMPLEMENTATIONS",
+    "alibi_bias",
+    "alibi_slopes",
+    "apply_rope",
+    "causal_mask",
+    "combine_masks",
+    "cross_entropy",
+    "dot_product_attention",
+    "masked_softmax",
+    "multi_head_attention",
+    "padding_mask",
+    "project_out",
+    "project_qkv",
+    "segment_mask",
+    "sinusoidal_encoding",
+    "token_accuracy",
+]

@@ -1,0 +1,413 @@
+"""Scaled dot-product and multi-head attention as pure functions.
+
+Shapes use the letters B batch, T query length, S key length, N heads, H head dim, D model dim.
+Three interchangeable implementations of ``dot_product_attention`` give the same numbers:
+
+* ``"xla"``: einsum + masked softmax; materialises the ``[B, N, T, S]`` weights. The reference.
+* ``"chunked"``: memory-efficient attention (Rabe & Staats 2021; FlashAttention's online
+  softmax) scanning over key blocks with a recomputing backward pass, so neither the forward
+  nor the gradient ever holds a ``[T, S]`` array per head (memory O(T + S) per head).
+* ``"jax"``: ``jax.nn.dot_product_attention`` (cuDNN flash attention on GPU for bf16/fp16).
+
+Conventions shared by all three: the logits are scaled by ``1/sqrt(H)``; ``mask`` is boolean
+(True = attend) and ``bias`` additive, both rank 4 and broadcastable to ``[B, N, T, S]``; the
+softmax runs in float32 whatever the input dtype; the output has the query dtype. A query whose
+keys are all masked out gets zero weights and a zero output (with zero, finite gradients).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from transformer_jax.ops import chunked_attention
+
+__all__ = [
+    "IMPLEMENTATIONS",
+    "dot_product_attention",
+    "multi_head_attention",
+    "project_qkv",
+    "project_out",
+    "masked_softmax",
+]
+
+IMPLEMENTATIONS = ("xla", "chunked", "jax")
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _shape(x) -> tuple[int, ...]:
+    return tuple(jnp.shape(x))
+
+
+def _check_qkv(query, key, value) -> tuple[int, int, int, int, int]:
+    """Validates q/k/v shapes; returns (B, T, S, N, H)."""
+    for name, x in (("query", query), ("key", key), ("value", value)):
+        if jnp.ndim(x) != 4:
+            raise ValueError(
+                f"{name} must have rank 4 [batch, length, heads, head_dim]; got shape {_shape(x)}."
+            )
+    qs, ks, vs = _shape(query), _shape(key), _shape(value)
+    if ks[:3] != vs[:3]:
+        raise ValueError(
+            f"key {ks} and value {vs} must agree on [batch, length, heads]; pass keys and values "
+            "of the same sequence."
+        )
+    if qs[0] != ks[0]:
+        raise ValueError(f"query {qs} and key {ks} have different batch sizes {qs[0]} != {ks[0]}.")
+    if qs[2] != ks[2]:
+        raise ValueError(
+            f"query {qs} and key {ks} have different numbers of heads {qs[2]} != {ks[2]}."
+        )
+    if qs[3] != ks[3]:
+        raise ValueError(
+            f"query {qs} and key {ks} have different head dimensions {qs[3]} != {ks[3]}."
+        )
+    return qs[0], qs[1], ks[1], qs[2], qs[3]
+
+
+def _check_broadcast(name: str, x, target: tuple[int, ...]) -> None:
+    if x is None:
+        return
+    shape = _shape(x)
+    ok = len(shape) == 4 and all(d in (1, t) for d, t in zip(shape, target, strict=True))
+    if not ok:
+        raise ValueError(
+            f"{name} of shape {shape} is not broadcastable to [B, N, T, S] = {list(target)}; "
+            f"{name} must have rank 4 with each axis equal to the target or 1 "
+            "(e.g. [B, 1, T, S] or [1, 1, T, S])."
+        )
+
+
+def _check_mask_dtype(mask) -> None:
+    if mask is not None and jnp.result_type(mask) != jnp.bool_:
+        raise ValueError(
+            f"mask must be boolean (True = attend); got dtype {jnp.result_type(mask)}. Pass "
+            "additive float masks as bias= instead."
+        )
+
+
+def _check_dropout(dropout_rate: float, dropout_rng) -> bool:
+    """Returns whether dropout is active."""
+    if not 0.0 <= dropout_rate < 1.0:
+        raise ValueError(f"dropout_rate must be in [0, 1); got {dropout_rate}.")
+    return dropout_rate > 0.0 and dropout_rng is not None
+
+
+# ----------------------------------------------------------------------------- xla reference
+
+
+def masked_softmax(logits, mask=None) -> jnp.ndarray:
+    """Softmax over the last axis in float32 where masked entries get weight 0.
+
+    Rows with no unmasked (finite) entry get all-zero weights instead of NaN or a uniform
+    average, and their gradient is zero.
+
+    Args:
+      logits: ``[..., S]`` scores (a ``-inf`` score also counts as masked).
+      mask: optional bool broadcastable to ``logits`` (True = keep).
+
+    Returns:
+      float32 weights with the shape of ``logits``.
+    """
+    logits = jnp.asarray(logits).astype(jnp.float32)
+    if mask is not None:
+        logits = jnp.where(mask, logits, -jnp.inf)
+    row_max = jnp.max(logits, axis=-1, keepdims=True)
+    row_max = lax.stop_gradient(jnp.where(jnp.isfinite(row_max), row_max, 0.0))
+    unnorm = jnp.exp(logits - row_max)
+    denom = jnp.sum(unnorm, axis=-1, keepdims=True)
+    return unnorm / jnp.where(denom == 0.0, 1.0, denom)
+
+
+def _xla_attention(query, key, value, mask, bias, dropout_rate, dropout_rng, precision):
+    head_dim = query.shape[-1]
+    logits = jnp.einsum(
+        "BTNH,BSNH->BNTS", query, key, precision=precision, preferred_element_type=jnp.float32
+    )  # [B, N, T, S]
+    logits = logits * (1.0 / math.sqrt(head_dim))
+    if bias is not None:
+        logits = logits + bias.astype(jnp.float32)
+    weights = masked_softmax(logits, mask)  # [B, N, T, S] float32
+    probs = weights
+    if dropout_rng is not None and dropout_rate > 0.0:
+        keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, weights.shape)
+        probs = jnp.where(keep, weights / (1.0 - dropout_rate), 0.0)
+    out = jnp.einsum(
+        "BNTS,BSNH->BTNH",
+        probs.astype(value.dtype) if value.dtype != jnp.float32 else probs,
+        value,
+        precision=precision,
+        preferred_element_type=jnp.float32,
+    )  # [B, T, N, H]
+    return out.astype(query.dtype), weights
+
+
+# ----------------------------------------------------------------------------- jax.nn
+
+
+def _jax_attention(query, key, value, mask, bias, precision, backend):
+    if backend is None:
+        on_gpu = jax.default_backend() == "gpu"
+        low_precision = query.dtype in (jnp.bfloat16, jnp.float16)
+        backend = "cudnn" if on_gpu and low_precision else "xla"
+    kwargs = {}
+    if bias is not None:
+        kwargs["bias"] = bias.astype(query.dtype)
+    if mask is not None:
+        kwargs["mask"] = mask
+    with jax.default_matmul_precision(_precision_name(precision)):
+        out = jax.nn.dot_product_attention(query, key, value, implementation=backend, **kwargs)
+    if mask is not None:
+        # jax.nn returns the average of the values on fully masked rows; we return zeros.
+        row_any = jnp.any(mask, axis=-1)  # [b, n, T] (broadcast axes stay 1)
+        row_any = jnp.transpose(row_any, (0, 2, 1))[..., None]  # [b, T, n, 1]
+        out = jnp.where(row_any, out, jnp.zeros((), out.dtype))
+    return out.astype(query.dtype)
+
+
+def _precision_name(precision) -> str | None:
+    if precision is None:
+        return None
+    if isinstance(precision, lax.Precision):
+        return {
+            lax.Precision.DEFAULT: "bfloat16",
+            lax.Precision.HIGH: "tensorfloat32",
+            lax.Precision.HIGHEST: "float32",
+        }[precision]
+    return {"default": "bfloat16", "high": "tensorfloat32", "highest": "float32"}.get(
+        str(precision).lower(), str(precision)
+    )
+
+
+# ----------------------------------------------------------------------------- public API
+
+
+def dot_product_attention(
+    query,
+    key,
+    value,
+    *,
+    mask=None,
+    bias=None,
+    dropout_rate: float = 0.0,
+    dropout_rng=None,
+    implementation: str = "xla",
+    chunk_size: int = 512,
+    return_weights: bool = False,
+    precision=None,
+    jax_backend: str | None = None,
+):
+    """Scaled dot-product attention ``softmax(q k^T / sqrt(H) + bias, masked) v``.
+
+    Args:
+      query: ``[B, T, N, H]``.
+      key: ``[B, S, N, H]``.
+      value: ``[B, S, N, H]``.
+      mask: optional bool, rank 4, broadcastable to ``[B, N, T, S]``; True = attend.
+      bias: optional float, rank 4, broadcastable to ``[B, N, T, S]``; added to the scaled
+        logits (e.g. ALiBi or relative position biases). Differentiable.
+      dropout_rate: probability of dropping an attention weight (inverted dropout).
+      dropout_rng: PRNG key; dropout is applied only when this is given and the rate is > 0.
+        ``"xla"`` draws one ``[B, N, T, S]`` keep mask from it; ``"chunked"`` draws the mask of
+        key block ``i`` from ``fold_in(dropout_rng, i)`` (deterministic, but a different draw
+        than ``"xla"``); ``"jax"`` does not support dropout (ValueError).
+      implementation: ``"xla"`` | ``"chunked"`` | ``"jax"`` (see the module docstring).
+      chunk_size: key block size for ``"chunked"`` (S is padded with masked keys to a multiple
+        of it; a block never exceeds S).
+      return_weights: also return the float32 ``[B, N, T, S]`` attention weights (before
+        dropout). Only ``"xla"``.
+      precision: ``jax.lax.Precision`` (or "highest", ...) for the matmuls.
+      jax_backend: for ``"jax"`` only, the ``implementation`` passed to
+        ``jax.nn.dot_product_attention``; default: ``"cudnn"`` on GPU for bf16/fp16, else
+        ``"xla"``.
+
+    Returns:
+      ``[B, T, N, H]`` in the query dtype, or ``(out, weights)`` when ``return_weights``.
+    """
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(
+            f"Unknown attention implementation {implementation!r}; use one of {IMPLEMENTATIONS}."
+        )
+    query, key, value = jnp.asarray(query), jnp.asarray(key), jnp.asarray(value)
+    b, t, s, n, _ = _check_qkv(query, key, value)
+    target = (b, n, t, s)
+    _check_broadcast("mask", mask, target)
+    _check_broadcast("bias", bias, target)
+    _check_mask_dtype(mask)
+    use_dropout = _check_dropout(dropout_rate, dropout_rng)
+    if return_weights and implementation != "xla":
+        raise ValueError(
+            f"return_weights=True needs implementation='xla'; {implementation!r} never "
+            "materialises the [B, N, T, S] weights."
+        )
+
+    if implementation == "xla":
+        out, weights = _xla_attention(
+            query,
+            key,
+            value,
+            mask,
+            bias,
+            dropout_rate,
+            dropout_rng if use_dropout else None,
+            precision,
+        )
+        return (out, weights) if return_weights else out
+    if implementation == "chunked":
+        return chunked_attention.chunked_dot_product_attention(
+            query,
+            key,
+            value,
+            mask=mask,
+            bias=bias,
+            dropout_rate=dropout_rate if use_dropout else 0.0,
+            dropout_rng=dropout_rng if use_dropout else None,
+            chunk_size=chunk_size,
+            precision=precision,
+        )
+    if use_dropout:
+        raise ValueError(
+            "implementation='jax' (jax.nn.dot_product_attention) does not support attention "
+            "dropout; use implementation='xla' or 'chunked', or dropout_rate=0."
+        )
+    return _jax_attention(query, key, value, mask, bias, precision, jax_backend)
+
+
+def project_qkv(inputs, kernel, bias=None, *, precision=None) -> jnp.ndarray:
+    """Projects ``[B, T, D]`` inputs to per-head ``[B, T, N, H]`` with a ``[D, N, H]`` kernel.
+
+    Args:
+      inputs: ``[B, T, D]``.
+      kernel: ``[D, N, H]``.
+      bias: optional ``[N, H]``.
+    """
+    out = jnp.einsum("BTD,DNH->BTNH", inputs, kernel, precision=precision)  # [B, T, N, H]
+    if bias is not None:
+        out = out + bias
+    return out
+
+
+def project_out(heads, kernel, bias=None, *, precision=None) -> jnp.ndarray:
+    """Merges heads ``[B, T, N, H]`` back to ``[B, T, D]`` with an ``[N, H, D]`` kernel.
+
+    Args:
+      heads: ``[B, T, N, H]``.
+      kernel: ``[N, H, D]``.
+      bias: optional ``[D]``.
+    """
+    out = jnp.einsum("BTNH,NHD->BTD", heads, kernel, precision=precision)  # [B, T, D]
+    if bias is not None:
+        out = out + bias
+    return out
+
+
+def _check_params(params: Mapping[str, Any], d_q: int, d_kv: int) -> tuple[int, int]:
+    missing = [k for k in ("query", "key", "value", "out") if k not in params]
+    if missing:
+        raise ValueError(
+            f"multi_head_attention params are missing {missing}; expected keys 'query', 'key', "
+            "'value' ([D, N, H]), 'out' ([N, H, D]) and optional '*_bias'."
+        )
+    unknown = sorted(
+        set(params)
+        - {"query", "key", "value", "out", "query_bias", "key_bias", "value_bias", "out_bias"}
+    )
+    if unknown:
+        raise ValueError(f"multi_head_attention got unknown params {unknown}.")
+    q_shape = _shape(params["query"])
+    if len(q_shape) != 3 or q_shape[0] != d_q:
+        raise ValueError(
+            f"params['query'] must have shape [D, N, H] with D = inputs_q.shape[-1] = {d_q}; "
+            f"got {q_shape}."
+        )
+    _, n, h = q_shape
+    expected = {
+        "key": (d_kv, n, h),
+        "value": (d_kv, n, h),
+        "out": (n, h, None),
+        "query_bias": (n, h),
+        "key_bias": (n, h),
+        "value_bias": (n, h),
+    }
+    for name, want in expected.items():
+        if name not in params or params[name] is None:
+            continue
+        got = _shape(params[name])
+        if len(got) != len(want) or any(
+            w is not None and g != w for g, w in zip(got, want, strict=True)
+        ):
+            shown = tuple("D_out" if w is None else w for w in want)
+            raise ValueError(f"params[{name!r}] must have shape {shown}; got {got}.")
+    d_out = _shape(params["out"])[-1]
+    if params.get("out_bias") is not None and _shape(params["out_bias"]) != (d_out,):
+        raise ValueError(
+            f"params['out_bias'] must have shape ({d_out},); got {_shape(params['out_bias'])}."
+        )
+    return n, h
+
+
+def multi_head_attention(
+    inputs_q,
+    inputs_kv,
+    params: Mapping[str, Any],
+    *,
+    mask=None,
+    bias=None,
+    dropout_rate: float = 0.0,
+    dropout_rng=None,
+    implementation: str = "xla",
+    return_weights: bool = False,
+    precision=None,
+    chunk_size: int = 512,
+):
+    """Multi-head attention: project, attend per head, merge heads.
+
+    Args:
+      inputs_q: ``[B, T, D]`` queries.
+      inputs_kv: ``[B, S, D]`` keys/values (pass ``inputs_q`` for self-attention).
+      params: ``{"query": [D, N, H], "key": [D, N, H], "value": [D, N, H], "out": [N, H, D]}``
+        plus optional ``"query_bias"``, ``"key_bias"``, ``"value_bias"`` ``[N, H]`` and
+        ``"out_bias"`` ``[D]``.
+      mask, bias, dropout_rate, dropout_rng, implementation, precision, chunk_size: as in
+        ``dot_product_attention``.
+      return_weights: also return the ``[B, N, T, S]`` weights (``"xla"`` only).
+
+    Returns:
+      ``[B, T, D]`` or ``(out, weights)``.
+    """
+    inputs_q, inputs_kv = jnp.asarray(inputs_q), jnp.asarray(inputs_kv)
+    for name, x in (("inputs_q", inputs_q), ("inputs_kv", inputs_kv)):
+        if x.ndim != 3:
+            raise ValueError(f"{name} must have shape [B, length, D]; got {tuple(x.shape)}.")
+    if inputs_q.shape[0] != inputs_kv.shape[0]:
+        raise ValueError(
+            f"inputs_q {tuple(inputs_q.shape)} and inputs_kv {tuple(inputs_kv.shape)} have "
+            "different batch sizes."
+        )
+    _check_params(params, inputs_q.shape[-1], inputs_kv.shape[-1])
+    q = project_qkv(inputs_q, params["query"], params.get("query_bias"), precision=precision)
+    k = project_qkv(inputs_kv, params["key"], params.get("key_bias"), precision=precision)
+    v = project_qkv(inputs_kv, params["value"], params.get("value_bias"), precision=precision)
+    result = dot_product_attention(
+        q,
+        k,
+        v,
+        mask=mask,
+        bias=bias,
+        dropout_rate=dropout_rate,
+        dropout_rng=dropout_rng,
+        implementation=implementation,
+        chunk_size=chunk_size,
+        return_weights=return_weights,
+        precision=precision,
+    )
+    heads, weights = result if return_weights else (result, None)
+    out = project_out(heads, params["out"], params.get("out_bias"), precision=precision)
+    return (out, weights) if return_weights else out

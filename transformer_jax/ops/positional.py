@@ -1,0 +1,149 @@
+"""Positional information: sinusoidal encodings, rotary embeddings (RoPE) and ALiBi biases.
+
+All results are float32 (``apply_rope`` returns the input dtype).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = ["sinusoidal_encoding", "apply_rope", "alibi_slopes", "alibi_bias"]
+
+
+def sinusoidal_encoding(positions, d_model: int, max_wavelength: float = 10000.0) -> jnp.ndarray:
+    """Sinusoidal position encoding of Vaswani et al. (2017), section 3.5.
+
+    ``PE[pos, 2i] = sin(pos / max_wavelength**(2i/d_model))`` and
+    ``PE[pos, 2i+1] = cos(pos / max_wavelength**(2i/d_model))`` — sine on even feature indices,
+    cosine on odd ones (interleaved, exactly as the paper writes it).
+
+    Args:
+      positions: ``[..., T]`` integer (or float) positions, e.g. ``jnp.arange(T)`` or packed
+        per-segment positions ``[B, T]``.
+      d_model: feature size D; must be even.
+      max_wavelength: the 10000 of the paper.
+
+    Returns:
+      ``[..., T, D]`` float32.
+    """
+    if d_model <= 0 or d_model % 2:
+        raise ValueError(f"sinusoidal_encoding needs a positive even d_model; got {d_model}.")
+    pos = jnp.asarray(positions).astype(jnp.float32)[..., None]  # [..., T, 1]
+    two_i = jnp.arange(0, d_model, 2, dtype=jnp.float32)  # [D/2]
+    inv_freq = jnp.power(jnp.float32(max_wavelength), -two_i / d_model)  # [D/2]
+    angle = pos * inv_freq  # [..., T, D/2]
+    pe = jnp.stack([jnp.sin(angle), jnp.cos(angle)], axis=-1)  # [..., T, D/2, 2]
+    return pe.reshape(*angle.shape[:-1], d_model)  # [..., T, D] sin, cos, sin, cos, ...
+
+
+def apply_rope(x, positions, max_wavelength: float = 10000.0) -> jnp.ndarray:
+    """Rotary position embedding (Su et al. 2021) applied to queries or keys.
+
+    Uses the *half-split* pairing (as in GPT-NeoX / LLaMA): feature ``i`` is rotated together
+    with feature ``i + H/2`` by the angle ``pos * max_wavelength**(-2i/H)``, for ``i < H/2``::
+
+        out[..., :H/2] = x1 * cos - x2 * sin
+        out[..., H/2:] = x2 * cos + x1 * sin
+
+    The rotation preserves norms and makes ``rope(q, p) . rope(k, r)`` depend only on ``p - r``.
+
+    Args:
+      x: ``[B, T, N, H]`` with H even.
+      positions: ``[B, T]`` (or ``[T]``) integer positions.
+      max_wavelength: base of the frequency ladder.
+
+    Returns:
+      ``[B, T, N, H]`` in ``x.dtype`` (computed in float32).
+    """
+    x = jnp.asarray(x)
+    if x.ndim != 4:
+        raise ValueError(f"apply_rope expects x of shape [B, T, N, H]; got {tuple(x.shape)}.")
+    head_dim = x.shape[-1]
+    if head_dim % 2:
+        raise ValueError(f"apply_rope needs an even head dimension H; got x shape {x.shape}.")
+    positions = jnp.asarray(positions)
+    if positions.ndim == 1:
+        positions = positions[None]
+    if (
+        positions.ndim != 2
+        or positions.shape[-1] != x.shape[1]
+        or positions.shape[0]
+        not in (
+            1,
+            x.shape[0],
+        )
+    ):
+        raise ValueError(
+            f"apply_rope positions must have shape [B, T] = [{x.shape[0]}, {x.shape[1]}] (or [T]) "
+            f"to match x {tuple(x.shape)}; got {tuple(positions.shape)}."
+        )
+    half = head_dim // 2
+    inv_freq = jnp.power(
+        jnp.float32(max_wavelength), -jnp.arange(half, dtype=jnp.float32) * 2.0 / head_dim
+    )  # [H/2]
+    angle = positions.astype(jnp.float32)[:, :, None, None] * inv_freq  # [B, T, 1, H/2]
+    cos, sin = jnp.cos(angle), jnp.sin(angle)
+    xf = x.astype(jnp.float32)
+    x1, x2 = xf[..., :half], xf[..., half:]  # [B, T, N, H/2] each
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x.dtype)
+
+
+def _power_of_two_slopes(n: int) -> list[float]:
+    start = 2.0 ** (-8.0 / n)
+    return [start ** (i + 1) for i in range(n)]
+
+
+def alibi_slopes(num_heads: int) -> jnp.ndarray:
+    """Per-head ALiBi slopes of Press et al. (2022).
+
+    For ``n`` a power of two the slopes are the geometric sequence ``2**(-8/n * (i+1))``,
+    ``i = 0..n-1`` (n=8: 1/2, 1/4, ..., 1/256). Otherwise, with ``p`` the largest power of two
+    below ``n``, they are the ``p`` slopes for ``p`` heads followed by every other slope of the
+    ``2p``-head sequence (the 1st, 3rd, 5th ...) until ``n`` slopes are reached.
+
+    Returns:
+      ``[N]`` float32.
+    """
+    if int(num_heads) <= 0:
+        raise ValueError(f"alibi_slopes needs num_heads >= 1; got {num_heads}.")
+    n = int(num_heads)
+    p = 2 ** int(math.floor(math.log2(n)))
+    slopes = _power_of_two_slopes(p)
+    if p != n:
+        slopes += _power_of_two_slopes(2 * p)[0::2][: n - p]
+    return jnp.asarray(np.asarray(slopes, dtype=np.float32))
+
+
+def alibi_bias(num_heads: int, q_positions, k_positions) -> jnp.ndarray:
+    """ALiBi additive attention bias ``-slope[n] * |q_pos - k_pos|``.
+
+    The distance is symmetric (absolute value), so it also works for bidirectional (encoder)
+    attention; under a causal mask only ``k_pos <= q_pos`` is used, where it equals the paper's
+    ``-slope * (i - j)``.
+
+    Args:
+      num_heads: N.
+      q_positions: ``[B, T]`` (or ``[T]``) integer positions of the queries.
+      k_positions: ``[B, S]`` (or ``[S]``) integer positions of the keys.
+
+    Returns:
+      ``[B, N, T, S]`` float32 (B is 1 when both positions are rank 1).
+    """
+    q_positions = jnp.asarray(q_positions)
+    k_positions = jnp.asarray(k_positions)
+    q_positions = q_positions[None] if q_positions.ndim == 1 else q_positions
+    k_positions = k_positions[None] if k_positions.ndim == 1 else k_positions
+    if q_positions.ndim != 2 or k_positions.ndim != 2:
+        raise ValueError(
+            f"alibi_bias positions must be [B, T] and [B, S]; got q_positions "
+            f"{tuple(q_positions.shape)} and k_positions {tuple(k_positions.shape)}."
+        )
+    slopes = alibi_slopes(num_heads)  # [N]
+    dist = jnp.abs(
+        q_positions[:, :, None].astype(jnp.float32) - k_positions[:, None, :].astype(jnp.float32)
+    )  # [B, T, S]
+    return -slopes[None, :, None, None] * dist[:, None]  # [B, N, T, S]
