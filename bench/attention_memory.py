@@ -1,0 +1,236 @@
+"""Peak memory and time of self-attention forward + backward: "xla" vs "chunked".
+
+For each sequence length L the benchmark differentiates ``sum(dot_product_attention(q, k, v))``
+with respect to q, k and v (B=1, N=8, H=64, float32, no mask) under ``jax.jit`` and reports
+
+* the compiler's buffer assignment (``compiled.memory_analysis()``): arguments + outputs +
+  temporaries — deterministic and exactly what XLA will allocate for that program;
+* the resident-memory growth of a fresh process while the compiled step runs (sampled RSS);
+* the median wall time of a few runs after a warm-up run.
+
+Each case runs in its own subprocess so the RSS numbers do not leak between cases. Cases whose
+analysed peak exceeds ``--max-run-gib``, or twice which exceeds the available memory (on CPU the
+process grows to about 1.8x the analysed peak for "xla"), are compiled to report the memory but
+not run.
+
+Usage: python bench/attention_memory.py [--lengths 1024,2048] [--json PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import threading
+import time
+
+GIB = 2.0**30
+DEFAULT_LENGTHS = "1024,2048,4096,8192,16384"
+
+
+def _rss() -> int:
+    import psutil
+
+    return psutil.Process().memory_info().rss
+
+
+class _PeakRss:
+    """Samples this process's RSS every few milliseconds in a background thread."""
+
+    def __init__(self, interval: float = 0.002):
+        self.interval, self.peak, self._stop = interval, _rss(), threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, _rss())
+            time.sleep(self.interval)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _rss())
+
+
+def run_case(impl: str, length: int, args) -> dict:
+    """Compiles (and unless too big, runs) one case in this process; returns a result row."""
+    import jax
+    import jax.numpy as jnp
+
+    from transformer_jax.ops import dot_product_attention
+
+    shape = (args.batch, length, args.heads, args.head_dim)
+
+    def loss(q, k, v):
+        out = dot_product_attention(q, k, v, implementation=impl, chunk_size=args.chunk_size)
+        return jnp.sum(out)
+
+    step = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+    spec = jax.ShapeDtypeStruct(shape, jnp.float32)
+    t0 = time.perf_counter()
+    compiled = step.lower(spec, spec, spec).compile()
+    compile_s = time.perf_counter() - t0
+    ma = compiled.memory_analysis()
+    peak = ma.argument_size_in_bytes + ma.output_size_in_bytes + ma.temp_size_in_bytes
+    peak -= ma.alias_size_in_bytes
+    row = {
+        "implementation": impl,
+        "length": length,
+        "compile_s": round(compile_s, 2),
+        "xla_temp_gib": ma.temp_size_in_bytes / GIB,
+        "xla_peak_gib": peak / GIB,
+        "scores_tensor_gib": args.batch * args.heads * length * length * 4 / GIB,
+    }
+    import psutil
+
+    available = psutil.virtual_memory().available
+    if peak / GIB > args.max_run_gib or 2 * peak > available:
+        # On CPU the process grows to ~1.8x the analysed peak (measured), so keep a 2x margin.
+        row["skipped"] = (
+            f"skipped: would need {peak / GIB:.1f} GiB (limit {args.max_run_gib} GiB, "
+            f"{available / GIB:.1f} GiB available)"
+        )
+        return row
+    keys = jax.random.split(jax.random.key(0), 3)
+    q, k, v = (jax.random.normal(key, shape, jnp.float32) for key in keys)
+    jax.block_until_ready((q, k, v))
+    rss_before = _rss()
+    with _PeakRss() as sampler:
+        t0 = time.perf_counter()
+        jax.block_until_ready(compiled(q, k, v))
+        first_s = time.perf_counter() - t0
+    times = []
+    for _ in range(args.repeats if first_s < 20 else 1):
+        t0 = time.perf_counter()
+        jax.block_until_ready(compiled(q, k, v))
+        times.append(time.perf_counter() - t0)
+    row.update(
+        rss_delta_gib=(sampler.peak - rss_before) / GIB,
+        first_run_s=round(first_s, 3),
+        median_s=round(statistics.median(times), 3),
+        runs=len(times),
+    )
+    return row
+
+
+def machine_info() -> dict:
+    import jax
+
+    return {
+        "cpu_count": os.cpu_count(),
+        "jax": jax.__version__,
+        "backend": jax.default_backend(),
+        "device": str(jax.devices()[0].device_kind),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+    }
+
+
+def markdown_table(rows: list[dict]) -> str:
+    lines = [
+        "| impl | tokens | XLA peak (GiB) | growth per doubling | RSS delta (GiB) | fwd+bwd (s) |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    prev: dict[str, float] = {}
+    for r in rows:
+        impl = r["implementation"]
+        growth = ""
+        if impl in prev:
+            growth = f"{r['xla_peak_gib'] / prev[impl]:.2f}x"
+        prev[impl] = r["xla_peak_gib"]
+        rss = f"{r['rss_delta_gib']:.3f}" if "rss_delta_gib" in r else "-"
+        time_s = f"{r['median_s']:.3f}" if "median_s" in r else r.get("skipped", r.get("error"))
+        lines.append(
+            f"| {impl} | {r['length']} | {r['xla_peak_gib']:.3f} | {growth} | {rss} | {time_s} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--lengths", default=DEFAULT_LENGTHS, help="comma-separated token counts")
+    p.add_argument("--implementations", default="xla,chunked")
+    p.add_argument(
+        "--json",
+        default=os.path.join(os.path.dirname(__file__), "results", "attention_memory.json"),
+    )
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--chunk-size", type=int, default=512)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--max-run-gib", type=float, default=12.0)
+    p.add_argument("--timeout", type=float, default=400.0, help="seconds per case")
+    p.add_argument("--case", help=argparse.SUPPRESS)  # internal: "impl,length" in a subprocess
+    args = p.parse_args(argv)
+
+    if args.case:
+        impl, length = args.case.split(",")
+        print(json.dumps(run_case(impl, int(length), args)))
+        return 0
+
+    lengths = [int(x) for x in args.lengths.split(",") if x]
+    impls = [x for x in args.implementations.split(",") if x]
+    passthrough = [
+        f"--batch={args.batch}",
+        f"--heads={args.heads}",
+        f"--head-dim={args.head_dim}",
+        f"--chunk-size={args.chunk_size}",
+        f"--repeats={args.repeats}",
+        f"--max-run-gib={args.max_run_gib}",
+    ]
+    rows = []
+    for impl in impls:
+        for length in lengths:
+            cmd = [sys.executable, os.path.abspath(__file__), f"--case={impl},{length}"]
+            try:
+                proc = subprocess.run(
+                    cmd + passthrough, capture_output=True, text=True, timeout=args.timeout
+                )
+                if proc.returncode != 0:
+                    raise RuntimeError(proc.stderr.strip().splitlines()[-1])
+                row = json.loads(proc.stdout.strip().splitlines()[-1])
+            except (subprocess.TimeoutExpired, RuntimeError) as e:
+                row = {
+                    "implementation": impl,
+                    "length": length,
+                    "xla_peak_gib": float("nan"),
+                    "error": f"failed: {e}",
+                }
+            rows.append(row)
+            print(json.dumps(row), file=sys.stderr, flush=True)
+
+    table = markdown_table(rows)
+    print(table)
+    result = {
+        "benchmark": "self-attention forward+backward (grad of sum wrt q, k, v)",
+        "config": {
+            "batch": args.batch,
+            "heads": args.heads,
+            "head_dim": args.head_dim,
+            "dtype": "float32",
+            "chunk_size": args.chunk_size,
+            "repeats": args.repeats,
+        },
+        "machine": machine_info(),
+        "rows": rows,
+        "table": table,
+    }
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
