@@ -13,6 +13,8 @@ Conventions shared by all three: the logits are scaled by ``1/sqrt(H)``; ``mask`
 (True = attend) and ``bias`` additive, both rank 4 and broadcastable to ``[B, N, T, S]``; the
 softmax runs in float32 whatever the input dtype; the output has the query dtype. A query whose
 keys are all masked out gets zero weights and a zero output (with zero, finite gradients).
+``"xla"`` and ``"chunked"`` also treat ``-inf`` bias entries as masked (a row whose bias is
+``-inf`` everywhere gives zeros); ``"jax"`` detects fully masked rows from ``mask`` only.
 """
 
 from __future__ import annotations
