@@ -1,0 +1,1 @@
+"""Training: optimizer, pure train/eval steps, data parallelism, checkpoints, main loop."""
