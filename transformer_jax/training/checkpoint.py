@@ -1,0 +1,359 @@
+"""Checkpoints with orbax: params, optimizer state, step, RNG, data-iterator state, config.
+
+Layout of a work directory::
+
+  <workdir>/checkpoints/<step>/params      parameter pytree (orbax StandardSave, tensorstore)
+                              /opt_state   optimizer state pytree
+                              /meta        JSON: step, raw RNG key data, resolved config,
+                                           tokenizer reference (path + sha256)
+                              /data        JSON: state of the training data iterator
+  <workdir>/averaged/<step>/params, meta   params-only checkpoint from ``average``
+
+Writes go through orbax's temporary directory + rename, so a crash never leaves a
+half-written step behind; nothing is pickled. Saves are asynchronous: call ``wait()`` (or
+``close()``) before relying on the files.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from transformer_jax.training.errors import CheckpointMismatchError
+
+__all__ = [
+    "ARCHITECTURE_KEYS",
+    "AVERAGED_DIR",
+    "CHECKPOINT_DIR",
+    "Checkpointer",
+    "abstract_params",
+    "average_checkpoints",
+    "check_compatible",
+    "checkpoint_dir",
+    "load_params",
+    "read_meta",
+    "save_params",
+]
+
+CHECKPOINT_DIR = "checkpoints"
+AVERAGED_DIR = "averaged"
+
+# Model fields that change parameter shapes or their meaning.
+ARCHITECTURE_KEYS = (
+    "vocab_size", "d_model", "num_heads", "num_layers", "num_encoder_layers",
+    "num_decoder_layers", "d_ff", "max_len", "positional", "pre_norm", "share_embeddings",
+    "tie_output", "use_bias", "param_dtype",
+)
+# Optimizer fields that change the optimizer-state structure.
+OPTIMIZER_KEYS = ("name", "grad_accum_steps")
+
+
+# --------------------------------------------------------------------------- JSON helpers
+def _jsonable(value):
+    """Make an iterator state JSON-safe (bytes -> base64, numpy -> python)."""
+    if isinstance(value, bytes):
+        return {"__bytes_b64__": base64.b64encode(value).decode("ascii")}
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return value
+
+
+def _unjsonable(value):
+    if isinstance(value, Mapping):
+        if set(value) == {"__bytes_b64__"}:
+            return base64.b64decode(value["__bytes_b64__"])
+        return {k: _unjsonable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_unjsonable(v) for v in value]
+    return value
+
+
+def _key_to_json(key) -> dict:
+    return {
+        "impl": str(jax.random.key_impl(key)),
+        "data": np.asarray(jax.random.key_data(key)).tolist(),
+    }
+
+
+def _key_from_json(blob: Mapping) -> jax.Array:
+    return jax.random.wrap_key_data(np.asarray(blob["data"], np.uint32), impl=blob["impl"])
+
+
+# --------------------------------------------------------------------------- compatibility
+def _resolved_model(model: Mapping) -> dict:
+    model = dict(model)
+    for side in ("num_encoder_layers", "num_decoder_layers"):
+        if model.get(side) is None:
+            model[side] = model.get("num_layers")
+    return model
+
+
+def check_compatible(saved: Mapping, wanted: Mapping, where: str) -> None:
+    """Raise :class:`CheckpointMismatchError` naming the first field that differs.
+
+    Args:
+      saved: resolved config dict stored with the checkpoint (``model`` / ``optimizer``).
+      wanted: the config dict of this run.
+      where: checkpoint directory, for the message.
+    """
+    pairs = [("model", k, _resolved_model) for k in ARCHITECTURE_KEYS]
+    pairs += [("optimizer", k, dict) for k in OPTIMIZER_KEYS]
+    for section, key, norm in pairs:
+        if section not in saved or section not in wanted:
+            continue
+        old, new = norm(saved[section]).get(key), norm(wanted[section]).get(key)
+        if old is not None and new is not None and old != new:
+            name = key if section == "model" else f"{section}.{key}"
+            raise CheckpointMismatchError(
+                f"checkpoint in {where} was written for {name}={old} but the config asks for "
+                f"{name}={new}; use a fresh --workdir or the matching config."
+            )
+
+
+# --------------------------------------------------------------------------- manager
+def checkpoint_dir(path: str) -> str:
+    """``<workdir>/checkpoints`` when it exists, else ``path`` itself (e.g. ``averaged``)."""
+    path = os.path.abspath(os.fspath(path))
+    nested = os.path.join(path, CHECKPOINT_DIR)
+    return nested if os.path.isdir(nested) else path
+
+
+def _manager(directory: str, *, keep: int | None = None, async_save: bool = True,
+             create: bool = True) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep,
+        create=create,
+        enable_async_checkpointing=async_save,
+    )
+    return ocp.CheckpointManager(directory, options=options)
+
+
+def _host_abstract(tree):
+    """ShapeDtypeStructs on the first local device (the parallel layer re-places them)."""
+    sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    return jax.tree_util.tree_map(
+        lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=sharding), tree
+    )
+
+
+class Checkpointer:
+    """Saves and restores the training state of one work directory.
+
+    Args:
+      workdir: the run's work directory (checkpoints go to ``<workdir>/checkpoints``).
+      keep: how many recent checkpoints to keep (None keeps all).
+      async_save: write in a background thread after copying arrays to host.
+    """
+
+    def __init__(self, workdir: str, *, keep: int | None = None, async_save: bool = True):
+        self.workdir = os.path.abspath(workdir)
+        self.directory = os.path.join(self.workdir, CHECKPOINT_DIR)
+        self._manager = _manager(self.directory, keep=keep, async_save=async_save)
+
+    def latest_step(self) -> int | None:
+        return self._manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return sorted(self._manager.all_steps())
+
+    def save(self, step: int, state, *, rng, data_state=None, config: Mapping | None = None,
+             tokenizer: Mapping | None = None) -> bool:
+        """Write ``state`` (a TrainState with host-fetchable arrays) as checkpoint ``step``."""
+        if step in self._manager.all_steps():
+            return False
+        meta = {
+            "step": int(step),
+            "rng": _key_to_json(rng),
+            "config": dict(config or {}),
+            "tokenizer": dict(tokenizer or {}),
+        }
+        args = ocp.args.Composite(
+            params=ocp.args.StandardSave(state.params),
+            opt_state=ocp.args.StandardSave(state.opt_state),
+            meta=ocp.args.JsonSave(meta),
+            data=ocp.args.JsonSave({"state": _jsonable(data_state)}),
+        )
+        return self._manager.save(step, args=args, force=True)
+
+    def restore(self, template_state, step: int | None = None, *, config: Mapping | None = None):
+        """Restore checkpoint ``step`` (default: latest).
+
+        Args:
+          template_state: a TrainState (concrete or abstract) giving the pytree structure.
+          step: which checkpoint; None for the latest.
+          config: this run's config dict; checked against the saved one first.
+
+        Returns:
+          dict with ``state`` (TrainState, arrays on the first local device), ``rng`` (key),
+          ``data_state`` (iterator state or None), ``meta`` (the saved JSON).
+        """
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint in {self.directory}.")
+        meta = read_meta(self.directory, step)
+        if config is not None:
+            check_compatible(meta.get("config", {}), config, self.workdir)
+        abstract = _host_abstract(template_state)
+        try:
+            restored = self._manager.restore(
+                step,
+                args=ocp.args.Composite(
+                    params=ocp.args.StandardRestore(abstract.params),
+                    opt_state=ocp.args.StandardRestore(abstract.opt_state),
+                    data=ocp.args.JsonRestore(),
+                ),
+            )
+        except (ValueError, KeyError, TypeError) as err:
+            raise CheckpointMismatchError(
+                f"checkpoint step {step} in {self.workdir} does not match the model or optimizer "
+                f"of this config ({str(err).strip().splitlines()[0]}); use a fresh --workdir or "
+                "the matching config."
+            ) from err
+        state = template_state.replace(
+            step=np.asarray(meta["step"], np.int32),
+            params=restored["params"],
+            opt_state=restored["opt_state"],
+        )
+        return {
+            "state": state,
+            "rng": _key_from_json(meta["rng"]),
+            "data_state": _unjsonable(restored["data"]["state"]),
+            "meta": meta,
+        }
+
+    def wait(self) -> None:
+        """Block until pending asynchronous saves are on disk."""
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        self._manager.wait_until_finished()
+        self._manager.close()
+
+
+def read_meta(path: str, step: int | None = None) -> dict:
+    """The ``meta`` JSON (step, rng, config, tokenizer) of a checkpoint directory/workdir."""
+    directory = checkpoint_dir(path)
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"no checkpoint directory at {directory}.")
+    manager = _manager(directory, create=False)
+    try:
+        step = manager.latest_step() if step is None else step
+        if step is None or step not in manager.all_steps():
+            have = sorted(manager.all_steps())
+            raise FileNotFoundError(
+                f"no checkpoint {'' if step is None else f'for step {step} '}in {directory}"
+                f" (steps present: {have or 'none'})."
+            )
+        return manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))[
+            "meta"
+        ]
+    finally:
+        manager.close()
+
+
+# --------------------------------------------------------------------------- params only
+def abstract_params(model_config: Mapping) -> dict:
+    """Params pytree of ``ShapeDtypeStruct`` for a model config dict (nothing allocated)."""
+    from flax import nnx
+
+    from transformer_jax.config import ModelConfig
+    from transformer_jax.nn import Transformer
+
+    cfg = ModelConfig.from_dict(dict(model_config))
+    model = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
+    return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+
+
+def load_params(workdir: str, step: int | None = None, *, model_config: Mapping | None = None,
+                averaged: bool = False):
+    """Parameters of a checkpoint, without optimizer state.
+
+    Args:
+      workdir: a training work directory, or a checkpoint directory such as
+        ``<workdir>/averaged``.
+      step: checkpoint step (default: latest).
+      model_config: optional model config dict of the caller; a different architecture raises
+        :class:`CheckpointMismatchError`.
+      averaged: read ``<workdir>/averaged`` (written by ``python -m
+        transformer_jax.training.average``) instead of the training checkpoints.
+
+    Returns:
+      Nested dict of arrays with the structure of ``nnx.to_pure_dict(nnx.state(model,
+      nnx.Param))`` for the saved model config.
+    """
+    path = os.path.join(workdir, AVERAGED_DIR) if averaged else workdir
+    directory = checkpoint_dir(path)
+    meta = read_meta(directory, step)
+    saved = meta.get("config", {})
+    if model_config is not None:
+        check_compatible(saved, {"model": dict(model_config)}, os.path.abspath(workdir))
+    if "model" not in saved:
+        raise ValueError(f"checkpoint in {directory} has no model config in its metadata.")
+    abstract = _host_abstract(abstract_params(saved["model"]))
+    manager = _manager(directory, create=False)
+    try:
+        restored = manager.restore(
+            meta["step"], args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract))
+        )
+    finally:
+        manager.close()
+    return restored["params"]
+
+
+def save_params(directory: str, step: int, params, meta: Mapping) -> None:
+    """Write a params-only checkpoint (replacing an existing one at ``step``)."""
+    manager = _manager(directory, async_save=False)
+    try:
+        if step in manager.all_steps():
+            manager.delete(step)
+        manager.save(
+            step,
+            args=ocp.args.Composite(
+                params=ocp.args.StandardSave(params), meta=ocp.args.JsonSave(dict(meta))
+            ),
+            force=True,
+        )
+        manager.wait_until_finished()
+    finally:
+        manager.close()
+
+
+def average_checkpoints(workdir: str, last: int = 5) -> tuple[Any, dict]:
+    """Mean of the params of the ``last`` most recent checkpoints of ``workdir``.
+
+    Returns:
+      ``(params, meta)``: averaged params (float32 numpy arrays) and the newest checkpoint's
+      meta with ``averaged_steps`` added.
+    """
+    if last < 1:
+        raise ValueError(f"--last must be >= 1; got {last}.")
+    directory = checkpoint_dir(workdir)
+    manager = _manager(directory, create=False)
+    steps = sorted(manager.all_steps())
+    manager.close()
+    if not steps:
+        raise FileNotFoundError(f"no checkpoints to average in {directory}.")
+    chosen = steps[-last:]
+    total = dtypes = None
+    for step in chosen:
+        params = jax.device_get(load_params(directory, step))
+        if dtypes is None:
+            dtypes = jax.tree_util.tree_map(lambda x: np.asarray(x).dtype, params)
+        params = jax.tree_util.tree_map(lambda x: np.asarray(x, np.float64), params)
+        total = params if total is None else jax.tree_util.tree_map(np.add, total, params)
+    averaged = jax.tree_util.tree_map(lambda s, dt: (s / len(chosen)).astype(dt), total, dtypes)
+    meta = read_meta(directory, chosen[-1])
+    meta["averaged_steps"] = chosen
+    return averaged, meta
