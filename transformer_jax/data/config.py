@@ -1,0 +1,67 @@
+"""``data.*`` configuration keys and their defaults (one line each)."""
+
+from __future__ import annotations
+
+import ml_collections
+
+__all__ = ["default_data_config", "check_data_config"]
+
+SOURCES = ("numbers", "text", "tfds")
+MODEL_TYPES = ("unigram", "bpe")
+
+
+def default_data_config() -> ml_collections.ConfigDict:
+    """Every ``data.*`` key with its default; ``configs/*.py`` start from this and override."""
+    c = ml_collections.ConfigDict()
+    # Where the pairs come from: "numbers" (built-in offline task), "text" (aligned files in
+    # data.path) or "tfds" (TFDS catalogue dataset data.tfds_name).
+    c.source = "numbers"
+    c.path = ""  # text: directory with {split}.{source_lang} / {split}.{target_lang} files.
+    c.source_lang = "en"  # language code / feature name of the source side.
+    c.target_lang = "de"  # language code / feature name of the target side.
+    c.train_split = "train"  # split used for training and for training the tokenizer.
+    c.eval_split = "validation"  # split evaluated during training (Multi30k: "val").
+    c.test_split = "test"  # split for the final evaluation ("" for none; Multi30k: "test2016").
+    c.tfds_name = ""  # tfds: catalogue name, e.g. "wmt14_translate/de-en".
+    c.data_dir = ""  # where prepared TFDS array_record data lives; "" = <workdir>/data.
+    # Tokenizer: joint SentencePiece model on source + target of the training split, stored at
+    # <workdir>/tokenizer/spm.model and reused when present.
+    c.vocab_size = 256  # pieces incl. pad=0, eos=1, unk=2 (numbers task needs few pieces).
+    c.tokenizer_model_type = "unigram"  # "unigram" or "bpe".
+    c.tokenizer_sample_size = 1_000_000  # at most this many training pairs feed the tokenizer.
+    c.tokenizer_character_coverage = 1.0  # share of characters kept (0.9995 for CJK scripts).
+    c.tokenizer_seed = 0  # seed of the pair sample used to train the tokenizer.
+    # Pipeline.
+    c.max_length = 32  # tokens per row incl. EOS; longer training pairs are dropped, eval trims.
+    c.packing = True  # pack several training pairs per row (segment ids 1..k) or pad one per row.
+    c.packing_bins_per_row = 1  # packing bins per batch row (more = less padding, more mixing).
+    c.num_workers = 0  # grain worker processes (0 = in-process; the map runs in threads).
+    c.read_threads = 2  # threads grain uses to read + tokenize in-process.
+    c.prefetch_batches = 2  # batches prepared ahead in a background thread (0 = off).
+    # Numbers task ("numbers" source): numbers drawn from range(numbers_max), splits disjoint.
+    c.numbers_max = 100_000  # exclusive upper end of the number range (at most 1_000_000).
+    c.numbers_train_size = 40_000  # training pairs.
+    c.numbers_validation_size = 1_000  # validation pairs.
+    c.numbers_test_size = 1_000  # test pairs.
+    c.numbers_seed = 0  # seed of the permutation that assigns numbers to splits.
+    return c
+
+
+def check_data_config(c) -> None:
+    """Raises ValueError naming the first ``data.*`` value that cannot work."""
+    if c.source not in SOURCES:
+        raise ValueError(f"data.source={c.source!r} must be one of {SOURCES}.")
+    if c.tokenizer_model_type not in MODEL_TYPES:
+        raise ValueError(
+            f"data.tokenizer_model_type={c.tokenizer_model_type!r} must be one of {MODEL_TYPES}."
+        )
+    if c.vocab_size < 4:
+        raise ValueError(f"data.vocab_size={c.vocab_size} must be at least 4 (pad, eos, unk, +1).")
+    if c.max_length < 2:
+        raise ValueError(f"data.max_length={c.max_length} must be at least 2 (one token + EOS).")
+    if c.tokenizer_sample_size < 1:
+        raise ValueError(f"data.tokenizer_sample_size={c.tokenizer_sample_size} must be >= 1.")
+    if not c.train_split or not c.eval_split:
+        raise ValueError("data.train_split and data.eval_split must name splits of the dataset.")
+    if c.packing_bins_per_row < 1:
+        raise ValueError(f"data.packing_bins_per_row={c.packing_bins_per_row} must be >= 1.")

@@ -1,0 +1,416 @@
+"""grain input pipelines: training (shuffled, packed or padded) and evaluation (ordered, padded).
+
+Training, per process::
+
+    index range of the training split
+      -> this process's shard (every process_count-th index, starting at process_index)
+      -> seeded shuffle, reshuffled every epoch (grain's index shuffle), repeated
+      -> read pair + tokenize, append EOS              {"inputs": [s], "targets": [t]}
+      -> drop pairs with s or t > max_length          (counted in Prepared.stats)
+      -> pack first-fit into rows of max_length       (segment ids 1..k, positions per segment)
+         or pad one pair per row                      (segment 1 on tokens, 0 on padding)
+      -> batch batch_size / process_count rows        (int32 [rows, max_length] each key)
+      -> optional worker processes, background-thread prefetch
+
+The iterator's ``get_state()`` is a small JSON-serialisable dict; ``set_state`` on a freshly
+built iterator (same config, seed and shard) continues with exactly the batches that would
+have come next.
+
+Evaluation: pairs in data-source order, one per row, inputs/targets trimmed to max_length
+(the last kept token replaced by EOS; counted), never packed; the last batch is filled with
+all-pad rows, and each row carries ``index`` (position in the split, -1 for filler rows), so
+every example is evaluated exactly once and outputs align with :func:`raw_pairs`.
+
+Batch keys (all int32): inputs, targets, inputs_segmentation, targets_segmentation,
+inputs_position, targets_position ([rows, max_length]); eval batches also index ([rows]).
+Padding positions have segment 0 and position 0.
+"""
+
+from __future__ import annotations
+
+import atexit
+import dataclasses
+import functools
+import logging
+import os
+import threading
+import weakref
+
+import grain
+import ml_collections
+import numpy as np
+
+from transformer_jax.data import sources
+from transformer_jax.data.config import check_data_config
+from transformer_jax.data.tokenizer import EOS_ID, Tokenizer
+from transformer_jax.data.validation import DataError
+
+__all__ = [
+    "BATCH_KEYS",
+    "PipelineStats",
+    "Prepared",
+    "eval_batches",
+    "prepare",
+    "raw_pairs",
+    "train_dataset",
+    "train_iterator",
+]
+
+log = logging.getLogger(__name__)
+
+BATCH_KEYS = (
+    "inputs", "targets", "inputs_segmentation", "targets_segmentation",
+    "inputs_position", "targets_position",
+)
+TOKENIZER_FILE = os.path.join("tokenizer", "spm.model")
+
+
+@dataclasses.dataclass
+class PipelineStats:
+    """What the pipelines left out or cut (in this process; filled as data is read)."""
+
+    dropped_train_ids: set[int] = dataclasses.field(default_factory=set)
+    trimmed_eval_ids: dict[str, set[int]] = dataclasses.field(default_factory=dict)
+    _lock: threading.Lock = dataclasses.field(default_factory=threading.Lock, repr=False)
+
+    def summary(self) -> str:
+        trimmed = ", ".join(f"{k}: {len(v)}" for k, v in sorted(self.trimmed_eval_ids.items()))
+        return (f"{len(self.dropped_train_ids)} distinct training pairs dropped as longer than "
+                f"max_length; eval pairs trimmed: {trimmed or 'none'}")
+
+    def __getstate__(self):  # worker processes get empty counters of their own
+        return {}
+
+    def __setstate__(self, state):
+        self.__init__()
+
+
+@dataclasses.dataclass
+class Prepared:
+    """Everything the pipelines need: config, prepared TFDS data and the tokenizer."""
+
+    config: ml_collections.ConfigDict  # the data.* config (a copy)
+    data_dir: str  # where the TFDS array_record data lives
+    tokenizer: Tokenizer
+    tokenizer_path: str
+    builder: object  # the prepared tfds builder
+    stats: PipelineStats = dataclasses.field(default_factory=PipelineStats)
+    _sources: dict = dataclasses.field(default_factory=dict, repr=False)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.vocab_size
+
+    @property
+    def max_length(self) -> int:
+        return self.config.max_length
+
+    def source(self, split: str) -> sources.PairSource:
+        """Random-access (source, target) pairs of ``split`` (opened once, then cached)."""
+        if split not in self._sources:
+            available = list(self.builder.info.splits.keys())
+            if split.split("[")[0] not in available:
+                raise DataError(
+                    f"Split {split!r} is not in the prepared dataset (splits: {available}); set "
+                    "data.train_split / eval_split / test_split to one of those."
+                )
+            keys = sources._feature_keys(self.config, self.builder)
+            self._sources[split] = sources.PairSource(
+                self.builder.as_data_source(split=split), *keys, name=split)
+        return self._sources[split]
+
+
+def _training_sentences(source: sources.PairSource, sample_size: int, seed: int):
+    """Source and target sentences of at most ``sample_size`` pairs, in a seeded fixed order."""
+    n = len(source)
+    if n > sample_size:
+        ids = np.sort(np.random.default_rng(seed).choice(n, sample_size, replace=False))
+    else:
+        ids = np.arange(n)
+    for start in range(0, len(ids), 4096):
+        for src, tgt in source.__getitems__(ids[start : start + 4096].tolist()):
+            yield src
+            yield tgt
+
+
+def prepare(data_config, workdir: str, *, tokenizer_path: str | None = None) -> Prepared:
+    """Prepares the dataset (once) and loads or trains the tokenizer (once per workdir).
+
+    Args:
+      data_config: the ``data.*`` ConfigDict (see ``default_data_config``).
+      workdir: run directory; the tokenizer lives at ``<workdir>/tokenizer/spm.model`` and,
+        unless ``data.data_dir`` is set, prepared data at ``<workdir>/data``.
+      tokenizer_path: use this model file instead of the workdir one.
+
+    Raises:
+      DataError: bad input files, unknown splits, or a tokenizer that does not match the config.
+    """
+    config = ml_collections.ConfigDict(data_config.to_dict())
+    check_data_config(config)
+    data_dir = sources.resolve_data_dir(config, workdir)
+    builder = sources.get_builder(config, data_dir)
+    path = tokenizer_path or os.path.join(workdir, TOKENIZER_FILE)
+    prepared = Prepared(config, data_dir, None, path, builder)  # type: ignore[arg-type]
+    for split in (config.train_split, config.eval_split, config.test_split):
+        if split:
+            prepared.source(split)  # checks the split exists
+    if os.path.isfile(path):
+        tokenizer = Tokenizer.load(path)
+        if tokenizer.vocab_size != config.vocab_size:
+            raise DataError(
+                f"The tokenizer at {path} has {tokenizer.vocab_size} pieces but data.vocab_size="
+                f"{config.vocab_size}; use a fresh workdir or set data.vocab_size="
+                f"{tokenizer.vocab_size}."
+            )
+    else:
+        log.info("Training a %d-piece %s tokenizer on %s", config.vocab_size,
+                 config.tokenizer_model_type, config.train_split)
+        sentences = _training_sentences(prepared.source(config.train_split),
+                                        config.tokenizer_sample_size, config.tokenizer_seed)
+        tokenizer = Tokenizer.train(
+            sentences, vocab_size=config.vocab_size, model_type=config.tokenizer_model_type,
+            character_coverage=config.tokenizer_character_coverage, path=path)
+    prepared.tokenizer = tokenizer
+    return prepared
+
+
+# --------------------------------------------------------------------------- transforms
+
+
+class _ReadAndTokenize(grain.transforms.Map):
+    """index -> {"id": index, "inputs": [s] int32, "targets": [t] int32}, EOS appended."""
+
+    def __init__(self, source: sources.PairSource, tokenizer: Tokenizer):
+        self._source, self._tokenizer = source, tokenizer
+
+    def map(self, index):
+        src, tgt = self._source[int(index)]
+        enc = self._tokenizer.encode_one
+        return {
+            "id": int(index),
+            "inputs": np.asarray(enc(src) + [EOS_ID], np.int32),
+            "targets": np.asarray(enc(tgt) + [EOS_ID], np.int32),
+        }
+
+
+class _FitsLength(grain.transforms.Filter):
+    """Keeps examples whose inputs and targets fit ``max_length``; records the ids it drops."""
+
+    def __init__(self, max_length: int, stats: PipelineStats):
+        self._max_length, self._stats = max_length, stats
+
+    def filter(self, example) -> bool:
+        fits = max(len(example["inputs"]), len(example["targets"])) <= self._max_length
+        if not fits:
+            with self._stats._lock:
+                self._stats.dropped_train_ids.add(example["id"])
+        return fits
+
+
+def _pad_row(tokens: np.ndarray, length: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """tokens [n] -> (ids [L], segmentation [L], positions [L]), zero beyond n."""
+    n = len(tokens)
+    ids = np.zeros(length, np.int32)
+    ids[:n] = tokens
+    seg = np.zeros(length, np.int32)
+    seg[:n] = 1
+    pos = np.zeros(length, np.int32)
+    pos[:n] = np.arange(n, dtype=np.int32)
+    return ids, seg, pos
+
+
+def _pad_example(example, length: int):
+    out = {}
+    for key in ("inputs", "targets"):
+        ids, seg, pos = _pad_row(example[key], length)
+        out.update({key: ids, f"{key}_segmentation": seg, f"{key}_position": pos})
+    return out
+
+
+def _rename_packed(row):
+    """grain's packed keys (``x_segment_ids``, ``x_positions``) -> our batch keys."""
+    out = {}
+    for key in ("inputs", "targets"):
+        out[key] = row[key].astype(np.int32)
+        out[f"{key}_segmentation"] = row[f"{key}_segment_ids"].astype(np.int32)
+        out[f"{key}_position"] = row[f"{key}_positions"].astype(np.int32)
+    return out
+
+
+def _resolve_process(process_index, process_count) -> tuple[int, int]:
+    if process_index is None or process_count is None:
+        import jax  # only when the caller does not say which process this is
+
+        process_index = jax.process_index() if process_index is None else process_index
+        process_count = jax.process_count() if process_count is None else process_count
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index={process_index} must be in [0, {process_count}).")
+    return process_index, process_count
+
+
+def _local_rows(batch_size: int, process_count: int) -> int:
+    if batch_size < 1 or batch_size % process_count:
+        raise ValueError(
+            f"batch_size={batch_size} (global rows) must be a positive multiple of "
+            f"process_count={process_count}; each process reads batch_size / process_count rows."
+        )
+    return batch_size // process_count
+
+
+# --------------------------------------------------------------------------- training
+
+
+def train_dataset(
+    prepared: Prepared,
+    batch_size: int,
+    seed: int,
+    *,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    num_epochs: int | None = None,
+    split: str | None = None,
+) -> grain.IterDataset:
+    """The training pipeline of this process as a grain IterDataset (see module docstring).
+
+    Args:
+      batch_size: global rows per step; this process yields ``batch_size // process_count``.
+      seed: shuffle (and bin-shuffle) seed, 0 <= seed < 2**32.
+      process_index, process_count: this process's shard; default ``jax.process_index()`` /
+        ``jax.process_count()``.
+      num_epochs: None repeats forever (training); an int stops after that many passes over
+        this shard, the last batch filled with all-pad rows (no pair lost).
+      split: defaults to ``data.train_split``.
+
+    Yields (when iterated):
+      dict of int32 ``[batch_size // process_count, max_length]`` arrays, keys ``BATCH_KEYS``.
+    """
+    cfg = prepared.config
+    process_index, process_count = _resolve_process(process_index, process_count)
+    rows = _local_rows(batch_size, process_count)
+    if not 0 <= seed < 2**32:
+        raise ValueError(f"seed={seed} must be in [0, 2**32).")
+    length = cfg.max_length
+    source = prepared.source(split or cfg.train_split)
+
+    ds = grain.MapDataset.range(len(source))[process_index::process_count]
+    ds = ds.shuffle(seed=seed).repeat(num_epochs)
+    ds = ds.map(_ReadAndTokenize(source, prepared.tokenizer))
+    ds = ds.filter(_FitsLength(length, prepared.stats))
+    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=cfg.read_threads,
+                                              prefetch_buffer_size=4 * rows))
+    if cfg.packing:
+        it = grain.experimental.FirstFitPackIterDataset(
+            it, length_struct={"inputs": length, "targets": length},
+            num_packing_bins=rows * cfg.packing_bins_per_row, seed=seed, shuffle_bins=True)
+        it = it.map(_rename_packed)
+    else:
+        it = it.map(functools.partial(_pad_example, length=length))
+    it = it.batch(rows, drop_remainder=False,
+                  batch_fn=functools.partial(grain.experimental.batch_and_pad, batch_size=rows))
+    if cfg.num_workers > 0:
+        from absl import flags  # grain's worker processes read absl flags
+
+        if not flags.FLAGS.is_parsed():
+            flags.FLAGS.mark_as_parsed()
+        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.num_workers))
+    if cfg.prefetch_batches > 0:
+        it = grain.experimental.ThreadPrefetchIterDataset(
+            it, prefetch_buffer_size=cfg.prefetch_batches)
+    return it
+
+
+def train_iterator(prepared: Prepared, batch_size: int, seed: int, **kwargs):
+    """``iter(train_dataset(...))``: a grain DatasetIterator with ``get_state``/``set_state``.
+
+    The state is a JSON-serialisable dict (save it with the checkpoint, e.g. as JSON text;
+    restore with ``it.set_state(state)`` on an iterator built with the same arguments).
+    """
+    iterator = iter(train_dataset(prepared, batch_size, seed, **kwargs))
+    _OPEN_ITERATORS.add(iterator)
+    return iterator
+
+
+# Prefetching iterators own threads (or processes). grain's __del__ calls close() again, which
+# fails once the interpreter has torn down modules (iterators held by module globals); close
+# them at exit while everything is still there, and make the late second close a no-op.
+_OPEN_ITERATORS: weakref.WeakSet = weakref.WeakSet()
+
+
+@atexit.register
+def _close_open_iterators() -> None:
+    for iterator in list(_OPEN_ITERATORS):
+        close = getattr(iterator, "close", None)
+        if close is not None:
+            close()
+            iterator.close = lambda: None
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+class _EvalBatch(grain.transforms.Map):
+    """Batch number -> padded eval batch of this process's rows, with example ``index``."""
+
+    def __init__(self, prepared: Prepared, split: str, batch_size: int, rows: int, offset: int):
+        self._source = prepared.source(split)
+        self._tokenizer, self._stats = prepared.tokenizer, prepared.stats
+        self._split, self._length = split, prepared.config.max_length
+        self._batch_size, self._rows, self._offset = batch_size, rows, offset
+
+    def _fit(self, ids: list[int], index: int) -> np.ndarray:
+        ids = ids + [EOS_ID]
+        if len(ids) > self._length:
+            ids = ids[: self._length - 1] + [EOS_ID]
+            with self._stats._lock:
+                self._stats.trimmed_eval_ids.setdefault(self._split, set()).add(index)
+        return np.asarray(ids, np.int32)
+
+    def map(self, batch_number):
+        start = int(batch_number) * self._batch_size + self._offset
+        index = np.arange(start, start + self._rows)  # [rows]
+        valid = index < len(self._source)
+        pairs = self._source.__getitems__(index[valid].tolist())
+        out = {k: np.zeros((self._rows, self._length), np.int32) for k in BATCH_KEYS}
+        if pairs:
+            srcs, tgts = zip(*pairs, strict=True)
+            for key, texts in (("inputs", srcs), ("targets", tgts)):
+                for r, ids in enumerate(self._tokenizer.encode(texts)):
+                    row = _pad_row(self._fit(ids, int(index[r])), self._length)
+                    for name, value in zip(("", "_segmentation", "_position"), row, strict=True):
+                        out[key + name][r] = value
+        out["index"] = np.where(valid, index, -1).astype(np.int32)  # [rows]
+        return out
+
+
+def eval_batches(
+    prepared: Prepared,
+    split: str,
+    batch_size: int,
+    *,
+    process_index: int | None = None,
+    process_count: int | None = None,
+) -> grain.MapDataset:
+    """Evaluation batches of ``split``: a grain MapDataset (``len`` = number of batches).
+
+    Global batch ``b`` holds examples ``b * batch_size + [0, batch_size)``; this process gets
+    rows ``[process_index * r, (process_index + 1) * r)`` of it, ``r = batch_size //
+    process_count``, so every process yields the same number of batches. Filler rows past
+    the end of the split are all padding (zero loss weight) with ``index == -1``.
+
+    Each element: int32 ``[r, max_length]`` arrays for ``BATCH_KEYS`` and ``index`` ``[r]``.
+    """
+    process_index, process_count = _resolve_process(process_index, process_count)
+    rows = _local_rows(batch_size, process_count)
+    n = len(prepared.source(split))
+    num_batches = -(-n // batch_size)
+    return grain.MapDataset.range(num_batches).map(
+        _EvalBatch(prepared, split, batch_size, rows, process_index * rows))
+
+
+def raw_pairs(prepared: Prepared, split: str) -> list[tuple[str, str]]:
+    """All (source, target) texts of ``split``; entry ``i`` is eval ``index`` ``i``."""
+    source = prepared.source(split)
+    out: list[tuple[str, str]] = []
+    for start in range(0, len(source), 4096):
+        out.extend(source.__getitems__(list(range(start, min(start + 4096, len(source))))))
+    return out
