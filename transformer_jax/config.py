@@ -1,0 +1,278 @@
+"""Model configuration: one frozen dataclass, presets, validation and a parameter-count formula.
+
+``ModelConfig`` describes every architectural choice of the Transformer (Vaswani et al. 2017)
+and of its decoder-only variant. Variants are made with ``dataclasses.replace`` or
+``ModelConfig.from_dict``; invalid combinations raise ``ValueError`` at construction with one
+sentence saying what is wrong and how to fix it.
+
+Presets (paper, table 3): ``tiny()`` for tests and smoke runs, ``base()`` (65M in the paper;
+63.1M here with a 37000-token shared vocabulary) and ``big()``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import jax.numpy as jnp
+
+__all__ = ["ModelConfig", "count_params", "POSITIONAL_KINDS", "ATTENTION_IMPLS", "DTYPES"]
+
+POSITIONAL_KINDS = ("sinusoidal", "learned", "rope", "alibi")
+ATTENTION_IMPLS = ("xla", "chunked", "jax")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Architecture of an encoder-decoder Transformer (or decoder-only LM).
+
+    Attributes:
+      vocab_size: V, size of the (joint) token vocabulary.
+      d_model: D, width of the residual stream; must be divisible by ``num_heads``.
+      num_heads: N, attention heads; head dim H = D / N.
+      num_layers: default number of encoder and decoder layers.
+      num_encoder_layers: encoder layers (None -> ``num_layers``).
+      num_decoder_layers: decoder layers (None -> ``num_layers``).
+      d_ff: F, inner width of the position-wise feed-forward network.
+      dropout_rate: residual and embedding dropout ("P_drop" of the paper).
+      attention_dropout_rate: dropout on the attention weights.
+      max_len: longest sequence the learned position table covers (also an upper bound for
+        decode caches built by callers).
+      positional: "sinusoidal" (paper) | "learned" (a [max_len, D] table) | "rope" (rotate
+        q/k in self-attention) | "alibi" (linear distance bias in self-attention).
+      pre_norm: False = post-LN as in the paper (LN(x + Sublayer(x))); True = pre-LN
+        (x + Sublayer(LN(x))) with a final LayerNorm after the encoder and the decoder stacks.
+      share_embeddings: one token table for source and target (paper, section 3.4).
+      tie_output: logits = x @ target_embedding^T; False -> a separate D->V Dense layer.
+      use_bias: biases in the attention projections, feed-forward and untied output layers
+        (LayerNorms always have scale and bias).
+      layer_norm_epsilon: LayerNorm epsilon.
+      dtype: compute dtype name ("float32" | "bfloat16" | "float16"); LayerNorm, softmax and
+        the returned logits are float32 regardless.
+      param_dtype: dtype name of the stored parameters.
+      attention_impl: "xla" | "chunked" | "jax" (see ``transformer_jax.ops``).
+      pad_id: token id of padding (also the decoder BOS, see ``nn.shift_right``).
+      ff_dropout_rate: extra field (not in the paper): dropout on the ReLU activations inside
+        the feed-forward network (tensor2tensor's ``relu_dropout``); 0 disables it.
+    """
+
+    vocab_size: int = 32000
+    d_model: int = 512
+    num_heads: int = 8
+    num_layers: int = 6
+    num_encoder_layers: int | None = None
+    num_decoder_layers: int | None = None
+    d_ff: int = 2048
+    dropout_rate: float = 0.1
+    attention_dropout_rate: float = 0.0
+    max_len: int = 512
+    positional: str = "sinusoidal"
+    pre_norm: bool = False
+    share_embeddings: bool = True
+    tie_output: bool = True
+    use_bias: bool = True
+    layer_norm_epsilon: float = 1e-6
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+    attention_impl: str = "xla"
+    pad_id: int = 0
+    ff_dropout_rate: float = 0.0
+
+    def __post_init__(self):
+        positive = ["vocab_size", "d_model", "num_heads", "num_layers", "d_ff", "max_len"]
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"{name}={value!r} must be a positive integer.")
+        for name in ("num_encoder_layers", "num_decoder_layers"):
+            value = getattr(self, name)
+            if value is not None and (
+                not isinstance(value, int) or isinstance(value, bool) or value < 0
+            ):
+                raise ValueError(
+                    f"{name}={value!r} must be a non-negative integer or None (= num_layers)."
+                )
+        if self.d_model % self.num_heads:
+            raise ValueError(
+                f"d_model={self.d_model} is not divisible by num_heads={self.num_heads}; "
+                "choose num_heads that divides d_model."
+            )
+        for name in ("dropout_rate", "attention_dropout_rate", "ff_dropout_rate"):
+            value = getattr(self, name)
+            if not isinstance(value, int | float) or not 0.0 <= value < 1.0:
+                raise ValueError(f"{name}={value!r} must be in [0, 1).")
+        if self.positional not in POSITIONAL_KINDS:
+            raise ValueError(
+                f"positional={self.positional!r} is not supported; use one of {POSITIONAL_KINDS}."
+            )
+        for name in ("dtype", "param_dtype"):
+            value = getattr(self, name)
+            if value not in DTYPES:
+                raise ValueError(
+                    f"{name}={value!r} is not a valid dtype name; use one of {DTYPES}."
+                )
+        if self.attention_impl not in ATTENTION_IMPLS:
+            raise ValueError(
+                f"attention_impl={self.attention_impl!r} is unknown; use one of {ATTENTION_IMPLS}."
+            )
+        if self.attention_impl == "jax" and self.attention_dropout_rate > 0:
+            raise ValueError(
+                "attention_impl='jax' does not support attention dropout; set "
+                "attention_dropout_rate=0 or use attention_impl='xla' or 'chunked'."
+            )
+        if self.decoder_layers < 1:
+            raise ValueError(
+                f"The decoder needs at least one layer; got num_decoder_layers="
+                f"{self.num_decoder_layers} and num_layers={self.num_layers}."
+            )
+        if self.positional == "rope" and self.head_dim % 2:
+            raise ValueError(
+                f"positional='rope' needs an even head dim, but d_model={self.d_model} / "
+                f"num_heads={self.num_heads} = {self.head_dim}; change d_model or num_heads."
+            )
+        if self.positional == "sinusoidal" and self.d_model % 2:
+            raise ValueError(
+                f"positional='sinusoidal' needs an even d_model; got d_model={self.d_model}."
+            )
+        if not self.layer_norm_epsilon > 0:
+            raise ValueError(
+                f"layer_norm_epsilon={self.layer_norm_epsilon!r} must be a positive number."
+            )
+        if not isinstance(self.pad_id, int) or not 0 <= self.pad_id < self.vocab_size:
+            raise ValueError(
+                f"pad_id={self.pad_id!r} must be a token id in [0, vocab_size={self.vocab_size})."
+            )
+
+    # ------------------------------------------------------------------ derived values
+
+    @property
+    def head_dim(self) -> int:
+        """H = d_model / num_heads."""
+        return self.d_model // self.num_heads
+
+    @property
+    def encoder_layers(self) -> int:
+        """Number of encoder layers (``num_encoder_layers`` or ``num_layers``)."""
+        return self.num_layers if self.num_encoder_layers is None else self.num_encoder_layers
+
+    @property
+    def decoder_layers(self) -> int:
+        """Number of decoder layers (``num_decoder_layers`` or ``num_layers``)."""
+        return self.num_layers if self.num_decoder_layers is None else self.num_decoder_layers
+
+    @property
+    def compute_dtype(self) -> jnp.dtype:
+        """``dtype`` as a jnp dtype."""
+        return jnp.dtype(self.dtype)
+
+    @property
+    def params_dtype(self) -> jnp.dtype:
+        """``param_dtype`` as a jnp dtype."""
+        return jnp.dtype(self.param_dtype)
+
+    # ------------------------------------------------------------------ (de)serialisation
+
+    @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> ModelConfig:
+        """Builds a config from a mapping (e.g. JSON or ``ml_collections`` ``to_dict()``).
+
+        Raises:
+          ValueError: naming the unknown key(s) and listing the valid ones.
+        """
+        valid = cls.field_names()
+        unknown = sorted(str(k) for k in d if k not in valid)
+        if unknown:
+            raise ValueError(
+                f"Unknown ModelConfig key(s) {unknown}; valid keys are {', '.join(valid)}."
+            )
+        return cls(**dict(d))
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-Python dict of all fields (JSON serialisable); inverse of ``from_dict``."""
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes) -> ModelConfig:
+        """``dataclasses.replace`` with validation of the new values."""
+        return dataclasses.replace(self, **changes)
+
+    # ------------------------------------------------------------------ presets
+
+    @classmethod
+    def tiny(cls, vocab_size: int = 64, **overrides) -> ModelConfig:
+        """Test-sized model: D 64, N 4, 2+2 layers, F 128, max_len 64."""
+        kwargs = dict(
+            vocab_size=vocab_size,
+            d_model=64,
+            num_heads=4,
+            num_layers=2,
+            d_ff=128,
+            dropout_rate=0.1,
+            max_len=64,
+        )
+        kwargs.update(overrides)
+        return cls(**kwargs)
+
+    @classmethod
+    def base(cls, vocab_size: int = 37000, **overrides) -> ModelConfig:
+        """Transformer (base) of the paper: D 512, N 8, 6+6 layers, F 2048, dropout 0.1."""
+        kwargs = dict(
+            vocab_size=vocab_size,
+            d_model=512,
+            num_heads=8,
+            num_layers=6,
+            d_ff=2048,
+            dropout_rate=0.1,
+        )
+        kwargs.update(overrides)
+        return cls(**kwargs)
+
+    @classmethod
+    def big(cls, vocab_size: int = 37000, **overrides) -> ModelConfig:
+        """Transformer (big) of the paper: D 1024, N 16, 6+6 layers, F 4096, dropout 0.3."""
+        kwargs = dict(
+            vocab_size=vocab_size,
+            d_model=1024,
+            num_heads=16,
+            num_layers=6,
+            d_ff=4096,
+            dropout_rate=0.3,
+        )
+        kwargs.update(overrides)
+        return cls(**kwargs)
+
+
+def count_params(config: ModelConfig, *, decoder_only: bool = False) -> int:
+    """Number of parameters of ``nn.Transformer(config)`` (or ``nn.DecoderOnlyLM``), by formula.
+
+    Counts: token embeddings (one table when shared, else source + target; one for a
+    decoder-only LM), a learned [max_len, D] position table per stack when
+    ``positional == "learned"``, per attention block 4 D*D weights (+ 4 D biases), per
+    feed-forward 2 D*F (+ F + D biases), 2 D per LayerNorm (2 per encoder layer, 3 per decoder
+    layer, 2 per decoder-only layer, + one final LayerNorm per stack when ``pre_norm``), and the
+    untied output layer D*V (+ V bias).
+    """
+    d, f, v = config.d_model, config.d_ff, config.vocab_size
+    bias = config.use_bias
+    attention = 4 * d * d + (4 * d if bias else 0)
+    ffn = 2 * d * f + ((f + d) if bias else 0)
+    norm = 2 * d
+    position_table = config.max_len * d if config.positional == "learned" else 0
+    output = 0 if config.tie_output else d * v + (v if bias else 0)
+    final_norm = norm if config.pre_norm else 0
+
+    decoder_layer_cross = 2 * attention + ffn + 3 * norm
+    if decoder_only:
+        layer = attention + ffn + 2 * norm
+        return v * d + position_table + config.decoder_layers * layer + final_norm + output
+
+    encoder_layer = attention + ffn + 2 * norm
+    embeddings = v * d if config.share_embeddings else 2 * v * d
+    encoder = position_table + config.encoder_layers * encoder_layer + final_norm
+    decoder = position_table + config.decoder_layers * decoder_layer_cross + final_norm
+    return embeddings + encoder + decoder + output

@@ -1,0 +1,45 @@
+"""Flax NNX modules of the Transformer, composed from ``transformer_jax.ops``.
+
+Main entry points: ``Transformer`` (encoder-decoder), ``DecoderOnlyLM``, ``shift_right`` and the
+building blocks ``MultiHeadAttention``, ``FeedForward``, ``Residual``, ``EncoderLayer``,
+``DecoderLayer``. All modules work as pure functions of ``nnx.split(model)`` under ``jax.jit``::
+
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def forward(state, src, tgt_in, rng):
+        return nnx.merge(graphdef, state)(src, tgt_in, dropout_rng=rng)
+"""
+
+from transformer_jax.nn.attention import MultiHeadAttention
+from transformer_jax.nn.embeddings import InputEmbedding, OutputProjection, TokenEmbedding
+from transformer_jax.nn.layers import (
+    DecoderLayer,
+    EncoderLayer,
+    FeedForward,
+    LayerNorm,
+    Residual,
+    TransformerLayer,
+    dropout,
+)
+from transformer_jax.nn.lm import DecoderOnlyLM
+from transformer_jax.nn.transformer import Decoder, Encoder, Transformer, shift_right
+
+__all__ = [
+    "Decoder",
+    "DecoderLayer",
+    "DecoderOnlyLM",
+    "Encoder",
+    "EncoderLayer",
+    "FeedForward",
+    "InputEmbedding",
+    "LayerNorm",
+    "MultiHeadAttention",
+    "OutputProjection",
+    "Residual",
+    "TokenEmbedding",
+    "Transformer",
+    "TransformerLayer",
+    "dropout",
+    "shift_right",
+]

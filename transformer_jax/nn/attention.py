@@ -1,0 +1,222 @@
+"""Multi-head attention as an NNX module over ``transformer_jax.ops``, with an explicit KV cache.
+
+Parameters have the layout of ``ops.multi_head_attention``: ``query``/``key``/``value``
+``[D, N, H]``, ``out`` ``[N, H, D]``, biases ``[N, H]`` and ``[D]``; ``params_dict()`` returns
+them as a plain dict that the pure function accepts.
+
+Two kinds of cache pytree:
+
+* incremental self-attention (``init_cache``): ``{"key": [B, L, N, H], "value": [B, L, N, H],
+  "index": int32 scalar}``. A call with T new tokens writes their keys/values at
+  ``[index, index + T)``, lets query ``i`` attend cached positions ``j <= index + i`` and
+  returns the cache with ``index + T``.
+* precomputed keys/values (``precompute_kv``, e.g. cross-attention over the encoder output):
+  ``{"key": [B, S, N, H], "value": [B, S, N, H]}`` without ``"index"``; used as is and returned
+  unchanged, so each decoding step skips re-projecting the encoder output.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax import lax
+
+from transformer_jax import ops
+
+__all__ = ["MultiHeadAttention"]
+
+_qkv_init = jax.nn.initializers.xavier_uniform(in_axis=0, out_axis=(1, 2))  # [D, N, H]
+_out_init = jax.nn.initializers.xavier_uniform(in_axis=(0, 1), out_axis=2)  # [N, H, D]
+
+
+class MultiHeadAttention(nnx.Module):
+    """Multi-head (self or cross) attention ``Concat(head_1..head_N) W_O``.
+
+    Args:
+      d_model: D, width of the inputs and outputs.
+      num_heads: N; the head dim is H = D / N.
+      use_bias: add ``*_bias`` parameters to the four projections.
+      dropout_rate: dropout on the attention weights (active when a ``dropout_rng`` is given).
+      implementation: ``ops.dot_product_attention`` implementation ("xla", "chunked", "jax").
+      rope: rotate queries and keys by their positions (``ops.apply_rope``) before attending.
+      dtype: compute dtype (inputs and parameters are cast to it); softmax runs in float32.
+      param_dtype: dtype of the stored parameters.
+      rngs: ``nnx.Rngs`` with a ``params`` stream.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        num_heads: int,
+        *,
+        use_bias: bool = True,
+        dropout_rate: float = 0.0,
+        implementation: str = "xla",
+        rope: bool = False,
+        dtype=jnp.float32,
+        param_dtype=jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        if d_model % num_heads:
+            raise ValueError(
+                f"d_model={d_model} is not divisible by num_heads={num_heads}; choose num_heads "
+                "that divides d_model."
+            )
+        self.d_model, self.num_heads = d_model, num_heads
+        self.head_dim = d_model // num_heads
+        self.use_bias, self.dropout_rate = use_bias, dropout_rate
+        self.implementation, self.rope = implementation, rope
+        self.dtype, self.param_dtype = jnp.dtype(dtype), jnp.dtype(param_dtype)
+        n, h, d = num_heads, self.head_dim, d_model
+        self.query = nnx.Param(_qkv_init(rngs.params(), (d, n, h), self.param_dtype))
+        self.key = nnx.Param(_qkv_init(rngs.params(), (d, n, h), self.param_dtype))
+        self.value = nnx.Param(_qkv_init(rngs.params(), (d, n, h), self.param_dtype))
+        self.out = nnx.Param(_out_init(rngs.params(), (n, h, d), self.param_dtype))
+        if use_bias:
+            self.query_bias = nnx.Param(jnp.zeros((n, h), self.param_dtype))
+            self.key_bias = nnx.Param(jnp.zeros((n, h), self.param_dtype))
+            self.value_bias = nnx.Param(jnp.zeros((n, h), self.param_dtype))
+            self.out_bias = nnx.Param(jnp.zeros((d,), self.param_dtype))
+
+    # ------------------------------------------------------------------ parameters
+
+    _NAMES = ("query", "key", "value", "out")
+
+    def params_dict(self) -> dict[str, jax.Array]:
+        """The parameters as ``ops.multi_head_attention`` expects them (plain arrays)."""
+        names = self._NAMES + (tuple(f"{k}_bias" for k in self._NAMES) if self.use_bias else ())
+        return {name: getattr(self, name)[...] for name in names}
+
+    def _param(self, name: str):
+        """Parameter ``name`` cast to the compute dtype (None for an absent bias)."""
+        if name.endswith("_bias") and not self.use_bias:
+            return None
+        return getattr(self, name)[...].astype(self.dtype)
+
+    def _project(self, inputs, name: str) -> jax.Array:
+        """``[B, T, D]`` -> ``[B, T, N, H]`` with the ``name`` projection."""
+        return ops.project_qkv(
+            inputs.astype(self.dtype), self._param(name), self._param(f"{name}_bias")
+        )
+
+    # ------------------------------------------------------------------ caches
+
+    def init_cache(self, batch: int, max_len: int, dtype=None) -> dict[str, jax.Array]:
+        """Empty self-attention cache for ``max_len`` positions.
+
+        Returns:
+          ``{"key": [B, L, N, H], "value": [B, L, N, H], "index": int32 scalar 0}`` with
+          ``dtype`` (default: the compute dtype).
+        """
+        shape = (batch, max_len, self.num_heads, self.head_dim)
+        dtype = self.dtype if dtype is None else dtype
+        return {
+            "key": jnp.zeros(shape, dtype),
+            "value": jnp.zeros(shape, dtype),
+            "index": jnp.zeros((), jnp.int32),
+        }
+
+    def precompute_kv(self, inputs_kv) -> dict[str, jax.Array]:
+        """Projects ``inputs_kv`` ``[B, S, D]`` once: ``{"key", "value"}`` each ``[B, S, N, H]``.
+
+        Pass the result as ``cache=`` to reuse it (cross-attention during decoding). Keys are
+        not rotated (RoPE is meant for self-attention).
+        """
+        return {"key": self._project(inputs_kv, "key"), "value": self._project(inputs_kv, "value")}
+
+    # ------------------------------------------------------------------ forward
+
+    def __call__(
+        self,
+        inputs_q,
+        inputs_kv=None,
+        *,
+        mask=None,
+        bias=None,
+        positions=None,
+        kv_positions=None,
+        cache=None,
+        dropout_rng=None,
+        return_weights: bool = False,
+    ):
+        """Attends ``inputs_q`` over ``inputs_kv`` (self-attention when it is None).
+
+        Args:
+          inputs_q: ``[B, T, D]``.
+          inputs_kv: ``[B, S, D]`` or None (= ``inputs_q``; ignored with a precomputed cache).
+          mask: bool broadcastable to ``[B, N, T, S]`` (True = attend). With an incremental
+            cache, S is the cache length L and the cache validity mask is added here.
+          bias: float broadcastable to ``[B, N, T, S]`` (e.g. ``ops.alibi_bias``).
+          positions: ``[B, T]`` query positions for RoPE (default ``arange(T)``, or
+            ``index + arange(T)`` with an incremental cache).
+          kv_positions: ``[B, S]`` key positions for RoPE (default ``positions``).
+          cache: None, an incremental cache from ``init_cache`` or a precomputed
+            ``{"key", "value"}`` from ``precompute_kv`` (see the module docstring).
+          dropout_rng: PRNG key for attention-weight dropout (None = no dropout).
+          return_weights: also return the float32 ``[B, N, T, S]`` weights (uses "xla").
+
+        Returns:
+          ``(out [B, T, D], new_cache, weights or None)``; ``new_cache`` is None without cache.
+        """
+        inputs_q = jnp.asarray(inputs_q)
+        if inputs_q.ndim != 3 or inputs_q.shape[-1] != self.d_model:
+            raise ValueError(
+                f"inputs_q must have shape [B, T, {self.d_model}]; got {tuple(inputs_q.shape)}."
+            )
+        batch, length = inputs_q.shape[:2]
+        incremental = cache is not None and "index" in cache
+        if positions is None and self.rope:
+            start = cache["index"] if incremental else 0
+            positions = jnp.broadcast_to(start + jnp.arange(length), (batch, length))
+
+        query = self._project(inputs_q, "query")  # [B, T, N, H]
+        if self.rope:
+            query = ops.apply_rope(query, positions)
+        new_cache = None
+        if cache is not None and not incremental:  # precomputed keys/values
+            key, value, new_cache = cache["key"], cache["value"], cache
+        else:
+            inputs_kv = inputs_q if inputs_kv is None else jnp.asarray(inputs_kv)
+            key = self._project(inputs_kv, "key")  # [B, S, N, H]
+            value = self._project(inputs_kv, "value")  # [B, S, N, H]
+            if self.rope:
+                key = ops.apply_rope(key, positions if kv_positions is None else kv_positions)
+            if incremental:
+                key, value, mask, new_cache = self._update_cache(cache, key, value, mask)
+
+        impl = "xla" if return_weights else self.implementation
+        result = ops.dot_product_attention(
+            query,
+            key.astype(self.dtype),
+            value.astype(self.dtype),
+            mask=mask,
+            bias=bias,
+            dropout_rate=self.dropout_rate if dropout_rng is not None else 0.0,
+            dropout_rng=dropout_rng,
+            implementation=impl,
+            return_weights=return_weights,
+        )
+        heads, weights = result if return_weights else (result, None)  # [B, T, N, H]
+        out = ops.project_out(heads, self._param("out"), self._param("out_bias"))  # [B, T, D]
+        return out, new_cache, weights
+
+    def _update_cache(self, cache, key, value, mask):
+        """Writes T new keys/values at ``cache["index"]``; returns the full cache tensors."""
+        cached_k, cached_v, index = cache["key"], cache["value"], cache["index"]
+        if cached_k.shape[0] != key.shape[0] or cached_k.shape[2:] != key.shape[2:]:
+            raise ValueError(
+                f"cache key {tuple(cached_k.shape)} does not match the new keys "
+                f"{tuple(key.shape)}; build the cache with init_cache(batch={key.shape[0]}, ...)."
+            )
+        length, max_len = key.shape[1], cached_k.shape[1]
+        if length > max_len:
+            raise ValueError(f"{length} new tokens do not fit a cache of length {max_len}.")
+        start = (0, index, 0, 0)
+        cached_k = lax.dynamic_update_slice(cached_k, key.astype(cached_k.dtype), start)
+        cached_v = lax.dynamic_update_slice(cached_v, value.astype(cached_v.dtype), start)
+        # Query i sits at absolute position index + i and sees cached positions <= index + i.
+        valid = ops.causal_mask(length, max_len, offset=index)  # [1, 1, T, L]
+        mask = ops.combine_masks(mask, valid)
+        new_cache = {"key": cached_k, "value": cached_v, "index": index + length}
+        return cached_k, cached_v, mask, new_cache

@@ -1,0 +1,113 @@
+"""Token embeddings (scaled by sqrt(D)), additive position encodings and the output layer.
+
+Positional kinds (``config.positional``): "sinusoidal" adds ``ops.sinusoidal_encoding``,
+"learned" adds rows of a ``[max_len, D]`` table; "rope" and "alibi" add nothing here (they act
+inside self-attention, see ``nn.attention`` and ``nn.transformer``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from transformer_jax import ops
+from transformer_jax.config import ModelConfig
+from transformer_jax.nn.layers import dropout
+
+__all__ = ["TokenEmbedding", "InputEmbedding", "OutputProjection"]
+
+
+class TokenEmbedding(nnx.Module):
+    """Token table ``[V, D]`` initialised with N(0, 1/D) so that ``E[ids] * sqrt(D)`` has unit
+    scale; ``attend`` gives tied output logits ``x E^T``."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        self.d_model = config.d_model
+        self.vocab_size = config.vocab_size
+        self.dtype = config.compute_dtype
+        self.embed = nnx.Embed(
+            config.vocab_size,
+            config.d_model,
+            dtype=config.compute_dtype,
+            param_dtype=config.params_dtype,
+            embedding_init=jax.nn.initializers.normal(stddev=config.d_model**-0.5),
+            rngs=rngs,
+        )
+
+    def __call__(self, ids) -> jax.Array:
+        """``ids [B, T]`` int -> ``[B, T, D]`` (compute dtype), multiplied by sqrt(D)."""
+        table = self.embed.embedding[...].astype(self.dtype)  # [V, D]
+        return jnp.take(table, ids, axis=0) * jnp.asarray(math.sqrt(self.d_model), self.dtype)
+
+    def attend(self, x) -> jax.Array:
+        """Tied output projection ``[B, T, D]`` -> float32 logits ``[B, T, V]``."""
+        table = self.embed.embedding[...].astype(self.dtype)  # [V, D]
+        return jnp.einsum(
+            "BTD,VD->BTV", x.astype(self.dtype), table, preferred_element_type=jnp.float32
+        )
+
+
+class InputEmbedding(nnx.Module):
+    """``Dropout(TokenEmbedding(ids) + PE(positions))`` for one stack (encoder or decoder).
+
+    Args:
+      config: the model config.
+      tokens: the (possibly shared) ``TokenEmbedding``.
+      rngs: ``nnx.Rngs`` (for the learned position table).
+    """
+
+    def __init__(self, config: ModelConfig, tokens: TokenEmbedding, *, rngs: nnx.Rngs):
+        self.tokens = tokens
+        self.positional = config.positional
+        self.d_model, self.max_len = config.d_model, config.max_len
+        self.dropout_rate = config.dropout_rate
+        self.dtype = config.compute_dtype
+        if config.positional == "learned":
+            init = jax.nn.initializers.normal(stddev=config.d_model**-0.5)
+            self.position_table = nnx.Param(
+                init(rngs.params(), (config.max_len, config.d_model), config.params_dtype)
+            )
+
+    def __call__(self, ids, positions, *, dropout_rng=None) -> jax.Array:
+        """``ids [B, T]``, ``positions [B, T]`` -> ``[B, T, D]``."""
+        x = self.tokens(ids)  # [B, T, D]
+        if self.positional == "sinusoidal":
+            x = x + ops.sinusoidal_encoding(positions, self.d_model).astype(self.dtype)
+        elif self.positional == "learned":
+            table = self.position_table[...].astype(self.dtype)  # [max_len, D]
+            x = x + jnp.take(table, positions, axis=0)
+        return dropout(x, self.dropout_rate, dropout_rng)
+
+
+class OutputProjection(nnx.Module):
+    """Final ``[B, T, D]`` -> float32 logits ``[B, T, V]``: tied to ``tokens`` or a Dense layer."""
+
+    def __init__(self, config: ModelConfig, tokens: TokenEmbedding, *, rngs: nnx.Rngs):
+        self.tie = config.tie_output
+        self.dtype = config.compute_dtype
+        if self.tie:
+            self.tokens = tokens
+        else:
+            self.dense = nnx.Linear(
+                config.d_model,
+                config.vocab_size,
+                use_bias=config.use_bias,
+                dtype=config.compute_dtype,
+                param_dtype=config.params_dtype,
+                kernel_init=jax.nn.initializers.xavier_uniform(),
+                rngs=rngs,
+            )
+
+    def __call__(self, x) -> jax.Array:
+        if self.tie:
+            return self.tokens.attend(x)
+        kernel = self.dense.kernel[...].astype(self.dtype)  # [D, V]
+        logits = jnp.einsum(
+            "BTD,DV->BTV", x.astype(self.dtype), kernel, preferred_element_type=jnp.float32
+        )
+        if self.dense.bias is not None:
+            logits = logits + self.dense.bias[...].astype(jnp.float32)
+        return logits

@@ -1,0 +1,242 @@
+"""Feed-forward network, the residual sublayer wrapper and the encoder/decoder layers.
+
+Encoder and decoder layers are the same class (``TransformerLayer``) varied by arguments:
+self-attention, an optional cross-attention, and the feed-forward network, each wrapped by one
+``Residual`` (dropout + residual + LayerNorm, post-LN as in the paper or pre-LN).
+
+Dropout keys inside a layer (deterministic, derived from the layer key with ``fold_in``):
+sublayer ``j`` (0 self-attention, 1 cross-attention if present, then feed-forward) gets
+``k_j = fold_in(layer_key, j)``; its residual dropout uses ``fold_in(k_j, 0)`` and its inner
+dropout (attention weights, or ReLU activations) ``fold_in(k_j, 1)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from transformer_jax.config import ModelConfig
+from transformer_jax.nn.attention import MultiHeadAttention
+
+__all__ = [
+    "dropout",
+    "LayerNorm",
+    "FeedForward",
+    "Residual",
+    "TransformerLayer",
+    "EncoderLayer",
+    "DecoderLayer",
+]
+
+_dense_init = jax.nn.initializers.xavier_uniform()
+
+
+def dropout(x: jax.Array, rate: float, rng) -> jax.Array:
+    """Inverted dropout; identity when ``rng`` is None or ``rate == 0``."""
+    if rng is None or rate == 0.0:
+        return x
+    keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / jnp.asarray(1.0 - rate, x.dtype), jnp.zeros((), x.dtype))
+
+
+def fold(rng, index: int):
+    """``jax.random.fold_in(rng, index)``, passing None through."""
+    return None if rng is None else jax.random.fold_in(rng, index)
+
+
+class LayerNorm(nnx.Module):
+    """``nnx.LayerNorm`` computed in float32, returning the compute dtype."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        self.dtype = config.compute_dtype
+        self.norm = nnx.LayerNorm(
+            config.d_model,
+            epsilon=config.layer_norm_epsilon,
+            dtype=jnp.float32,
+            param_dtype=config.params_dtype,
+            rngs=rngs,
+        )
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """``[..., D]`` -> ``[..., D]``."""
+        return self.norm(x.astype(jnp.float32)).astype(self.dtype)
+
+
+class FeedForward(nnx.Module):
+    """Position-wise feed-forward network ``max(0, x W1 + b1) W2 + b2`` (D -> F -> D).
+
+    ``config.ff_dropout_rate`` > 0 adds dropout on the ReLU activations (off in the paper).
+    """
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        kwargs = dict(
+            use_bias=config.use_bias,
+            dtype=config.compute_dtype,
+            param_dtype=config.params_dtype,
+            kernel_init=_dense_init,
+            rngs=rngs,
+        )
+        self.dropout_rate = config.ff_dropout_rate
+        self.wi = nnx.Linear(config.d_model, config.d_ff, **kwargs)
+        self.wo = nnx.Linear(config.d_ff, config.d_model, **kwargs)
+
+    def __call__(self, x: jax.Array, *, dropout_rng=None) -> jax.Array:
+        """``[B, T, D]`` -> ``[B, T, D]``."""
+        hidden = jax.nn.relu(self.wi(x))  # [B, T, F]
+        hidden = dropout(hidden, self.dropout_rate, dropout_rng)
+        return self.wo(hidden)  # [B, T, D]
+
+
+class Residual(nnx.Module):
+    """The sublayer connection shared by every encoder and decoder sublayer.
+
+    post-LN (paper): ``LN(x + Dropout(f(x)))``; pre-LN: ``x + Dropout(f(LN(x)))``.
+    """
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        self.pre_norm = config.pre_norm
+        self.dropout_rate = config.dropout_rate
+        self.norm = LayerNorm(config, rngs=rngs)
+
+    def __call__(self, x: jax.Array, fn: Callable, *, dropout_rng=None):
+        """Applies ``fn(x') -> (y, aux)`` inside the connection; returns ``(out, aux)``.
+
+        ``fn`` gets ``fold_in(dropout_rng, 1)`` (or None) as its only keyword ``dropout_rng``;
+        the residual dropout uses ``fold_in(dropout_rng, 0)``.
+        """
+        y, aux = fn(self.norm(x) if self.pre_norm else x, dropout_rng=fold(dropout_rng, 1))
+        out = x + dropout(y.astype(x.dtype), self.dropout_rate, fold(dropout_rng, 0))
+        return (out if self.pre_norm else self.norm(out)), aux
+
+
+class TransformerLayer(nnx.Module):
+    """Self-attention [+ cross-attention] + feed-forward, each in a ``Residual``.
+
+    Args:
+      config: the model config.
+      cross_attention: add encoder-decoder attention after self-attention.
+      rngs: ``nnx.Rngs``.
+    """
+
+    def __init__(self, config: ModelConfig, *, cross_attention: bool, rngs: nnx.Rngs):
+        attn = dict(
+            d_model=config.d_model,
+            num_heads=config.num_heads,
+            use_bias=config.use_bias,
+            dropout_rate=config.attention_dropout_rate,
+            implementation=config.attention_impl,
+            dtype=config.compute_dtype,
+            param_dtype=config.params_dtype,
+            rngs=rngs,
+        )
+        self.has_cross_attention = cross_attention
+        self.self_attention = MultiHeadAttention(rope=config.positional == "rope", **attn)
+        self.self_residual = Residual(config, rngs=rngs)
+        if cross_attention:
+            self.cross_attention = MultiHeadAttention(rope=False, **attn)
+            self.cross_residual = Residual(config, rngs=rngs)
+        self.feed_forward = FeedForward(config, rngs=rngs)
+        self.ff_residual = Residual(config, rngs=rngs)
+
+    def __call__(
+        self,
+        x,
+        *,
+        mask=None,
+        bias=None,
+        positions=None,
+        encoded=None,
+        cross_mask=None,
+        cache=None,
+        dropout_rng=None,
+        return_attention: bool = False,
+    ):
+        """One layer.
+
+        Args:
+          x: ``[B, T, D]``.
+          mask: self-attention mask broadcastable to ``[B, N, T, T]`` (``[B, N, T, L]`` with a
+            cache; the cache adds its own validity mask).
+          bias: self-attention bias (ALiBi), same broadcasting as ``mask``.
+          positions: ``[B, T]`` positions for RoPE.
+          encoded: ``[B, S, D]`` encoder output (cross-attention layers; may be None when the
+            cache holds precomputed cross keys/values).
+          cross_mask: cross-attention mask broadcastable to ``[B, N, T, S]``.
+          cache: None or ``{"self": MHA cache, "cross": precomputed {"key","value"}
+            (optional)}``.
+          dropout_rng: layer key (None = no dropout); see the module docstring.
+          return_attention: also return the attention weights.
+
+        Returns:
+          ``(x [B, T, D], new_cache or None, {"self": [B,N,T,S], "cross": [B,N,T,S]} or {})``.
+        """
+        cache = {} if cache is None else cache
+        new_cache, weights = {}, {}
+        sub = 0
+
+        def self_fn(h, *, dropout_rng):
+            out, c, w = self.self_attention(
+                h,
+                mask=mask,
+                bias=bias,
+                positions=positions,
+                cache=cache.get("self"),
+                dropout_rng=dropout_rng,
+                return_weights=return_attention,
+            )
+            return out, (c, w)
+
+        x, (new_cache["self"], weights["self"]) = self.self_residual(
+            x, self_fn, dropout_rng=fold(dropout_rng, sub)
+        )
+        sub += 1
+        if self.has_cross_attention:
+            if encoded is None and "cross" not in cache:
+                raise ValueError(
+                    "A cross-attention layer needs the encoder output (encoded=[B, S, D]) or a "
+                    "cache with precomputed cross keys/values."
+                )
+
+            def cross_fn(h, *, dropout_rng):
+                out, c, w = self.cross_attention(
+                    h,
+                    encoded,
+                    mask=cross_mask,
+                    cache=cache.get("cross"),
+                    dropout_rng=dropout_rng,
+                    return_weights=return_attention,
+                )
+                return out, (c, w)
+
+            x, (new_cache["cross"], weights["cross"]) = self.cross_residual(
+                x, cross_fn, dropout_rng=fold(dropout_rng, sub)
+            )
+            sub += 1
+
+        def ff_fn(h, *, dropout_rng):
+            return self.feed_forward(h, dropout_rng=dropout_rng), None
+
+        x, _ = self.ff_residual(x, ff_fn, dropout_rng=fold(dropout_rng, sub))
+        new_cache = {k: v for k, v in new_cache.items() if v is not None} or None
+        weights = {k: v for k, v in weights.items() if v is not None}
+        return x, new_cache, weights
+
+
+class EncoderLayer(TransformerLayer):
+    """Encoder layer: bidirectional self-attention + feed-forward."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        super().__init__(config, cross_attention=False, rngs=rngs)
+
+
+class DecoderLayer(TransformerLayer):
+    """Decoder layer: (causal) self-attention, optional cross-attention, feed-forward.
+
+    ``cross_attention=False`` gives the layer of a decoder-only language model.
+    """
+
+    def __init__(self, config: ModelConfig, *, cross_attention: bool = True, rngs: nnx.Rngs):
+        super().__init__(config, cross_attention=cross_attention, rngs=rngs)
