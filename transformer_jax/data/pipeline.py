@@ -108,15 +108,7 @@ class Prepared:
     def source(self, split: str) -> sources.PairSource:
         """Random-access (source, target) pairs of ``split`` (opened once, then cached)."""
         if split not in self._sources:
-            available = list(self.builder.info.splits.keys())
-            if split.split("[")[0] not in available:
-                raise DataError(
-                    f"Split {split!r} is not in the prepared dataset (splits: {available}); set "
-                    "data.train_split / eval_split / test_split to one of those."
-                )
-            keys = sources._feature_keys(self.config, self.builder)
-            self._sources[split] = sources.PairSource(
-                self.builder.as_data_source(split=split), *keys, name=split)
+            self._sources[split] = sources.open_split(self.config, self.builder, split)
         return self._sources[split]
 
 

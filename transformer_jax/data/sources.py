@@ -39,6 +39,7 @@ __all__ = [
     "get_builder",
     "load_raw_pairs",
     "load_split",
+    "open_split",
     "resolve_data_dir",
 ]
 
@@ -294,12 +295,11 @@ class PairSource:
         return f"PairSource({self.name!r}, {len(self)} pairs)"
 
 
-def load_split(data_config, split: str, data_dir: str) -> PairSource:
-    """Random-access (source, target) pairs of ``split``, preparing the dataset if needed."""
-    builder = get_builder(data_config, data_dir)
+def open_split(data_config, builder, split: str) -> PairSource:
+    """The (source, target) pairs of ``split`` of a prepared ``builder``."""
     available = list(builder.info.splits.keys())
-    base = split.split("[")[0]
-    if base not in available:
+    # (An empty list means TFDS does not know the splits in advance: let it decide.)
+    if available and split.split("[")[0] not in available:
         raise DataError(
             f"Split {split!r} is not in dataset {builder.name} (splits: {available}); set "
             "data.train_split / eval_split / test_split to one of those."
@@ -307,6 +307,11 @@ def load_split(data_config, split: str, data_dir: str) -> PairSource:
     src_key, tgt_key = _feature_keys(data_config, builder)
     data_source = builder.as_data_source(split=split)
     return PairSource(data_source, src_key, tgt_key, name=f"{builder.name}:{split}")
+
+
+def load_split(data_config, split: str, data_dir: str) -> PairSource:
+    """Random-access (source, target) pairs of ``split``, preparing the dataset if needed."""
+    return open_split(data_config, get_builder(data_config, data_dir), split)
 
 
 def load_raw_pairs(data_config, split: str, data_dir: str) -> list[tuple[str, str]]:
