@@ -23,7 +23,8 @@ from transformer_jax.nn.layers import (
     dropout,
 )
 from transformer_jax.nn.lm import DecoderOnlyLM
-from transformer_jax.nn.transformer import Decoder, Encoder, Transformer, shift_right
+from transformer_jax.nn.stacks import Decoder, Encoder
+from transformer_jax.nn.transformer import Transformer, shift_right
 
 __all__ = [
     "Decoder",

@@ -10,7 +10,7 @@ from flax import nnx
 
 from transformer_jax.config import ModelConfig
 from transformer_jax.nn.embeddings import TokenEmbedding
-from transformer_jax.nn.transformer import Decoder
+from transformer_jax.nn.stacks import Decoder
 
 __all__ = ["DecoderOnlyLM"]
 

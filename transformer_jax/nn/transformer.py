@@ -1,23 +1,7 @@
-"""Encoder and decoder stacks, the encoder-decoder ``Transformer`` and ``shift_right``.
+"""The encoder-decoder ``Transformer`` of Vaswani et al. (2017) and ``shift_right``.
 
-Masks (from ``transformer_jax.ops``; True = attend):
-
-* encoder self-attention: ``padding_mask(src != pad, src != pad)`` AND, for packed rows,
-  ``segment_mask(src_segments, src_segments)``;
-* decoder self-attention: ``causal_mask`` AND ``segment_mask(tgt_segments, tgt_segments)``. No
-  padding mask from the decoder inputs: their first token is the BOS = pad id 0, and trailing
-  padding can only influence later (padding) positions under the causal mask;
-* cross-attention: keys masked where ``src == pad`` AND ``segment_mask(tgt_segments,
-  src_segments)``.
-
-Positions default to ``arange(length)`` (``cache index + arange(T)`` when decoding with a cache);
-packed rows pass per-segment positions. "rope" rotates q/k in self-attention only and "alibi"
-adds ``ops.alibi_bias`` to self-attention only; cross-attention has no positional term.
-
-Dropout keys (all ``jax.random.fold_in``, so the same ``dropout_rng`` gives the same masks):
-``Transformer`` uses ``fold_in(rng, 0)`` for the encoder and ``fold_in(rng, 1)`` for the
-decoder; inside a stack the embedding dropout uses ``fold_in(stack_rng, 0)`` and layer ``i``
-``fold_in(stack_rng, i + 1)`` (the layer-internal scheme is in ``nn.layers``).
+Masks, positions and dropout keys are described in ``nn.stacks``; ``Transformer`` uses
+``fold_in(dropout_rng, 0)`` as the encoder key and ``fold_in(dropout_rng, 1)`` as the decoder key.
 """
 
 from __future__ import annotations
@@ -26,12 +10,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from transformer_jax import ops
 from transformer_jax.config import ModelConfig
-from transformer_jax.nn.embeddings import InputEmbedding, OutputProjection, TokenEmbedding
-from transformer_jax.nn.layers import DecoderLayer, EncoderLayer, LayerNorm, fold
+from transformer_jax.nn.embeddings import TokenEmbedding
+from transformer_jax.nn.layers import fold
+from transformer_jax.nn.stacks import Decoder, Encoder, check_ids
 
-__all__ = ["Encoder", "Decoder", "Transformer", "shift_right"]
+__all__ = ["Transformer", "shift_right"]
 
 
 def shift_right(targets, segments=None, pad_id: int = 0) -> jax.Array:
@@ -63,279 +47,6 @@ def shift_right(targets, segments=None, pad_id: int = 0) -> jax.Array:
         )  # [B, T] True at the first token of every segment
         shifted = jnp.where(starts, jnp.asarray(pad_id, targets.dtype), shifted)
     return shifted
-
-
-# ----------------------------------------------------------------------------- helpers
-
-
-def _check_ids(name: str, ids) -> jax.Array:
-    ids = jnp.asarray(ids)
-    if ids.ndim != 2 or not jnp.issubdtype(ids.dtype, jnp.integer):
-        raise ValueError(
-            f"{name} must be integer token ids [B, length]; got {ids.dtype} {tuple(ids.shape)}."
-        )
-    return ids
-
-
-def _positions(config: ModelConfig, ids, positions, name: str, offset=0) -> jax.Array:
-    """``[B, T]`` positions: the given ones or ``offset + arange(T)``."""
-    batch, length = ids.shape
-    if positions is None:
-        if (
-            config.positional == "learned"
-            and isinstance(offset, int)
-            and (offset + length > config.max_len)
-        ):
-            raise ValueError(
-                f"{name} has length {length} but the learned position table covers "
-                f"max_len={config.max_len} positions; raise max_len or shorten the input."
-            )
-        return jnp.broadcast_to(offset + jnp.arange(length, dtype=jnp.int32), (batch, length))
-    positions = jnp.asarray(positions)
-    if positions.shape != ids.shape:
-        raise ValueError(
-            f"{name} positions {tuple(positions.shape)} must have the shape of the ids "
-            f"{tuple(ids.shape)}."
-        )
-    return positions
-
-
-def _alibi(config: ModelConfig, q_positions, k_positions):
-    """Self-attention ALiBi bias ``[B, N, T, S]`` or None for other positional kinds."""
-    if config.positional != "alibi":
-        return None
-    return ops.alibi_bias(config.num_heads, q_positions, k_positions)
-
-
-def _segments_mask(q_segments, k_segments, what: str):
-    if (q_segments is None) != (k_segments is None):
-        raise ValueError(
-            f"{what} needs both segment arrays or neither; pass src_segments and tgt_segments "
-            "together for packed rows."
-        )
-    return None if q_segments is None else ops.segment_mask(q_segments, k_segments)
-
-
-def _stack(weights: list[dict], key: str):
-    """Stacks per-layer ``[B, N, T, S]`` weights to ``[L, B, N, T, S]`` (None if absent)."""
-    arrays = [w[key] for w in weights if key in w]
-    return jnp.stack(arrays) if arrays else None
-
-
-# ----------------------------------------------------------------------------- stacks
-
-
-class Encoder(nnx.Module):
-    """Embedding + ``encoder_layers`` EncoderLayers (+ final LayerNorm when pre-LN)."""
-
-    def __init__(self, config: ModelConfig, tokens: TokenEmbedding, *, rngs: nnx.Rngs):
-        self.config = config
-        self.embedding = InputEmbedding(config, tokens, rngs=rngs)
-        self.layers = nnx.List(
-            [EncoderLayer(config, rngs=rngs) for _ in range(config.encoder_layers)]
-        )
-        if config.pre_norm:
-            self.final_norm = LayerNorm(config, rngs=rngs)
-
-    def __call__(
-        self,
-        src_ids,
-        *,
-        segments=None,
-        positions=None,
-        dropout_rng=None,
-        return_attention: bool = False,
-    ):
-        """``src_ids [B, S]`` -> encoded ``[B, S, D]`` (and weights ``[L, B, N, S, S]``)."""
-        config = self.config
-        src_ids = _check_ids("src_ids", src_ids)
-        positions = _positions(config, src_ids, positions, "src_ids")
-        valid = src_ids != config.pad_id  # [B, S]
-        mask = ops.combine_masks(
-            ops.padding_mask(valid, valid), _segments_mask(segments, segments, "encoder")
-        )  # [B, 1, S, S]
-        bias = _alibi(config, positions, positions)  # [B, N, S, S] or None
-        x = self.embedding(src_ids, positions, dropout_rng=fold(dropout_rng, 0))
-        weights = []
-        for i, layer in enumerate(self.layers):
-            x, _, w = layer(
-                x,
-                mask=mask,
-                bias=bias,
-                positions=positions,
-                dropout_rng=fold(dropout_rng, i + 1),
-                return_attention=return_attention,
-            )
-            weights.append(w)
-        if config.pre_norm:
-            x = self.final_norm(x)
-        return (x, _stack(weights, "self")) if return_attention else x
-
-
-class Decoder(nnx.Module):
-    """Embedding + ``decoder_layers`` DecoderLayers (+ final LN when pre-LN) + output logits.
-
-    With ``cross_attention=False`` this is the stack of a decoder-only language model.
-    """
-
-    def __init__(
-        self,
-        config: ModelConfig,
-        tokens: TokenEmbedding,
-        *,
-        cross_attention: bool = True,
-        rngs: nnx.Rngs,
-    ):
-        if config.decoder_layers < 1:
-            raise ValueError("A decoder needs num_decoder_layers >= 1 (or num_layers >= 1).")
-        self.config = config
-        self.cross_attention = cross_attention
-        self.embedding = InputEmbedding(config, tokens, rngs=rngs)
-        self.layers = nnx.List(
-            [
-                DecoderLayer(config, cross_attention=cross_attention, rngs=rngs)
-                for _ in range(config.decoder_layers)
-            ]
-        )
-        if config.pre_norm:
-            self.final_norm = LayerNorm(config, rngs=rngs)
-        self.output = OutputProjection(config, tokens, rngs=rngs)
-
-    def init_cache(self, batch: int, max_len: int, *, encoded=None, src_valid=None, dtype=None):
-        """Decoding cache for ``max_len`` target positions.
-
-        Args:
-          batch: B.
-          max_len: L, the most target tokens the cache holds.
-          encoded: optional ``[B, S, D]`` encoder output; its cross-attention keys/values are
-            then computed once here and stored in the cache.
-          src_valid: optional ``[B, S]`` bool (True = real source token), stored with them.
-          dtype: dtype of the keys/values (default: the compute dtype).
-
-        Returns:
-          ``{"layers": [{"self": {"key": [B,L,N,H], "value": [B,L,N,H], "index": int32 []},
-          "cross": {"key": [B,S,N,H], "value": [B,S,N,H]}}, ...], "src_valid": [B,S] bool}``
-          ("cross" and "src_valid" only when ``encoded`` is given).
-        """
-        if self.config.positional == "learned" and max_len > self.config.max_len:
-            raise ValueError(
-                f"A cache of max_len={max_len} exceeds the learned position table "
-                f"(config.max_len={self.config.max_len}); use a shorter cache."
-            )
-        layers = []
-        for layer in self.layers:
-            entry = {"self": layer.self_attention.init_cache(batch, max_len, dtype)}
-            if encoded is not None and self.cross_attention:
-                kv = layer.cross_attention.precompute_kv(encoded)
-                entry["cross"] = jax.tree.map(lambda a: a.astype(dtype or a.dtype), kv)
-            layers.append(entry)
-        cache = {"layers": layers}
-        if encoded is not None and self.cross_attention:
-            if src_valid is None:
-                src_valid = jnp.ones(jnp.shape(encoded)[:2], bool)
-            cache["src_valid"] = jnp.asarray(src_valid, bool)
-        return cache
-
-    def __call__(
-        self,
-        tgt_ids,
-        encoded=None,
-        *,
-        src_valid=None,
-        src_segments=None,
-        tgt_segments=None,
-        positions=None,
-        cache=None,
-        dropout_rng=None,
-        return_attention: bool = False,
-    ):
-        """Decodes ``tgt_ids [B, T]``.
-
-        Without a cache: all T positions in parallel under a causal mask. With a cache (from
-        ``init_cache``): the T new tokens continue at the cache index (usually T = 1).
-
-        Args:
-          tgt_ids: ``[B, T]`` decoder input ids (``shift_right(targets)`` in training).
-          encoded: ``[B, S, D]`` encoder output (cross-attention; not needed when the cache
-            holds precomputed cross keys/values).
-          src_valid: ``[B, S]`` bool, True at real source tokens (default: from the cache, or
-            all valid).
-          src_segments, tgt_segments: ``[B, S]`` / ``[B, T]`` segment ids of packed rows.
-          positions: ``[B, T]`` target positions (default ``arange(T)`` / ``index + arange``).
-          cache: None or a cache from ``init_cache``.
-          dropout_rng: stack key (None = no dropout).
-          return_attention: also return the attention weights.
-
-        Returns:
-          ``(logits [B, T, V] float32, new_cache or None, {"self": [L,B,N,T,K], "cross":
-          [L,B,N,T,S]})``; the dict is empty unless ``return_attention``.
-        """
-        config = self.config
-        tgt_ids = _check_ids("tgt_ids", tgt_ids)
-        batch, length = tgt_ids.shape
-        if cache is None:
-            positions = _positions(config, tgt_ids, positions, "tgt_ids")
-            self_mask = ops.combine_masks(
-                ops.causal_mask(length),
-                None if tgt_segments is None else ops.segment_mask(tgt_segments, tgt_segments),
-            )  # [B or 1, 1, T, T]
-            bias = _alibi(config, positions, positions)
-            layer_caches = [None] * len(self.layers)
-        else:
-            if tgt_segments is not None or src_segments is not None:
-                raise ValueError("Packed rows (segments) are not supported with a decode cache.")
-            layer_caches = cache["layers"]
-            if len(layer_caches) != len(self.layers):
-                raise ValueError(
-                    f"The cache has {len(layer_caches)} layers but the decoder has "
-                    f"{len(self.layers)}; build it with this model's init_cache."
-                )
-            index = layer_caches[0]["self"]["index"]
-            positions = _positions(config, tgt_ids, positions, "tgt_ids", offset=index)
-            self_mask = None  # the cache adds the causal validity mask itself
-            cache_len = layer_caches[0]["self"]["key"].shape[1]
-            bias = _alibi(config, positions, jnp.arange(cache_len)[None])  # [B, N, T, L]
-            if src_valid is None:
-                src_valid = cache.get("src_valid")
-
-        cross_mask = None
-        if self.cross_attention:
-            if src_valid is None and encoded is not None:
-                src_valid = jnp.ones(jnp.shape(encoded)[:2], bool)
-            if src_valid is not None:
-                cross_mask = ops.padding_mask(jnp.ones((batch, length), bool), src_valid)
-            cross_mask = ops.combine_masks(
-                cross_mask, _segments_mask(tgt_segments, src_segments, "cross-attention")
-            )  # [B, 1, T, S]
-
-        x = self.embedding(tgt_ids, positions, dropout_rng=fold(dropout_rng, 0))
-        new_layers, weights = [], []
-        for i, layer in enumerate(self.layers):
-            x, layer_cache, w = layer(
-                x,
-                mask=self_mask,
-                bias=bias,
-                positions=positions,
-                encoded=encoded,
-                cross_mask=cross_mask,
-                cache=layer_caches[i],
-                dropout_rng=fold(dropout_rng, i + 1),
-                return_attention=return_attention,
-            )
-            new_layers.append(layer_cache)
-            weights.append(w)
-        if config.pre_norm:
-            x = self.final_norm(x)
-        logits = self.output(x)  # [B, T, V] float32
-        new_cache = None
-        if cache is not None:
-            new_cache = dict(cache, layers=new_layers)
-        attention = {}
-        if return_attention:
-            attention = {"self": _stack(weights, "self")}
-            if self.cross_attention:
-                attention["cross"] = _stack(weights, "cross")
-        return logits, new_cache, attention
 
 
 class Transformer(nnx.Module):
@@ -462,7 +173,7 @@ class Transformer(nnx.Module):
         """
         src_valid = None
         if src_ids is not None:
-            src_valid = _check_ids("src_ids", src_ids) != self.config.pad_id
+            src_valid = check_ids("src_ids", src_ids) != self.config.pad_id
         logits, new_cache, weights = self.decoder(
             tgt_in_ids,
             encoded,
@@ -489,7 +200,7 @@ class Transformer(nnx.Module):
         """
         src_valid = None
         if src_ids is not None:
-            src_valid = _check_ids("src_ids", src_ids) != self.config.pad_id
+            src_valid = check_ids("src_ids", src_ids) != self.config.pad_id
         return self.decoder.init_cache(
             batch, max_len, encoded=encoded, src_valid=src_valid, dtype=dtype
         )
