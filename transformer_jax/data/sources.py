@@ -225,6 +225,9 @@ def get_builder(data_config, data_dir: str):
         # Check sizes before TFDS creates folders.
         numbers.split_numbers(config.max_number, config.train_size, config.validation_size,
                               config.test_size, config.seed)
+        # TFDS refuses a config object named like a built-in one: pass built-ins by name.
+        if config.name in {c.name for c in NumbersTranslate.BUILDER_CONFIGS}:
+            config = config.name
         builder = NumbersTranslate(config=config, data_dir=data_dir, file_format=_FORMAT)
         if not builder.is_prepared():
             builder.download_and_prepare(file_format=_FORMAT)

@@ -175,6 +175,7 @@ class Checkpointer:
             return False
         meta = {
             "step": int(step),
+            "state_step": int(state.step),
             "rng": _key_to_json(rng),
             "config": dict(config or {}),
             "tokenizer": dict(tokenizer or {}),
@@ -222,7 +223,7 @@ class Checkpointer:
                 "the matching config."
             ) from err
         state = template_state.replace(
-            step=np.asarray(meta["step"], np.int32),
+            step=np.asarray(meta.get("state_step", meta["step"]), np.int32),
             params=restored["params"],
             opt_state=restored["opt_state"],
         )

@@ -1,0 +1,62 @@
+"""Train and evaluate a Transformer: ``python train.py --config configs/default.py --workdir W``.
+
+Any config value can be overridden, e.g. ``--config.model.num_layers=2
+--config.optimizer.learning_rate=2.0``. Running again with the same --workdir resumes from
+its newest checkpoint. SIGTERM/Ctrl-C saves a checkpoint and exits 0.
+
+Exit codes: 0 done (or interrupted and saved), 1 training diverged (NaN/inf loss),
+2 a problem with the config, the data or the work directory (one-line message on stderr).
+"""
+
+import os
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "default.py")
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", _DEFAULT_CONFIG, "Training config file (a python file with get_config()).",
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and outputs.")
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    if not _WORKDIR.value:
+        print("error: --workdir is required (a directory for checkpoints and outputs).",
+              file=sys.stderr)
+        return 2
+    logging.set_verbosity(logging.WARNING)
+    from transformer_jax.training import TrainingDivergedError, train_and_evaluate
+
+    try:
+        summary = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    except TrainingDivergedError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if summary.get("interrupted"):
+        print(f"interrupted at step {summary['step']}; checkpoint saved in {_WORKDIR.value}")
+    else:
+        print(_describe(summary))
+    return 0
+
+
+def _describe(summary: dict) -> str:
+    parts = [f"done: step {summary['step']}", f"{summary['wall_seconds']:.0f} s"]
+    for split in ("eval", "test"):
+        metrics = summary.get(split) or {}
+        scores = ", ".join(f"{k} {metrics[k]:.2f}" for k in
+                           ("loss", "exact_match", "chrf", "bleu") if k in metrics)
+        if scores:
+            parts.append(f"{split}: {scores}")
+    parts.append(f"outputs in {summary['workdir']}")
+    return "; ".join(parts)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,300 @@
+"""Autoregressive search: greedy, beam search and sampling over an explicit cache.
+
+Search knows nothing of the model. It is driven by a closure
+
+    tokens_to_logits(ids [B', 1] int32, cache) -> (logits [B', V], new_cache)
+
+that runs one decoder step at the cache's current position. Every function here is pure and
+``jax.jit``-able (the loops are ``lax.while_loop``); the encoder runs once, outside, when the
+caller builds the cache (see ``Transformer.init_cache(..., encoded=...)``).
+
+Conventions shared by all searches:
+
+* Output ids are ``[B, max_len]``: generated tokens, the EOS, then ``pad_id`` (0).
+* Decoding starts from ``start_ids`` (default ``bos_id`` = 0, the decoder's BOS).
+* ``max_lengths [B]`` (optional, each <= ``max_len``) caps every example's output, EOS
+  included: at position ``max_lengths[b] - 1`` only EOS may be chosen (as fairseq does), so
+  every output ends with EOS. The paper's limit is "input length + 50".
+* The loop stops early once every example has finished.
+* Cache leaves with a leading batch axis are expanded/reordered for beams; scalar leaves (the
+  per-layer ``index``) are shared by all rows because all rows decode in lockstep.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+__all__ = [
+    "NEG_INF",
+    "beam_search",
+    "brevity_penalty",
+    "expand_for_beam",
+    "gather_beams",
+    "greedy_search",
+    "length_penalty",
+    "sample",
+]
+
+NEG_INF = -1.0e7  # large but finite, so that NEG_INF + log p never becomes NaN
+
+TokensToLogits = Callable[[jax.Array, Any], tuple[jax.Array, Any]]
+
+
+def length_penalty(length, alpha: float) -> jax.Array:
+    """GNMT length penalty ``((5 + length) / 6) ** alpha`` (Wu et al. 2016)."""
+    return ((5.0 + jnp.asarray(length, jnp.float32)) / 6.0) ** alpha
+
+
+brevity_penalty = length_penalty  # the name some codebases use
+
+
+def _max_lengths(max_lengths, batch_size: int, max_len: int) -> jax.Array:
+    if max_lengths is None:
+        return jnp.full((batch_size,), max_len, jnp.int32)
+    max_lengths = jnp.asarray(max_lengths, jnp.int32)
+    if max_lengths.shape != (batch_size,):
+        raise ValueError(
+            f"max_lengths must have shape ({batch_size},) (one per example); got "
+            f"{tuple(max_lengths.shape)}."
+        )
+    return jnp.clip(max_lengths, 1, max_len)
+
+
+def _start_ids(start_ids, batch_size: int, bos_id: int) -> jax.Array:
+    if start_ids is None:
+        return jnp.full((batch_size,), bos_id, jnp.int32)
+    start_ids = jnp.asarray(start_ids, jnp.int32)
+    if start_ids.shape != (batch_size,):
+        raise ValueError(
+            f"start_ids must have shape ({batch_size},); got {tuple(start_ids.shape)}."
+        )
+    return start_ids
+
+
+def _force_eos(logits, step, max_lengths, eos_id: int) -> jax.Array:
+    """Rows at their last allowed position may only choose EOS.  logits [B, V]."""
+    last = (step >= max_lengths - 1)[:, None]  # [B, 1]
+    not_eos = jnp.arange(logits.shape[-1]) != eos_id  # [V]
+    return jnp.where(last & not_eos, NEG_INF, logits)
+
+
+def _check_logits(logits, rows: int) -> None:
+    if logits.ndim != 2 or logits.shape[0] != rows:
+        raise ValueError(
+            f"tokens_to_logits must return logits [{rows}, V]; got {tuple(logits.shape)}. "
+            "Squeeze the length axis of a [B, 1, V] decoder output."
+        )
+
+
+# ---------------------------------------------------------------------- greedy and sampling
+
+
+def _decode_loop(cache, tokens_to_logits: TokensToLogits, choose, rng, *, batch_size: int,
+                 max_len: int, eos_id: int, bos_id: int, pad_id: int, max_lengths, start_ids):
+    """One token per example and step; ``choose(logits [B, V], rng) -> ids [B]``."""
+    max_lengths = _max_lengths(max_lengths, batch_size, max_len)
+    first = _start_ids(start_ids, batch_size, bos_id)
+
+    def cond(carry):
+        step, _, _, _, finished, _ = carry
+        return (step < max_len) & ~jnp.all(finished)
+
+    def body(carry):
+        step, out, last, cache, finished, rng = carry
+        rng, step_rng = jax.random.split(rng)
+        logits, cache = tokens_to_logits(last[:, None], cache)  # [B, V]
+        _check_logits(logits, batch_size)
+        logits = _force_eos(logits.astype(jnp.float32), step, max_lengths, eos_id)
+        token = choose(logits, step_rng).astype(jnp.int32)  # [B]
+        token = jnp.where(finished, pad_id, token)
+        out = lax.dynamic_update_slice(out, token[:, None], (0, step))
+        finished = finished | (token == eos_id)
+        return step + 1, out, token, cache, finished, rng
+
+    out = jnp.full((batch_size, max_len), pad_id, jnp.int32)
+    carry = (jnp.int32(0), out, first, cache, jnp.zeros((batch_size,), bool), rng)
+    return lax.while_loop(cond, body, carry)[1]
+
+
+def greedy_search(cache, tokens_to_logits: TokensToLogits, *, batch_size: int, max_len: int,
+                  eos_id: int = 1, bos_id: int = 0, pad_id: int = 0, max_lengths=None,
+                  start_ids=None) -> jax.Array:
+    """Argmax decoding.
+
+    Args:
+      cache: decoding cache for ``batch_size`` rows.
+      tokens_to_logits: ``(ids [B, 1], cache) -> (logits [B, V], cache)``.
+      batch_size: B.
+      max_len: length of the output buffer (and of the cache it may write).
+      eos_id, bos_id, pad_id: special ids.
+      max_lengths: optional ``[B]`` per-example caps (EOS included).
+      start_ids: optional ``[B]`` first decoder inputs (default ``bos_id``).
+
+    Returns:
+      ``[B, max_len]`` int32 ids: tokens, EOS, then ``pad_id``.
+    """
+    return _decode_loop(
+        cache, tokens_to_logits, lambda logits, _: jnp.argmax(logits, axis=-1),
+        jax.random.key(0), batch_size=batch_size, max_len=max_len, eos_id=eos_id,
+        bos_id=bos_id, pad_id=pad_id, max_lengths=max_lengths, start_ids=start_ids)
+
+
+def _filter_logits(logits, temperature: float, top_k: int, top_p: float) -> jax.Array:
+    """Temperature, top-k and nucleus (top-p) filtering of ``logits [B, V]``."""
+    logits = logits / temperature
+    vocab = logits.shape[-1]
+    if 0 < top_k < vocab:
+        kth = lax.top_k(logits, top_k)[0][:, -1:]  # [B, 1]
+        logits = jnp.where(logits < kth, NEG_INF, logits)
+    if top_p < 1.0:
+        sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]  # [B, V] descending
+        cum = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
+        # keep the smallest prefix whose mass reaches top_p (always at least one token)
+        keep = (cum - jax.nn.softmax(sorted_logits, axis=-1)) < top_p  # [B, V]
+        cutoff = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+        logits = jnp.where(logits < cutoff, NEG_INF, logits)
+    return logits
+
+
+def sample(cache, tokens_to_logits: TokensToLogits, rng, *, batch_size: int, max_len: int,
+           temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, eos_id: int = 1,
+           bos_id: int = 0, pad_id: int = 0, max_lengths=None, start_ids=None) -> jax.Array:
+    """Ancestral sampling with temperature, top-k and nucleus (top-p) filtering.
+
+    ``temperature == 0`` or ``top_k == 1`` is greedy decoding. ``top_k = 0`` and
+    ``top_p = 1`` disable those filters. Arguments and result as in :func:`greedy_search`,
+    plus ``rng``, a PRNG key (split once per step).
+    """
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0; got {temperature}.")
+    if not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1]; got {top_p}.")
+    if top_k < 0:
+        raise ValueError(f"top_k must be >= 0 (0 disables it); got {top_k}.")
+
+    def choose(logits, key):
+        if temperature == 0.0 or top_k == 1:
+            return jnp.argmax(logits, axis=-1)
+        return jax.random.categorical(key, _filter_logits(logits, temperature, top_k, top_p))
+
+    return _decode_loop(
+        cache, tokens_to_logits, choose, rng, batch_size=batch_size, max_len=max_len,
+        eos_id=eos_id, bos_id=bos_id, pad_id=pad_id, max_lengths=max_lengths,
+        start_ids=start_ids)
+
+
+# ------------------------------------------------------------------------------ beam search
+
+
+def expand_for_beam(tree, beam_size: int):
+    """Repeat every batch-leading leaf ``[B, ...] -> [B * beam_size, ...]`` (rows b*K..b*K+K-1).
+
+    Scalar leaves (cache indices) are returned unchanged.
+    """
+    def expand(x):
+        if jnp.ndim(x) == 0:
+            return x
+        return jnp.repeat(x, beam_size, axis=0)
+
+    return jax.tree_util.tree_map(expand, tree)
+
+
+def gather_beams(tree, beam_indices, batch_size: int, beam_size: int):
+    """Reorder the beams of flat ``[B * K, ...]`` leaves by ``beam_indices [B, K]``."""
+    def gather(x):
+        if jnp.ndim(x) == 0:
+            return x
+        x = x.reshape((batch_size, beam_size) + x.shape[1:])  # [B, K, ...]
+        x = jnp.take_along_axis(
+            x, beam_indices.reshape(beam_indices.shape + (1,) * (x.ndim - 2)), axis=1)
+        return x.reshape((batch_size * beam_size,) + x.shape[2:])
+
+    return jax.tree_util.tree_map(gather, tree)
+
+
+def beam_search(cache, tokens_to_logits: TokensToLogits, *, batch_size: int, beam_size: int,
+                max_len: int, eos_id: int = 1, bos_id: int = 0, pad_id: int = 0,
+                alpha: float = 0.6, max_lengths=None, start_ids=None):
+    """Beam search with the GNMT length penalty (paper: beam 4, alpha 0.6).
+
+    A finished hypothesis of ``n`` tokens (EOS included) with log-probability ``logp`` scores
+    ``logp / ((5 + n) / 6) ** alpha``. Each step expands the ``K`` live beams to their
+    ``2K`` best continuations; those ending in EOS join the finished set (best ``K`` kept),
+    the best ``K`` others stay live and the cache rows are reordered to follow them. An
+    example is done when it has ``K`` finished hypotheses and no live beam can still beat the
+    worst of them (for ``alpha >= 0`` the best a live beam can reach is its log-probability
+    divided by the penalty at its maximum length).
+
+    Args:
+      cache: decoding cache for ``batch_size`` rows; expanded to ``batch_size * beam_size``
+        rows here, so ``tokens_to_logits`` sees ``[B * K, 1]`` ids.
+      tokens_to_logits: ``(ids [B*K, 1], cache) -> (logits [B*K, V], cache)``.
+      batch_size, beam_size, max_len: B, K and the output length.
+      alpha: length-penalty exponent (0 = plain log-probability).
+      eos_id, bos_id, pad_id, max_lengths, start_ids: as in :func:`greedy_search`.
+
+    Returns:
+      ``(sequences [B, K, max_len] int32, scores [B, K] float32)``, best first.
+    """
+    if beam_size < 1:
+        raise ValueError(f"beam_size must be >= 1; got {beam_size}.")
+    B, K = batch_size, beam_size
+    max_lengths = _max_lengths(max_lengths, B, max_len)
+    first = jnp.repeat(_start_ids(start_ids, B, bos_id), K)  # [B*K]
+    cache = expand_for_beam(cache, K)
+
+    def best_live_possible(live_logp):  # [B]
+        return live_logp[:, 0] / length_penalty(max_lengths, alpha)
+
+    def cond(carry):
+        step, _, live_logp, _, _, fin_scores, _ = carry
+        worst_finished = jnp.min(fin_scores, axis=1)  # [B]; NEG_INF until K have finished
+        done = worst_finished >= best_live_possible(live_logp)
+        return (step < max_len) & ~jnp.all(done)
+
+    def body(carry):
+        step, live_seqs, live_logp, last, cache, fin_scores, fin_seqs = carry
+        logits, cache = tokens_to_logits(last[:, None], cache)  # [B*K, V]
+        _check_logits(logits, B * K)
+        vocab = logits.shape[-1]
+        logprobs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+        logprobs = _force_eos(logprobs, step, jnp.repeat(max_lengths, K), eos_id)
+        cand = (live_logp[:, :, None] + logprobs.reshape(B, K, vocab)).reshape(B, K * vocab)
+        top_logp, top_idx = lax.top_k(cand, min(2 * K, K * vocab))  # [B, 2K]
+        top_beam, top_token = top_idx // vocab, (top_idx % vocab).astype(jnp.int32)
+        top_seqs = jnp.take_along_axis(live_seqs, top_beam[:, :, None], axis=1)  # [B, 2K, L]
+        top_seqs = lax.dynamic_update_slice(
+            top_seqs, top_token[:, :, None], (0, 0, step))
+        is_eos = top_token == eos_id  # [B, 2K]
+
+        # Finished: merge the K old ones with the new EOS candidates, keep the best K.
+        new_scores = jnp.where(is_eos, top_logp / length_penalty(step + 1, alpha), NEG_INF)
+        all_scores = jnp.concatenate([fin_scores, new_scores], axis=1)  # [B, 3K]
+        all_seqs = jnp.concatenate([fin_seqs, top_seqs], axis=1)  # [B, 3K, L]
+        fin_scores, keep = lax.top_k(all_scores, K)
+        fin_seqs = jnp.take_along_axis(all_seqs, keep[:, :, None], axis=1)
+
+        # Live: the best K candidates that did not end.
+        live_logp, keep = lax.top_k(jnp.where(is_eos, NEG_INF, top_logp), K)  # [B, K]
+        live_seqs = jnp.take_along_axis(top_seqs, keep[:, :, None], axis=1)
+        beams = jnp.take_along_axis(top_beam, keep, axis=1)  # [B, K] rows to follow
+        cache = gather_beams(cache, beams, B, K)
+        last = jnp.take_along_axis(top_token, keep, axis=1).reshape(B * K)
+        return step + 1, live_seqs, live_logp, last, cache, fin_scores, fin_seqs
+
+    live_logp = jnp.tile(jnp.array([0.0] + [NEG_INF] * (K - 1), jnp.float32), (B, 1))
+    seqs = jnp.full((B, K, max_len), pad_id, jnp.int32)
+    carry = (jnp.int32(0), seqs, live_logp, first, cache,
+             jnp.full((B, K), NEG_INF, jnp.float32), seqs)
+    _, live_seqs, live_logp, _, _, fin_scores, fin_seqs = lax.while_loop(cond, body, carry)
+    # With forced EOS at max length every example finishes; live beams are a safety net.
+    any_finished = (fin_scores[:, :1] > NEG_INF / 2)[:, :, None]  # [B, 1, 1]
+    sequences = jnp.where(any_finished, fin_seqs, live_seqs)
+    scores = jnp.where(any_finished[:, :, 0], fin_scores,
+                       live_logp / length_penalty(max_lengths, alpha)[:, None])
+    return sequences, scores

@@ -1,0 +1,216 @@
+"""Pure training and evaluation steps over ``(graphdef, params)`` from ``nnx.split``.
+
+The model object never enters the compiled functions: ``ModelDef`` holds the static graph
+definition (and any non-parameter state) and ``params`` is a plain nested dict of arrays.
+``train_step(state, batch, rng) -> (state, metrics)`` is written once, per device: when
+``axis_name`` is given it sums gradients and counts over that axis, so the same function runs
+under ``jax.jit`` (one device), ``jax.pmap`` and ``jax.shard_map`` (see ``parallel.py``).
+
+Loss normalisation: every device computes the *sum* of its token losses; sums of loss,
+gradient and target-token count are added over devices, and the gradient is divided by the
+global token count. One device and eight devices therefore see the same numbers (up to the
+order of float additions).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from transformer_jax.nn import shift_right
+from transformer_jax.ops import cross_entropy, token_accuracy
+
+__all__ = [
+    "ModelDef",
+    "TrainState",
+    "create_train_state",
+    "eval_step",
+    "forward",
+    "split_model",
+    "train_step",
+]
+
+Batch = dict[str, jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelDef:
+    """Static part of an ``nnx`` model: its graph definition and non-parameter state.
+
+    Hashable by identity, so it can be bound with ``functools.partial`` into jitted steps.
+    """
+
+    graphdef: Any
+    rest: Any  # nnx.State of non-Param variables (usually empty)
+
+    def merge(self, params):
+        """Rebuild the module from a params pytree (nested dict of arrays)."""
+        return nnx.merge(self.graphdef, params, self.rest)
+
+    __hash__ = object.__hash__
+    __eq__ = object.__eq__
+
+
+def split_model(model: nnx.Module) -> tuple[ModelDef, dict]:
+    """``model -> (ModelDef, params)`` with params as a plain nested dict of arrays."""
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    return ModelDef(graphdef, rest), nnx.to_pure_dict(params)
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything that changes during training, as one pytree.
+
+    Attributes:
+      step: int32 scalar, number of ``train_step`` calls done (micro-batches when gradients
+        are accumulated; optimizer updates are ``step // grad_accum_steps``).
+      params: nested dict of parameter arrays (float32 master weights).
+      opt_state: optax state for ``params``.
+    """
+
+    step: jax.Array
+    params: Any
+    opt_state: Any
+
+
+def create_train_state(params, tx: optax.GradientTransformation) -> TrainState:
+    """Fresh state at step 0."""
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+
+def forward(model_def: ModelDef, params, batch: Batch, dropout_rng=None) -> jax.Array:
+    """Teacher-forced logits ``[B, T, V]`` (float32) for a batch of (possibly packed) rows.
+
+    Decoder inputs are ``shift_right(targets, targets_segmentation)``.
+    """
+    model = model_def.merge(params)
+    tgt_segments = batch.get("targets_segmentation")
+    tgt_in = shift_right(batch["targets"], tgt_segments)  # [B, T]
+    logits = model(
+        batch["inputs"],
+        tgt_in,
+        src_segments=batch.get("inputs_segmentation"),
+        tgt_segments=tgt_segments,
+        src_positions=batch.get("inputs_position"),
+        tgt_positions=batch.get("targets_position"),
+        dropout_rng=dropout_rng,
+    )
+    return logits.astype(jnp.float32)
+
+
+def _sums(logits, batch: Batch, label_smoothing: float, pad_id: int) -> dict[str, jax.Array]:
+    """Per-device sums: smoothed loss, NLL, correct tokens, target and source tokens."""
+    targets = batch["targets"]  # [B, T]
+    weights = (targets != pad_id).astype(jnp.float32)  # [B, T]
+    loss_sum, weight_sum = cross_entropy(logits, targets, weights, label_smoothing)
+    if label_smoothing > 0:
+        nll_sum, _ = cross_entropy(logits, targets, weights, 0.0)
+    else:
+        nll_sum = loss_sum
+    correct_sum, _ = token_accuracy(logits, targets, weights)
+    src_tokens = jnp.sum((batch["inputs"] != pad_id).astype(jnp.float32))
+    return {
+        "loss_sum": loss_sum,
+        "nll_sum": nll_sum,
+        "correct_sum": correct_sum,
+        "weight_sum": weight_sum,
+        "src_tokens": src_tokens,
+    }
+
+
+def _psum(tree, axis_name):
+    return tree if axis_name is None else jax.lax.psum(tree, axis_name)
+
+
+def _ratio(num, den):
+    return num / jnp.maximum(den, 1.0)
+
+
+def train_step(
+    state: TrainState,
+    batch: Batch,
+    rng: jax.Array,
+    *,
+    model_def: ModelDef,
+    tx: optax.GradientTransformation,
+    schedule: Callable[[jax.Array], jax.Array],
+    label_smoothing: float = 0.0,
+    dropout: bool = True,
+    grad_accum_steps: int = 1,
+    pad_id: int = 0,
+    axis_name: str | None = None,
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One optimizer call on one (micro-)batch.
+
+    Args:
+      state: current :class:`TrainState` (donated by the compiled wrappers).
+      batch: int32 arrays ``inputs [B, S]``, ``targets [B, T]`` and optionally the
+        ``*_segmentation`` / ``*_position`` arrays of packed rows. ``B`` is the per-device
+        batch when ``axis_name`` is set.
+      rng: base PRNG key; dropout uses ``fold_in(rng, step)`` (and, across devices,
+        ``fold_in(., device_index)``), so a run is reproducible and resumable.
+      model_def, tx, schedule: static model definition, optimizer and its schedule.
+      label_smoothing: eps of the smoothed cross entropy.
+      dropout: False runs the model deterministically.
+      grad_accum_steps: k of ``optax.MultiSteps`` (only used to report the learning rate).
+      pad_id: id whose target positions carry no loss.
+      axis_name: mapped axis to sum over (``"data"``), or None on one device.
+
+    Returns:
+      ``(new_state, metrics)`` with float32 scalars ``loss`` (smoothed, per target token),
+      ``nll``, ``accuracy``, ``grad_norm`` (of the token-averaged gradient, before clipping),
+      ``learning_rate``, ``tokens`` (non-pad target tokens) and ``src_tokens``.
+    """
+    dropout_rng = None
+    if dropout:
+        dropout_rng = jax.random.fold_in(rng, state.step)
+        if axis_name is not None:
+            dropout_rng = jax.random.fold_in(dropout_rng, jax.lax.axis_index(axis_name))
+
+    def loss_fn(params):
+        logits = forward(model_def, params, batch, dropout_rng)  # [B, T, V]
+        sums = _sums(logits, batch, label_smoothing, pad_id)
+        return sums["loss_sum"], sums
+
+    grads, sums = jax.grad(loss_fn, has_aux=True)(state.params)
+    grads, sums = _psum((grads, sums), axis_name)
+    grads = jax.tree_util.tree_map(lambda g: g / jnp.maximum(sums["weight_sum"], 1.0), grads)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {
+        "loss": _ratio(sums["loss_sum"], sums["weight_sum"]),
+        "nll": _ratio(sums["nll_sum"], sums["weight_sum"]),
+        "accuracy": _ratio(sums["correct_sum"], sums["weight_sum"]),
+        "grad_norm": optax.global_norm(grads),
+        "learning_rate": jnp.asarray(schedule(state.step // grad_accum_steps), jnp.float32),
+        "tokens": sums["weight_sum"],
+        "src_tokens": sums["src_tokens"],
+    }
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+    return new_state, metrics
+
+
+def eval_step(
+    params,
+    batch: Batch,
+    *,
+    model_def: ModelDef,
+    label_smoothing: float = 0.0,
+    pad_id: int = 0,
+    axis_name: str | None = None,
+) -> dict[str, jax.Array]:
+    """Summed metrics of one evaluation batch (add them up, then divide by ``weight_sum``).
+
+    Returns:
+      float32 scalars ``loss_sum``, ``nll_sum``, ``correct_sum``, ``weight_sum``,
+      ``src_tokens`` (summed over ``axis_name`` when given).
+    """
+    logits = forward(model_def, params, batch, None)  # [B, T, V]
+    return _psum(_sums(logits, batch, label_smoothing, pad_id), axis_name)
