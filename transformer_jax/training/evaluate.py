@@ -20,64 +20,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from transformer_jax import data as data_lib
-from transformer_jax import decoding
-from transformer_jax.data.tokenizer import EOS_ID
+from transformer_jax.evaluation import corpus_scores, make_translate_fn
 from transformer_jax.training.parallel import DataParallel
 from transformer_jax.training.step import ModelDef, eval_step
 
 __all__ = ["Evaluator", "corpus_scores", "make_translate_fn"]
-
-
-def corpus_scores(hypotheses: list[str], references: list[str], names) -> dict[str, float]:
-    """sacrebleu corpus BLEU / chrF and exact-match rate (all 0-100) of aligned lists."""
-    import sacrebleu
-
-    if len(hypotheses) != len(references):
-        raise ValueError(
-            f"{len(hypotheses)} hypotheses but {len(references)} references; they must align."
-        )
-    out: dict[str, float] = {}
-    if not hypotheses:
-        return out
-    if "bleu" in names:
-        out["bleu"] = float(sacrebleu.corpus_bleu(hypotheses, [references]).score)
-    if "chrf" in names:
-        out["chrf"] = float(sacrebleu.corpus_chrf(hypotheses, [references]).score)
-    if "exact_match" in names:
-        same = sum(h.strip() == r.strip() for h, r in zip(hypotheses, references, strict=True))
-        out["exact_match"] = 100.0 * same / len(hypotheses)
-    return out
-
-
-def make_translate_fn(model_def: ModelDef, *, max_length: int, beam_size: int = 1,
-                      length_penalty: float = 0.6):
-    """Jitted ``translate(params, src_ids [B, S]) -> ids [B, max_length]`` (EOS-terminated).
-
-    Greedy search for ``beam_size == 1``, else the best beam of ``beam_search``.
-    """
-
-    def translate(params, src_ids):
-        model = model_def.merge(params)
-        batch = src_ids.shape[0]
-        encoded = model.encode(src_ids)  # [B, S, D]
-        cache = model.init_cache(batch, max_length, encoded=encoded, src_ids=src_ids)
-
-        def tokens_to_logits(ids, cache):  # ids [B', 1]
-            logits, cache = model.decode(None, None, ids, cache=cache)  # [B', 1, V]
-            return logits[:, 0, :], cache
-
-        if beam_size == 1:
-            out = decoding.greedy_search(
-                cache, tokens_to_logits, batch_size=batch, max_len=max_length, eos_id=EOS_ID
-            )
-        else:
-            out = decoding.beam_search(
-                cache, tokens_to_logits, batch_size=batch, beam_size=beam_size,
-                max_len=max_length, eos_id=EOS_ID, alpha=length_penalty,
-            )[0][:, 0]
-        return out
-
-    return jax.jit(translate)
 
 
 class Evaluator:

@@ -1,0 +1,410 @@
+"""Translate with a trained model, score translations and look at its attention.
+
+Scores (sacrebleu, never hand-written)::
+
+    corpus_scores(hyps, refs, ("bleu", "chrf", "exact_match"))   # {"bleu": 27.1, ...}, 0-100
+    bleu(hyps, refs), chrf(hyps, refs)
+
+Translation from a training work directory::
+
+    translator = Translator.from_workdir("runs/demo")            # newest checkpoint
+    translator = Translator.from_workdir("runs/demo", averaged=True)   # <workdir>/averaged
+    translator.translate(["one hundred and five", ""], beam_size=4, alpha=0.6)
+    # -> ["hundertfünf", ""]
+
+or from a model in memory: ``Translator(model, tokenizer)`` (``params=`` to use other
+weights). ``translate`` sorts the sentences by token length, decodes them in batches whose
+shapes come from a small fixed set (rows and source length rounded up to powers of two), so
+a long list compiles a handful of programs, and returns the outputs in input order. Empty
+(or blank) sentences give empty outputs; sentences longer than the model's source limit are
+cut (a warning on stderr counts them). Each output may be at most ``source length + 50``
+tokens long (the paper's limit), EOS included, and no longer than the decode buffer
+(the model's ``max_len``).
+
+Attention heatmaps::
+
+    maps = attention_maps(translator, "twenty one")          # translates first
+    maps["cross"]            # [L, N, T, S] decoder->encoder weights, per layer and head
+    maps["source_tokens"]    # S piece strings, the last is "</s>"
+    maps["target_tokens"]    # T piece strings, the last is "</s>"
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import sys
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from transformer_jax import decoding
+from transformer_jax.data.tokenizer import EOS_ID, PAD_ID, Tokenizer
+
+__all__ = [
+    "EXTRA_LENGTH",
+    "Translator",
+    "attention_maps",
+    "bleu",
+    "chrf",
+    "corpus_scores",
+    "make_translate_fn",
+]
+
+EXTRA_LENGTH = 50  # paper: "maximum output length to input length + 50"
+MIN_BUCKET = 8  # shortest padded source length
+
+
+# ------------------------------------------------------------------------------ scores
+def _check_aligned(hypotheses: Sequence[str], references: Sequence[str]) -> None:
+    if len(hypotheses) != len(references):
+        raise ValueError(
+            f"{len(hypotheses)} hypotheses but {len(references)} references; they must align "
+            "line by line."
+        )
+
+
+def bleu(hypotheses: Sequence[str], references: Sequence[str], *, lowercase: bool = False,
+         tokenize: str = "13a") -> float:
+    """sacrebleu corpus BLEU (0-100) of aligned hypothesis/reference lists (one reference)."""
+    import sacrebleu
+
+    _check_aligned(hypotheses, references)
+    return float(sacrebleu.corpus_bleu(list(hypotheses), [list(references)],
+                                       lowercase=lowercase, tokenize=tokenize).score)
+
+
+def chrf(hypotheses: Sequence[str], references: Sequence[str], *, word_order: int = 0) -> float:
+    """sacrebleu corpus chrF (0-100; ``word_order=2`` gives chrF++)."""
+    import sacrebleu
+
+    _check_aligned(hypotheses, references)
+    return float(sacrebleu.corpus_chrf(list(hypotheses), [list(references)],
+                                       word_order=word_order).score)
+
+
+def corpus_scores(hypotheses: Sequence[str], references: Sequence[str],
+                  names=("bleu", "chrf", "exact_match")) -> dict[str, float]:
+    """sacrebleu corpus BLEU / chrF and exact-match rate (all 0-100) of aligned lists.
+
+    ``names`` picks a subset of ("bleu", "chrf", "exact_match"); exact match compares
+    stripped strings. Empty lists give an empty dict.
+    """
+    _check_aligned(hypotheses, references)
+    out: dict[str, float] = {}
+    if not hypotheses:
+        return out
+    if "bleu" in names:
+        out["bleu"] = bleu(hypotheses, references)
+    if "chrf" in names:
+        out["chrf"] = chrf(hypotheses, references)
+    if "exact_match" in names:
+        same = sum(h.strip() == r.strip() for h, r in zip(hypotheses, references, strict=True))
+        out["exact_match"] = 100.0 * same / len(hypotheses)
+    return out
+
+
+# ------------------------------------------------------------------------------ decoding
+def make_translate_fn(model_def, *, max_length: int, beam_size: int = 1,
+                      length_penalty: float = 0.6, extra_length: int | None = None,
+                      pad_id: int = PAD_ID):
+    """Jitted ``translate(params, src_ids [B, S]) -> ids [B, max_length]`` (EOS-terminated).
+
+    Greedy search for ``beam_size == 1``, else the best beam of ``beam_search``.
+
+    Args:
+      model_def: ``training.ModelDef`` of an encoder-decoder ``Transformer``.
+      max_length: decode buffer length (output columns and cache length).
+      beam_size, length_penalty: search settings (paper: 4 and 0.6).
+      extra_length: when given, each example's output (EOS included) is capped at its
+        source length (non-pad tokens) plus ``extra_length`` (paper: 50), and at
+        ``max_length``; None caps every example at ``max_length`` only.
+      pad_id: source padding id.
+    """
+
+    def translate(params, src_ids):
+        model = model_def.merge(params)
+        batch = src_ids.shape[0]
+        encoded = model.encode(src_ids)  # [B, S, D]
+        cache = model.init_cache(batch, max_length, encoded=encoded, src_ids=src_ids)
+        max_lengths = None
+        if extra_length is not None:
+            max_lengths = jnp.sum(src_ids != pad_id, axis=1) + extra_length  # [B]
+
+        def tokens_to_logits(ids, cache):  # ids [B', 1]
+            logits, cache = model.decode(None, None, ids, cache=cache)  # [B', 1, V]
+            return logits[:, 0, :], cache
+
+        if beam_size == 1:
+            return decoding.greedy_search(
+                cache, tokens_to_logits, batch_size=batch, max_len=max_length, eos_id=EOS_ID,
+                max_lengths=max_lengths)
+        return decoding.beam_search(
+            cache, tokens_to_logits, batch_size=batch, beam_size=beam_size,
+            max_len=max_length, eos_id=EOS_ID, alpha=length_penalty, max_lengths=max_lengths,
+        )[0][:, 0]
+
+    return jax.jit(translate)
+
+
+def _bucket(length: int, cap: int, floor: int = MIN_BUCKET) -> int:
+    """Smallest power of two >= ``length`` (at least ``floor``), but at most ``cap``."""
+    return min(cap, max(floor, 1 << max(0, int(length) - 1).bit_length()))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _attention_weights(model_def, params, src_ids, tgt_in_ids):
+    """Teacher-forced weights ``{"encoder_self", "decoder_self", "decoder_cross"}``."""
+    _, weights = model_def.merge(params)(src_ids, tgt_in_ids, return_attention=True)
+    return weights
+
+
+def _tokenizer_for(workdir: str, meta: dict) -> Tokenizer:
+    """The workdir's SentencePiece model (or the one the checkpoint names), checked by hash."""
+    from transformer_jax.data.pipeline import TOKENIZER_FILE
+
+    ref = meta.get("tokenizer") or {}
+    path = os.path.join(workdir, TOKENIZER_FILE)
+    if not os.path.isfile(path) and ref.get("path"):
+        path = ref["path"]
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"no tokenizer model at {os.path.join(workdir, TOKENIZER_FILE)}; the work directory "
+            "must hold the tokenizer/spm.model written by training."
+        )
+    with open(path, "rb") as f:
+        proto = f.read()
+    if ref.get("sha256") and hashlib.sha256(proto).hexdigest() != ref["sha256"]:
+        raise ValueError(
+            f"the tokenizer at {path} is not the one this checkpoint was trained with (sha256 "
+            "differs); restore the run's original tokenizer/spm.model."
+        )
+    return Tokenizer(proto)
+
+
+class Translator:
+    """A model, its parameters and its tokenizer, ready to translate sentences.
+
+    Args:
+      model: an encoder-decoder ``nn.Transformer`` (concrete, or abstract from
+        ``nnx.eval_shape`` when ``params`` is given).
+      tokenizer: the ``Tokenizer`` the model was trained with.
+      params: parameter dict (``nnx.to_pure_dict`` layout); default: the model's own.
+      max_source_length: longest source in tokens, EOS included (default the model's
+        ``max_len``); longer sentences are cut to it.
+      max_decode_length: decode buffer, the longest output in tokens (default ``max_len``).
+      extra_length: outputs are capped at source length + this (paper: 50).
+    """
+
+    def __init__(self, model, tokenizer: Tokenizer, *, params=None,
+                 max_source_length: int | None = None, max_decode_length: int | None = None,
+                 extra_length: int = EXTRA_LENGTH):
+        from transformer_jax.training.step import split_model
+
+        self.config = model.config
+        self.model_def, own = split_model(model)
+        params = own if params is None else params
+        self.params = jax.device_put(params, jax.local_devices()[0])
+        self.tokenizer = tokenizer
+        if tokenizer.vocab_size > self.config.vocab_size:
+            raise ValueError(
+                f"the tokenizer has {tokenizer.vocab_size} pieces but the model only "
+                f"{self.config.vocab_size}; use the tokenizer the model was trained with."
+            )
+        self.max_source_length = int(max_source_length or self.config.max_len)
+        self.max_decode_length = int(max_decode_length or self.config.max_len)
+        if self.max_source_length < 2 or self.max_decode_length < 2:
+            raise ValueError("max_source_length and max_decode_length must be at least 2.")
+        self.extra_length = int(extra_length)
+        self.step: int | None = None  # checkpoint step when loaded from a workdir
+        self._fns: dict[tuple, object] = {}
+
+    @classmethod
+    def from_workdir(cls, workdir: str, *, step: int | None = None, averaged: bool = False,
+                     **kwargs) -> Translator:
+        """Load tokenizer, model config and params of a training work directory.
+
+        Args:
+          workdir: the run's ``--workdir``.
+          step: checkpoint step (default: the newest).
+          averaged: use ``<workdir>/averaged`` (checkpoint averaging) instead.
+          **kwargs: forwarded to the constructor (``max_source_length`` ...).
+
+        Raises:
+          FileNotFoundError: no such directory, checkpoint or tokenizer (with the path).
+        """
+        from flax import nnx
+
+        from transformer_jax.config import ModelConfig
+        from transformer_jax.nn import Transformer
+        from transformer_jax.training.checkpoint import AVERAGED_DIR, load_params, read_meta
+
+        workdir = os.path.abspath(workdir)
+        if not os.path.isdir(workdir):
+            raise FileNotFoundError(
+                f"no work directory at {workdir}; pass the --workdir of a training run."
+            )
+        meta = read_meta(os.path.join(workdir, AVERAGED_DIR) if averaged else workdir, step)
+        model_dict = (meta.get("config") or {}).get("model")
+        if not model_dict:
+            raise ValueError(f"the checkpoint in {workdir} has no model config in its metadata.")
+        config = ModelConfig.from_dict(dict(model_dict))
+        tokenizer = _tokenizer_for(workdir, meta)
+        params = load_params(workdir, meta["step"], averaged=averaged)
+        model = nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0)))
+        translator = cls(model, tokenizer, params=params, **kwargs)
+        translator.step = int(meta["step"])
+        return translator
+
+    # -------------------------------------------------------------------- encoding
+    def encode(self, sentences: Sequence[str]) -> tuple[list[list[int] | None], list[int]]:
+        """Source ids (EOS appended; None for blank sentences) and the 0-based indices of
+        sentences cut to ``max_source_length``."""
+        if isinstance(sentences, str):
+            raise TypeError("translate takes a list of sentences; wrap a single one in [].")
+        sentences = list(sentences)
+        for i, text in enumerate(sentences):
+            if not isinstance(text, str):
+                raise TypeError(f"sentence {i} is a {type(text).__name__}, not a str.")
+        keep = [i for i, text in enumerate(sentences) if text.strip()]
+        ids: list[list[int] | None] = [None] * len(sentences)
+        cut = []
+        for i, row in zip(keep, self.tokenizer.encode([sentences[i] for i in keep]), strict=True):
+            if len(row) + 1 > self.max_source_length:
+                row = row[: self.max_source_length - 1]
+                cut.append(i)
+            ids[i] = list(row) + [EOS_ID]
+        return ids, cut
+
+    def _warn_cut(self, cut: list[int]) -> None:
+        if not cut:
+            return
+        lines = ", ".join(str(i + 1) for i in cut[:5]) + (", ..." if len(cut) > 5 else "")
+        print(f"warning: {len(cut)} input line(s) longer than {self.max_source_length} tokens "
+              f"(EOS included) were truncated (line {lines}).", file=sys.stderr, flush=True)
+
+    def _fn(self, buffer: int, beam_size: int, alpha: float):
+        key = (buffer, beam_size, float(alpha))
+        if key not in self._fns:
+            self._fns[key] = make_translate_fn(
+                self.model_def, max_length=buffer, beam_size=beam_size, length_penalty=alpha,
+                extra_length=self.extra_length, pad_id=self.config.pad_id)
+        return self._fns[key]
+
+    # -------------------------------------------------------------------- translation
+    def translate_ids(self, rows: list[list[int]], *, beam_size: int = 4, alpha: float = 0.6,
+                      batch_size: int = 64) -> np.ndarray:
+        """Decode EOS-terminated source id lists as one padded batch -> ``[len(rows), L]``."""
+        n = len(rows)
+        width = _bucket(max(len(r) for r in rows), self.max_source_length)
+        height = max(n, _bucket(n, batch_size, floor=1))
+        src = np.full((height, width), self.config.pad_id, np.int32)  # [B, S]
+        src[:, 0] = EOS_ID  # filler rows hold a lone EOS
+        for i, row in enumerate(rows):
+            src[i, : len(row)] = row
+        buffer = min(width + self.extra_length, self.max_decode_length)
+        out = self._fn(buffer, beam_size, alpha)(self.params, jnp.asarray(src))
+        return np.asarray(out)[:n]
+
+    def translate(self, sentences: Sequence[str], *, beam_size: int = 4, alpha: float = 0.6,
+                  batch_size: int = 64) -> list[str]:
+        """Translations of ``sentences`` (same order and count; blank in -> "" out).
+
+        Args:
+          sentences: list of source strings.
+          beam_size: 1 is greedy search; the paper uses 4.
+          alpha: beam-search length penalty (paper: 0.6).
+          batch_size: most sentences decoded together.
+        """
+        if beam_size < 1 or batch_size < 1:
+            raise ValueError(f"beam_size={beam_size} and batch_size={batch_size} must be >= 1.")
+        ids, cut = self.encode(sentences)
+        self._warn_cut(cut)
+        outputs = [""] * len(ids)
+        order = sorted((i for i, row in enumerate(ids) if row is not None),
+                       key=lambda i: (len(ids[i]), i))
+        for start in range(0, len(order), batch_size):
+            chunk = order[start : start + batch_size]
+            out = self.translate_ids([ids[i] for i in chunk], beam_size=beam_size, alpha=alpha,
+                                     batch_size=batch_size)
+            for i, text in zip(chunk, self.tokenizer.decode(out), strict=True):
+                outputs[i] = text
+        return outputs
+
+    __call__ = translate
+
+    # -------------------------------------------------------------------- attention
+    def attention(self, source: str, target: str | None = None, *, beam_size: int = 1,
+                  alpha: float = 0.6) -> dict:
+        """See :func:`attention_maps`."""
+        if target is None:
+            target = self.translate([source], beam_size=beam_size, alpha=alpha)[0]
+        (src,), cut = self.encode([source])
+        self._warn_cut(cut)
+        src = src or [EOS_ID]  # a blank source is a lone EOS
+        tgt = self.tokenizer.encode_one(target)[: self.max_decode_length - 1] + [EOS_ID]
+        s_len, t_len = len(src), len(tgt)
+        src_ids = np.full((1, _bucket(s_len, self.max_source_length)), self.config.pad_id,
+                          np.int32)
+        tgt_in = np.full((1, _bucket(t_len, self.max_decode_length)), self.config.pad_id,
+                         np.int32)
+        src_ids[0, :s_len] = src
+        tgt_in[0, 1:t_len] = tgt[:-1]  # shift right: BOS (= pad id) first
+        weights = jax.device_get(_attention_weights(
+            self.model_def, self.params, jnp.asarray(src_ids), jnp.asarray(tgt_in)))
+        piece = self.tokenizer.id_to_piece
+        return {
+            "cross": np.asarray(weights["decoder_cross"][:, 0, :, :t_len, :s_len]),
+            "encoder_self": np.asarray(weights["encoder_self"][:, 0, :, :s_len, :s_len]),
+            "decoder_self": np.asarray(weights["decoder_self"][:, 0, :, :t_len, :t_len]),
+            "source_tokens": [piece(i) for i in src],
+            "target_tokens": [piece(i) for i in tgt],
+            "source_ids": list(src),
+            "target_ids": list(tgt),
+            "source": source,
+            "target": target,
+        }
+
+
+def attention_maps(model, *args, params=None, tokenizer: Tokenizer | None = None,
+                   beam_size: int = 1, alpha: float = 0.6) -> dict:
+    """Attention weights of one sentence pair, for alignment heatmaps.
+
+    Two call forms::
+
+        attention_maps(translator, source, target=None)
+        attention_maps(model, params, source, target=None, tokenizer=tokenizer)
+
+    ``model`` is an encoder-decoder ``nn.Transformer`` (``params`` may be None to use its
+    own weights). When ``target`` is None the source is translated first (greedy unless
+    ``beam_size > 1``). The pair runs through one teacher-forced forward pass; the source
+    and the target each end with EOS, so the rows of ``cross`` are the positions that
+    predict each target token.
+
+    Returns:
+      dict with
+        ``cross``: float32 ``[L, N, T, S]`` decoder-to-encoder weights per layer and head;
+          every row sums to 1 over the S source tokens (padding is cut off);
+        ``encoder_self``: ``[L, N, S, S]``; ``decoder_self``: ``[L, N, T, T]``;
+        ``source_tokens`` / ``target_tokens``: S / T SentencePiece pieces (str, the last
+          is "</s>") for axis labels; ``source_ids`` / ``target_ids``: the ids;
+        ``source`` / ``target``: the strings (``target`` is the translation when computed).
+    """
+    if isinstance(model, Translator):
+        translator, rest = model, args
+    else:
+        if args and not isinstance(args[0], str):
+            params, rest = args[0], args[1:]
+        else:
+            rest = args
+        if tokenizer is None:
+            raise ValueError("attention_maps(model, ...) needs tokenizer=; or pass a Translator.")
+        translator = Translator(model, tokenizer, params=params)
+    if not 1 <= len(rest) <= 2 or not all(isinstance(a, str | None) for a in rest):
+        raise TypeError("call attention_maps(translator, source, target=None) or "
+                        "attention_maps(model, params, source, target=None, tokenizer=...).")
+    source, target = rest[0], (rest[1] if len(rest) == 2 else None)
+    return translator.attention(source, target, beam_size=beam_size, alpha=alpha)
