@@ -83,6 +83,15 @@ def _force_eos(logits, step, max_lengths, eos_id: int) -> jax.Array:
     return jnp.where(last & not_eos, NEG_INF, logits)
 
 
+def _check_cache(cache, rows: int) -> None:
+    for path, leaf in jax.tree_util.tree_leaves_with_path(cache):
+        if jnp.ndim(leaf) > 0 and jnp.shape(leaf)[0] != rows:
+            raise ValueError(
+                f"cache leaf {jax.tree_util.keystr(path)} has shape {tuple(jnp.shape(leaf))}; "
+                f"every non-scalar cache leaf must lead with the batch size {rows}."
+            )
+
+
 def _check_logits(logits, rows: int) -> None:
     if logits.ndim != 2 or logits.shape[0] != rows:
         raise ValueError(
@@ -146,16 +155,18 @@ def greedy_search(cache, tokens_to_logits: TokensToLogits, *, batch_size: int, m
 
 def _filter_logits(logits, temperature: float, top_k: int, top_p: float) -> jax.Array:
     """Temperature, top-k and nucleus (top-p) filtering of ``logits [B, V]``."""
-    logits = logits / temperature
+    # Entries already masked (forced EOS) stay masked whatever the temperature.
+    logits = jnp.where(logits <= NEG_INF, NEG_INF, logits / temperature)
     vocab = logits.shape[-1]
     if 0 < top_k < vocab:
         kth = lax.top_k(logits, top_k)[0][:, -1:]  # [B, 1]
         logits = jnp.where(logits < kth, NEG_INF, logits)
     if top_p < 1.0:
         sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]  # [B, V] descending
-        cum = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
-        # keep the smallest prefix whose mass reaches top_p (always at least one token)
-        keep = (cum - jax.nn.softmax(sorted_logits, axis=-1)) < top_p  # [B, V]
+        probs = jax.nn.softmax(sorted_logits, axis=-1)  # [B, V]
+        # keep the smallest prefix whose mass reaches top_p: every token whose predecessors
+        # hold less than top_p (the most likely token always survives)
+        keep = (jnp.cumsum(probs, axis=-1) - probs) < top_p  # [B, V]
         cutoff = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
         logits = jnp.where(logits < cutoff, NEG_INF, logits)
     return logits
@@ -223,38 +234,47 @@ def beam_search(cache, tokens_to_logits: TokensToLogits, *, batch_size: int, bea
     """Beam search with the GNMT length penalty (paper: beam 4, alpha 0.6).
 
     A finished hypothesis of ``n`` tokens (EOS included) with log-probability ``logp`` scores
-    ``logp / ((5 + n) / 6) ** alpha``. Each step expands the ``K`` live beams to their
-    ``2K`` best continuations; those ending in EOS join the finished set (best ``K`` kept),
-    the best ``K`` others stay live and the cache rows are reordered to follow them. An
-    example is done when it has ``K`` finished hypotheses and no live beam can still beat the
-    worst of them (for ``alpha >= 0`` the best a live beam can reach is its log-probability
-    divided by the penalty at its maximum length).
+    ``logp / ((5 + n) / 6) ** alpha``. Each step ranks the ``K * V`` continuations of the
+    ``K`` live beams by log-probability and takes the best ``2K``: those ending in EOS *and
+    ranked among the best K* join the finished set (best ``K`` kept, as fairseq and Hugging
+    Face do, so ``beam_size=1, alpha=0`` is exactly greedy search); the best ``K`` that do not
+    end stay live and the cache rows are reordered to follow them. An example is done when it
+    has ``K`` finished hypotheses and no live beam can still beat the worst of them (a live
+    beam's log-probability only falls, so its best reachable score is ``logp`` divided by the
+    largest penalty among the lengths it can still finish at).
 
     Args:
-      cache: decoding cache for ``batch_size`` rows; expanded to ``batch_size * beam_size``
-        rows here, so ``tokens_to_logits`` sees ``[B * K, 1]`` ids.
+      cache: decoding cache for ``batch_size`` rows (every non-scalar leaf leads with B);
+        expanded to ``batch_size * beam_size`` rows here, so ``tokens_to_logits`` sees
+        ``[B * K, 1]`` ids, beam ``k`` of example ``b`` in row ``b * K + k``.
       tokens_to_logits: ``(ids [B*K, 1], cache) -> (logits [B*K, V], cache)``.
       batch_size, beam_size, max_len: B, K and the output length.
       alpha: length-penalty exponent (0 = plain log-probability).
       eos_id, bos_id, pad_id, max_lengths, start_ids: as in :func:`greedy_search`.
 
     Returns:
-      ``(sequences [B, K, max_len] int32, scores [B, K] float32)``, best first.
+      ``(sequences [B, K, max_len] int32, scores [B, K] float32)``, best first. Sequences are
+      tokens, EOS, then ``pad_id``. Slots that no hypothesis could fill (a vocabulary too
+      small for ``K`` distinct hypotheses) score ``NEG_INF`` or below.
     """
     if beam_size < 1:
         raise ValueError(f"beam_size must be >= 1; got {beam_size}.")
     B, K = batch_size, beam_size
+    _check_cache(cache, B)
     max_lengths = _max_lengths(max_lengths, B, max_len)
     first = jnp.repeat(_start_ids(start_ids, B, bos_id), K)  # [B*K]
     cache = expand_for_beam(cache, K)
 
-    def best_live_possible(live_logp):  # [B]
-        return live_logp[:, 0] / length_penalty(max_lengths, alpha)
+    def best_live_possible(step, live_logp):  # [B]
+        # finishing lengths still open: step + 1 .. max_lengths; the penalty is largest at
+        # the longest for alpha >= 0 and at the shortest for alpha < 0
+        length = max_lengths if alpha >= 0 else step + 1
+        return live_logp[:, 0] / length_penalty(length, alpha)
 
     def cond(carry):
         step, _, live_logp, _, _, fin_scores, _ = carry
         worst_finished = jnp.min(fin_scores, axis=1)  # [B]; NEG_INF until K have finished
-        done = worst_finished >= best_live_possible(live_logp)
+        done = worst_finished >= best_live_possible(step, live_logp)
         return (step < max_len) & ~jnp.all(done)
 
     def body(carry):
@@ -265,23 +285,26 @@ def beam_search(cache, tokens_to_logits: TokensToLogits, *, batch_size: int, bea
         logprobs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
         logprobs = _force_eos(logprobs, step, jnp.repeat(max_lengths, K), eos_id)
         cand = (live_logp[:, :, None] + logprobs.reshape(B, K, vocab)).reshape(B, K * vocab)
-        top_logp, top_idx = lax.top_k(cand, min(2 * K, K * vocab))  # [B, 2K]
+        top_logp, top_idx = lax.top_k(cand, min(2 * K, K * vocab))  # [B, 2K] descending
         top_beam, top_token = top_idx // vocab, (top_idx % vocab).astype(jnp.int32)
         top_seqs = jnp.take_along_axis(live_seqs, top_beam[:, :, None], axis=1)  # [B, 2K, L]
-        top_seqs = lax.dynamic_update_slice(
-            top_seqs, top_token[:, :, None], (0, 0, step))
-        is_eos = top_token == eos_id  # [B, 2K]
+        top_seqs = lax.dynamic_update_slice(top_seqs, top_token[:, :, None], (0, 0, step))
+        # Candidates built on a masked (impossible) beam or token are never kept.
+        possible = top_logp > NEG_INF / 2  # [B, 2K]
+        is_eos = top_token == eos_id
+        in_top_k = jnp.arange(top_logp.shape[1]) < K  # [2K]
 
         # Finished: merge the K old ones with the new EOS candidates, keep the best K.
-        new_scores = jnp.where(is_eos, top_logp / length_penalty(step + 1, alpha), NEG_INF)
+        finishes = is_eos & possible & in_top_k
+        new_scores = jnp.where(finishes, top_logp / length_penalty(step + 1, alpha), NEG_INF)
         all_scores = jnp.concatenate([fin_scores, new_scores], axis=1)  # [B, 3K]
         all_seqs = jnp.concatenate([fin_seqs, top_seqs], axis=1)  # [B, 3K, L]
         fin_scores, keep = lax.top_k(all_scores, K)
         fin_seqs = jnp.take_along_axis(all_seqs, keep[:, :, None], axis=1)
 
         # Live: the best K candidates that did not end.
-        live_logp, keep = lax.top_k(jnp.where(is_eos, NEG_INF, top_logp), K)  # [B, K]
-        live_seqs = jnp.take_along_axis(top_seqs, keep[:, :, None], axis=1)
+        live_logp, keep = lax.top_k(jnp.where(is_eos | ~possible, NEG_INF, top_logp), K)
+        live_seqs = jnp.take_along_axis(top_seqs, keep[:, :, None], axis=1)  # [B, K, L]
         beams = jnp.take_along_axis(top_beam, keep, axis=1)  # [B, K] rows to follow
         cache = gather_beams(cache, beams, B, K)
         last = jnp.take_along_axis(top_token, keep, axis=1).reshape(B * K)
@@ -292,7 +315,8 @@ def beam_search(cache, tokens_to_logits: TokensToLogits, *, batch_size: int, bea
     carry = (jnp.int32(0), seqs, live_logp, first, cache,
              jnp.full((B, K), NEG_INF, jnp.float32), seqs)
     _, live_seqs, live_logp, _, _, fin_scores, fin_seqs = lax.while_loop(cond, body, carry)
-    # With forced EOS at max length every example finishes; live beams are a safety net.
+    # With forced EOS at max length every example finishes; live beams are a safety net
+    # (e.g. an eos_id the model never emits).
     any_finished = (fin_scores[:, :1] > NEG_INF / 2)[:, :, None]  # [B, 1, 1]
     sequences = jnp.where(any_finished, fin_seqs, live_seqs)
     scores = jnp.where(any_finished[:, :, 0], fin_scores,
