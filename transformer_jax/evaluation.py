@@ -113,7 +113,8 @@ def make_translate_fn(model_def, *, max_length: int, beam_size: int = 1,
                       pad_id: int = PAD_ID):
     """Jitted ``translate(params, src_ids [B, S]) -> ids [B, max_length]`` (EOS-terminated).
 
-    Greedy search for ``beam_size == 1``, else the best beam of ``beam_search``.
+    Greedy search for ``beam_size == 1``, else the best beam of ``beam_search``. Models of
+    the same architecture (equal ``graphdef``) share the compiled programs.
 
     Args:
       model_def: ``training.ModelDef`` of an encoder-decoder ``Transformer``.
@@ -124,9 +125,18 @@ def make_translate_fn(model_def, *, max_length: int, beam_size: int = 1,
         ``max_length``; None caps every example at ``max_length`` only.
       pad_id: source padding id.
     """
+    program = _translate_program(model_def.graphdef, int(max_length), int(beam_size),
+                                 float(length_penalty), extra_length, int(pad_id))
+    rest = model_def.rest
+    return lambda params, src_ids: program(params, rest, src_ids)
 
-    def translate(params, src_ids):
-        model = model_def.merge(params)
+
+@functools.lru_cache(maxsize=64)
+def _translate_program(graphdef, max_length, beam_size, length_penalty, extra_length, pad_id):
+    from flax import nnx
+
+    def translate(params, rest, src_ids):
+        model = nnx.merge(graphdef, params, rest)
         batch = src_ids.shape[0]
         encoded = model.encode(src_ids)  # [B, S, D]
         cache = model.init_cache(batch, max_length, encoded=encoded, src_ids=src_ids)
@@ -156,10 +166,12 @@ def _bucket(length: int, cap: int, floor: int = MIN_BUCKET) -> int:
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _attention_weights(model_def, params, src_ids, tgt_in_ids):
+def _attention_weights(graphdef, params, rest, src_ids, tgt_in_ids):
     """Teacher-forced weights ``{"encoder_self", "decoder_self", "decoder_cross"}``."""
-    _, weights = model_def.merge(params)(src_ids, tgt_in_ids, return_attention=True)
-    return weights
+    from flax import nnx
+
+    model = nnx.merge(graphdef, params, rest)
+    return model(src_ids, tgt_in_ids, return_attention=True)[1]
 
 
 def _tokenizer_for(workdir: str, meta: dict) -> Tokenizer:
@@ -287,7 +299,7 @@ class Translator:
               f"(EOS included) were truncated (line {lines}).", file=sys.stderr, flush=True)
 
     def _fn(self, buffer: int, beam_size: int, alpha: float):
-        key = (buffer, beam_size, float(alpha))
+        key = (buffer, beam_size, float(alpha), self.extra_length)
         if key not in self._fns:
             self._fns[key] = make_translate_fn(
                 self.model_def, max_length=buffer, beam_size=beam_size, length_penalty=alpha,
@@ -354,7 +366,8 @@ class Translator:
         src_ids[0, :s_len] = src
         tgt_in[0, 1:t_len] = tgt[:-1]  # shift right: BOS (= pad id) first
         weights = jax.device_get(_attention_weights(
-            self.model_def, self.params, jnp.asarray(src_ids), jnp.asarray(tgt_in)))
+            self.model_def.graphdef, self.params, self.model_def.rest, jnp.asarray(src_ids),
+            jnp.asarray(tgt_in)))
         piece = self.tokenizer.id_to_piece
         return {
             "cross": np.asarray(weights["decoder_cross"][:, 0, :, :t_len, :s_len]),
