@@ -8,16 +8,31 @@ Exit codes: 0 done (or interrupted and saved), 1 training diverged (NaN/inf loss
 2 a problem with the config, the data or the work directory (one-line message on stderr).
 """
 
+import logging as std_logging
 import os
 import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+_FLAG_ERRORS = (flags.Error, AttributeError, KeyError, TypeError, ValueError)
+
+
+def _flag_error(err: Exception):
+    """A --config.* override that cannot be applied: one line on stderr, exit code 2."""
+    from transformer_jax.training.errors import override_error
+
+    print(f"error: {override_error(sys.argv, err)}", file=sys.stderr)
+    sys.exit(2)
+
+
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "default.py")
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", _DEFAULT_CONFIG, "Training config file (a python file with get_config()).",
-    lock_config=True)
+try:  # overrides of the default config file are applied here, at definition
+    _CONFIG = config_flags.DEFINE_config_file(
+        "config", _DEFAULT_CONFIG, "Training config file (a python file with get_config()).",
+        lock_config=True)
+except _FLAG_ERRORS as _err:
+    _flag_error(_err)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and outputs.")
 
 
@@ -29,6 +44,7 @@ def main(argv):
               file=sys.stderr)
         return 2
     logging.set_verbosity(logging.WARNING)
+    std_logging.getLogger("absl").setLevel(std_logging.ERROR)  # TFDS/orbax chatter, not ours
     from transformer_jax.training import TrainingDivergedError, train_and_evaluate
 
     try:
@@ -36,8 +52,8 @@ def main(argv):
     except TrainingDivergedError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    except (ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
+    except (ValueError, OSError) as err:
+        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
     if summary.get("interrupted"):
         print(f"interrupted at step {summary['step']}; checkpoint saved in {_WORKDIR.value}")
@@ -58,5 +74,13 @@ def _describe(summary: dict) -> str:
     return "; ".join(parts)
 
 
+def _parse_flags(argv):
+    """absl's parsing, but a bad --config.* override is one line on stderr and exit code 2."""
+    try:
+        return flags.FLAGS(argv)
+    except _FLAG_ERRORS as err:
+        _flag_error(err)
+
+
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=_parse_flags)

@@ -9,15 +9,22 @@ Layout of a work directory::
                               /data        JSON: state of the training data iterator
   <workdir>/averaged/<step>/params, meta   params-only checkpoint from ``average``
 
-Writes go through orbax's temporary directory + rename, so a crash never leaves a
-half-written step behind; nothing is pickled. Saves are asynchronous: call ``wait()`` (or
-``close()``) before relying on the files.
+Writes go through orbax's temporary directory (``<step>.orbax-checkpoint-tmp``) + rename, so
+a crash never leaves a half-written ``<step>`` behind; nothing is pickled. Saves are
+asynchronous: call ``wait()`` (or ``close()``) before relying on the files.
+
+Resuming (:meth:`Checkpointer.restore_latest`) uses the newest checkpoint that can be read:
+temporary directories left by an interrupted save are removed, and a damaged step (a file
+truncated or deleted after the fact) is moved to ``<workdir>/corrupt_checkpoints/<step>``;
+each with a one-line warning.
 """
 
 from __future__ import annotations
 
 import base64
+import logging
 import os
+import shutil
 from collections.abc import Mapping
 from typing import Any
 
@@ -43,6 +50,10 @@ __all__ = [
 
 CHECKPOINT_DIR = "checkpoints"
 AVERAGED_DIR = "averaged"
+CORRUPT_DIR = "corrupt_checkpoints"
+INCOMPLETE_MARK = ".orbax-checkpoint-tmp"  # orbax's name for a save still in progress
+
+log = logging.getLogger(__name__)
 
 # Model fields that change parameter shapes or their meaning.
 ARCHITECTURE_KEYS = (
@@ -160,7 +171,77 @@ class Checkpointer:
     def __init__(self, workdir: str, *, keep: int | None = None, async_save: bool = True):
         self.workdir = os.path.abspath(workdir)
         self.directory = os.path.join(self.workdir, CHECKPOINT_DIR)
-        self._manager = _manager(self.directory, keep=keep, async_save=async_save)
+        self._remove_incomplete()
+        self._options = {"keep": keep, "async_save": async_save}
+        self._manager = _manager(self.directory, **self._options)
+
+    def _remove_incomplete(self) -> None:
+        """Delete temporary directories of saves that a crash interrupted."""
+        if jax.process_index() != 0 or not os.path.isdir(self.directory):
+            return
+        for name in sorted(os.listdir(self.directory)):
+            if INCOMPLETE_MARK in name:
+                log.warning("removing incomplete checkpoint %s (its save was interrupted)",
+                            os.path.join(self.directory, name))
+                shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
+
+    def latest_meta(self) -> tuple[int, dict] | None:
+        """``(step, meta)`` of the newest checkpoint whose metadata can be read, or None."""
+        for step in sorted(self.all_steps(), reverse=True):
+            try:
+                return step, read_meta(self.directory, step)
+            except Exception:  # noqa: BLE001 - damaged; restore_latest reports it
+                continue
+        return None
+
+    def restore_latest(self, template_state, *, config: Mapping | None = None):
+        """Restore the newest readable checkpoint (see :meth:`restore`); None when there is none.
+
+        A checkpoint that cannot be read while an older one can is moved to
+        ``<workdir>/corrupt_checkpoints`` with a one-line warning. A config mismatch is never
+        skipped: it raises :class:`CheckpointMismatchError`. When no checkpoint can be read,
+        the newest one's error is raised as a one-line ``CheckpointMismatchError``.
+        """
+        failed: list[tuple[int, Exception]] = []
+        for step in sorted(self.all_steps(), reverse=True):
+            try:
+                meta = read_meta(self.directory, step)
+            except Exception as err:  # noqa: BLE001 - any damage makes the step unusable
+                failed.append((step, err))
+                continue
+            if config is not None:
+                check_compatible(meta.get("config", {}), config, self.workdir)
+            try:
+                restored = self.restore(template_state, step)
+            except Exception as err:  # noqa: BLE001
+                failed.append((step, err))
+                continue
+            for bad, err in failed:
+                self._set_aside(bad, err, step)
+            if failed:
+                self._manager.close()
+                self._manager = _manager(self.directory, **self._options)
+            return restored
+        if failed:
+            step, err = failed[0]
+            if isinstance(err, CheckpointMismatchError):
+                raise err
+            raise CheckpointMismatchError(
+                f"no checkpoint in {self.directory} can be read (step {step}: {_one_line(err)});"
+                " move the damaged step directories away or use a fresh --workdir."
+            )
+        return None
+
+    def _set_aside(self, step: int, err: Exception, resume_step: int) -> None:
+        src = os.path.join(self.directory, str(step))
+        dst = os.path.join(self.workdir, CORRUPT_DIR, str(step))
+        if jax.process_index() == 0:
+            os.makedirs(os.path.dirname(dst), exist_ok=True)
+            while os.path.exists(dst):
+                dst += "_"
+            os.replace(src, dst)
+        log.warning("checkpoint step %d cannot be read (%s); moved it to %s and resuming from "
+                    "step %d", step, _one_line(err), dst, resume_step)
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
@@ -219,7 +300,7 @@ class Checkpointer:
         except (ValueError, KeyError, TypeError) as err:
             raise CheckpointMismatchError(
                 f"checkpoint step {step} in {self.workdir} does not match the model or optimizer "
-                f"of this config ({str(err).strip().splitlines()[0]}); use a fresh --workdir or "
+                f"of this config ({_one_line(err)}); use a fresh --workdir or "
                 "the matching config."
             ) from err
         state = template_state.replace(
@@ -241,6 +322,11 @@ class Checkpointer:
     def close(self) -> None:
         self._manager.wait_until_finished()
         self._manager.close()
+
+
+def _one_line(err: Exception, limit: int = 160) -> str:
+    text = " ".join(str(err).split()) or type(err).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def read_meta(path: str, step: int | None = None) -> dict:
@@ -265,15 +351,19 @@ def read_meta(path: str, step: int | None = None) -> dict:
 
 
 # --------------------------------------------------------------------------- params only
-def abstract_params(model_config: Mapping) -> dict:
-    """Params pytree of ``ShapeDtypeStruct`` for a model config dict (nothing allocated)."""
+def abstract_params(model_config: Mapping, model_kind: str = "encoder_decoder") -> dict:
+    """Params pytree of ``ShapeDtypeStruct`` for a model config dict (nothing allocated).
+
+    ``model_kind``: "encoder_decoder" (``Transformer``) or "decoder_only" (``DecoderOnlyLM``).
+    """
     from flax import nnx
 
     from transformer_jax.config import ModelConfig
-    from transformer_jax.nn import Transformer
+    from transformer_jax.nn import DecoderOnlyLM, Transformer
 
     cfg = ModelConfig.from_dict(dict(model_config))
-    model = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
+    model_cls = DecoderOnlyLM if model_kind == "decoder_only" else Transformer
+    model = nnx.eval_shape(lambda: model_cls(cfg, rngs=nnx.Rngs(0)))
     return nnx.to_pure_dict(nnx.state(model, nnx.Param))
 
 
@@ -302,7 +392,8 @@ def load_params(workdir: str, step: int | None = None, *, model_config: Mapping 
         check_compatible(saved, {"model": dict(model_config)}, os.path.abspath(workdir))
     if "model" not in saved:
         raise ValueError(f"checkpoint in {directory} has no model config in its metadata.")
-    abstract = _host_abstract(abstract_params(saved["model"]))
+    kind = saved.get("model_kind", "encoder_decoder")
+    abstract = _host_abstract(abstract_params(saved["model"], kind))
     manager = _manager(directory, create=False)
     try:
         restored = manager.restore(

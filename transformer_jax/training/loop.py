@@ -18,6 +18,7 @@ import functools
 import logging
 import math
 import os
+import shutil
 import signal
 import threading
 import time
@@ -37,10 +38,9 @@ from transformer_jax.training.checkpoint import (
     Checkpointer,
     check_compatible,
     load_params,
-    read_meta,
 )
 from transformer_jax.training.defaults import parse_metrics, validate_config
-from transformer_jax.training.errors import ConfigError, TrainingDivergedError
+from transformer_jax.training.errors import ConfigError, TrainingDivergedError, WorkdirError
 from transformer_jax.training.optim import make_optimizer
 from transformer_jax.training.parallel import DataParallel
 from transformer_jax.training.step import create_train_state, split_model, train_step
@@ -82,6 +82,29 @@ def _model_config(config: ml_collections.ConfigDict, vocab_size: int) -> ModelCo
         return ModelConfig.from_dict(model)
     except ValueError as err:
         raise ConfigError(f"model config: {err}") from err
+
+
+def _make_workdir(workdir: str) -> bool:
+    """Create ``workdir`` and check that it takes a write; returns whether it was created."""
+    created = not os.path.isdir(workdir)
+    probe = os.path.join(workdir, f".write_check_{os.getpid()}")
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        with open(probe, "wb") as f:
+            f.write(b"\0" * 65536)
+            f.flush()
+            os.fsync(f.fileno())
+        os.remove(probe)
+    except OSError as err:
+        with contextlib.suppress(OSError):
+            os.remove(probe)
+        if created:
+            shutil.rmtree(workdir, ignore_errors=True)
+        raise WorkdirError(
+            f"cannot write to the work directory {workdir} ({err.strerror or err}); choose a "
+            "--workdir on a writable file system with free space."
+        ) from None
+    return created
 
 
 def _tokenizer_ref(prepared) -> dict:
@@ -160,16 +183,21 @@ def train_and_evaluate(config, workdir: str) -> dict:
     dp.check_batch_size(config.batch_size)
     eval_batch_size = config.eval_batch_size or config.batch_size
     dp.check_batch_size(eval_batch_size)
-    os.makedirs(workdir, exist_ok=True)
-
-    prepared = data_lib.prepare(config.data, workdir)
+    _model_config(config, config.data.vocab_size)  # model errors before anything is written
+    created = _make_workdir(workdir)
+    try:
+        prepared = data_lib.prepare(config.data, workdir)
+    except Exception:
+        if created and is_chief:  # bad data: leave no half-prepared work directory behind
+            shutil.rmtree(workdir, ignore_errors=True)
+        raise
     model_cfg = _model_config(config, prepared.vocab_size)
     config.model.vocab_size = model_cfg.vocab_size
     config_dict = config.to_dict()
     checkpointer = Checkpointer(workdir, keep=config.keep_checkpoints)
-    latest = checkpointer.latest_step()
+    latest = checkpointer.latest_meta()  # (step, meta) of the newest readable checkpoint
     if latest is not None:  # fail before touching anything if the run cannot continue
-        check_compatible(read_meta(workdir, latest).get("config", {}), config_dict, workdir)
+        check_compatible(latest[1].get("config", {}), config_dict, workdir)
     if is_chief:
         reporting.write_json(os.path.join(workdir, reporting.CONFIG_FILE), config_dict)
 
@@ -184,15 +212,18 @@ def train_and_evaluate(config, workdir: str) -> dict:
     rng = jax.random.fold_in(jax.random.key(config.seed), 1)  # dropout stream
     train_it = data_lib.train_iterator(prepared, config.batch_size, config.seed)
     tokenizer_ref = _tokenizer_ref(prepared)
-    if latest is not None:
-        restored = checkpointer.restore(state, latest, config=config_dict)
+    # The newest checkpoint that can be read; damaged newer ones are set aside with a warning.
+    restored = checkpointer.restore_latest(state, config=config_dict)
+    resumed_step = 0
+    if restored is not None:
         state, rng = restored["state"], restored["rng"]
         if restored["data_state"] is not None:
             train_it.set_state(restored["data_state"])
-        log.info("resuming from step %d", latest)
-        print(f"resuming from step {latest}", flush=True)
+        resumed_step = int(restored["meta"]["step"])
+        log.info("resuming from step %d", resumed_step)
+        print(f"resuming from step {resumed_step}", flush=True)
     micro = int(state.step)
-    history = reporting.History(workdir, latest if latest is not None else 0)
+    history = reporting.History(workdir, resumed_step)
     writer = reporting.MetricWriter(workdir, enabled=is_chief)
 
     per_device = functools.partial(

@@ -1,0 +1,77 @@
+"""A damaged newest checkpoint: the run resumes from the newest valid one with a one-line
+warning and ends bit-identical to an uninterrupted run; nothing readable left is an error."""
+
+import glob
+import os
+import shutil
+
+import pytest
+from reliability_helpers import (
+    STEPS,
+    assert_bit_identical,
+    checkpoint_entries,
+    error_line,
+    final_params,
+    run_train,
+)
+
+
+def _truncate_params(step_dir):
+    files = [f for f in glob.glob(os.path.join(step_dir, "params", "**", "*"), recursive=True)
+             if os.path.isfile(f) and "ocdbt" in f]
+    assert files
+    for f in files:
+        with open(f, "r+b") as fh:
+            fh.truncate(os.path.getsize(f) // 2)
+
+
+def _delete_params_data(step_dir):
+    data = os.path.join(step_dir, "params", "ocdbt.process_0")
+    assert os.path.isdir(data)
+    shutil.rmtree(data)
+
+
+def _leave_incomplete(step_dir):
+    """What a kill during orbax's asynchronous save leaves: a temporary directory."""
+    os.remove(os.path.join(step_dir, "commit_success.txt"))
+    os.rename(step_dir, step_dir + ".orbax-checkpoint-tmp")
+
+
+@pytest.mark.parametrize("damage", [_truncate_params, _delete_params_data, _leave_incomplete],
+                         ids=["truncated", "deleted", "incomplete"])
+def test_damaged_newest_checkpoint_falls_back(damage, data_dir, reference, reference_copy):
+    workdir = reference_copy
+    ckpt = os.path.join(workdir, "checkpoints")
+    assert sorted(int(e) for e in checkpoint_entries(workdir)) == [STEPS - 4, STEPS - 2, STEPS]
+    damage(os.path.join(ckpt, str(STEPS)))
+
+    proc = run_train(workdir, data_dir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"resuming from step {STEPS - 2}" in proc.stdout
+    warnings = [ln for ln in proc.stderr.splitlines() if f"{STEPS}" in ln and (
+        "cannot be read" in ln or "incomplete checkpoint" in ln)]
+    assert len(warnings) == 1, proc.stderr
+    if damage is _leave_incomplete:
+        assert f"removing incomplete checkpoint {ckpt}/{STEPS}.orbax-checkpoint-tmp" in warnings[0]
+    else:
+        moved = os.path.join(workdir, "corrupt_checkpoints", str(STEPS))
+        assert f"checkpoint step {STEPS} cannot be read (" in warnings[0]
+        assert warnings[0].endswith(f"moved it to {moved} and resuming from step {STEPS - 2}")
+        assert os.path.isdir(moved)
+    assert sorted(checkpoint_entries(workdir)) == sorted(
+        str(s) for s in (STEPS - 4, STEPS - 2, STEPS))
+    assert_bit_identical(final_params(workdir), reference[1])
+
+
+def test_no_readable_checkpoint_is_a_one_line_error(data_dir, reference_copy):
+    workdir = reference_copy
+    for entry in checkpoint_entries(workdir):
+        os.remove(os.path.join(workdir, "checkpoints", entry, "meta", "metadata"))
+    before = sorted(os.listdir(workdir))
+    proc = run_train(workdir, data_dir)
+    line = error_line(proc)
+    assert proc.returncode == 2
+    assert line.startswith(f"error: no checkpoint in {workdir}/checkpoints can be read (step "
+                           f"{STEPS}: ")
+    assert line.endswith("move the damaged step directories away or use a fresh --workdir.")
+    assert sorted(os.listdir(workdir)) == before  # nothing moved or deleted
