@@ -1,0 +1,83 @@
+"""Every configs/*.py loads and validates (no data, no training), and the paper recipes hold."""
+
+import glob
+import importlib.util
+import os
+
+import pytest
+
+from transformer_jax.config import ModelConfig, count_params
+from transformer_jax.training import validate_config
+from transformer_jax.training.optim import make_schedule
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+CONFIG_FILES = sorted(glob.glob(os.path.join(ROOT, "configs", "*.py")))
+
+
+def _load(name: str):
+    path = os.path.join(ROOT, "configs", name)
+    spec = importlib.util.spec_from_file_location(f"config_{name[:-3]}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return validate_config(module.get_config())
+
+
+def _model(config) -> ModelConfig:
+    model = config.model.to_dict()
+    model["vocab_size"] = config.data.vocab_size
+    return ModelConfig.from_dict(model)
+
+
+def test_the_expected_configs_exist():
+    names = {os.path.basename(p) for p in CONFIG_FILES}
+    assert {"default.py", "multi30k.py", "wmt14_ende_base.py", "wmt14_ende_big.py"} <= names
+
+
+@pytest.mark.parametrize("path", CONFIG_FILES, ids=os.path.basename)
+def test_config_loads_and_validates(path):
+    config = _load(os.path.basename(path))
+    assert config.num_train_steps > 0
+    assert config.batch_size > 0
+    _model(config)  # the model part builds a valid ModelConfig
+    if config.average_last > 1:
+        assert config.keep_checkpoints >= config.average_last
+
+
+def test_multi30k_config():
+    c = _load("multi30k.py")
+    d = c.data
+    assert (d.source, d.path) == ("text", "../shared/data/multi30k")
+    assert (d.source_lang, d.target_lang) == ("en", "de")
+    assert (d.train_split, d.eval_split, d.test_split) == ("train", "val", "test2016")
+    assert set(c.eval_metrics.split(",")) == {"bleu", "chrf"}
+    assert c.eval_beam_size == 4
+    params = count_params(_model(c))
+    assert 5e6 < params < 15e6, params  # small enough for an hour on 2 CPU cores
+
+
+@pytest.mark.parametrize("name, d_model, heads, d_ff, dropout, steps, average", [
+    ("wmt14_ende_base.py", 512, 8, 2048, 0.1, 100_000, 5),
+    ("wmt14_ende_big.py", 1024, 16, 4096, 0.3, 300_000, 20),
+])
+def test_wmt14_configs_follow_the_paper(name, d_model, heads, d_ff, dropout, steps, average):
+    c = _load(name)
+    m, o, d = c.model, c.optimizer, c.data
+    assert (m.d_model, m.num_heads, m.num_layers, m.d_ff) == (d_model, heads, 6, d_ff)
+    assert m.dropout_rate == dropout and not m.pre_norm and m.positional == "sinusoidal"
+    assert m.share_embeddings and m.tie_output
+    assert (d.source, d.tfds_name, d.source_lang, d.target_lang) == (
+        "tfds", "wmt14_translate/de-en", "en", "de")
+    assert (d.vocab_size, d.tokenizer_model_type) == (37_000, "bpe")
+    assert (o.name, o.b1, o.b2, o.eps) == ("adam", 0.9, 0.98, 1e-9)
+    assert (o.schedule, o.learning_rate, o.warmup_steps, o.label_smoothing) == (
+        "paper", 1.0, 4000, 0.1)
+    assert c.num_train_steps == steps and c.average_last == average
+    assert (c.eval_beam_size, c.eval_length_penalty) == (4, 0.6)
+    # ~25k source and ~25k target token slots per update.
+    slots = c.batch_size * o.grad_accum_steps * d.max_length
+    assert 23_000 <= slots <= 27_000, slots
+    # lr = D^-0.5 * min(step^-0.5, step * 4000^-1.5), step counted from 1
+    schedule = make_schedule(o, d_model=m.d_model, num_train_steps=c.num_train_steps)
+    for step in (1, 4000, 50_000):
+        want = d_model**-0.5 * min(step**-0.5, step * 4000**-1.5)
+        assert float(schedule(step - 1)) == pytest.approx(want, rel=1e-6)
