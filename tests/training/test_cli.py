@@ -1,0 +1,90 @@
+"""``python train.py``: overrides reach the saved config, bad keys fail in one line, reruns
+resume."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TINY = [  # seconds, not minutes: a tiny model, 300 training pairs, no decoding
+    "--config.num_train_steps=2", "--config.batch_size=8", "--config.log_every_steps=1",
+    "--config.checkpoint_every_steps=1", "--config.parallelism=none",
+    "--config.eval_metrics=", "--config.eval_num_sentences=0",
+    "--config.data.numbers_train_size=300", "--config.data.numbers_validation_size=16",
+    "--config.data.numbers_test_size=16", "--config.data.test_split=",
+    "--config.data.vocab_size=64", "--config.data.max_length=16",
+    "--config.model.d_model=32", "--config.model.num_heads=2", "--config.model.d_ff=64",
+    "--config.model.max_len=32",
+]
+
+
+def _train(*args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    return subprocess.run(
+        [sys.executable, os.path.join(ROOT, "train.py"), "--config",
+         os.path.join(ROOT, "configs", "default.py"), *args],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False)
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("cli") / "run")
+    args = ("--workdir", workdir, "--config.model.num_layers=1", *TINY)
+    return workdir, args, _train(*args)
+
+
+def test_overrides_end_up_in_the_saved_config(first_run):
+    workdir, _, proc = first_run
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "done: step 2" in proc.stdout
+    assert "resuming" not in proc.stdout
+    with open(os.path.join(workdir, "config.json")) as f:
+        saved = json.load(f)
+    assert saved["model"]["num_layers"] == 1  # the default config has 2
+    assert saved["model"]["d_model"] == 32 and saved["num_train_steps"] == 2
+    assert saved["eval_metrics"] == "" and saved["data"]["numbers_train_size"] == 300
+    assert saved["model"]["vocab_size"] == 64  # filled in from the tokenizer
+    with open(os.path.join(workdir, "summary.json")) as f:
+        assert json.load(f)["step"] == 2
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["1", "2"]
+
+
+def test_same_command_again_resumes(first_run):
+    workdir, args, proc = first_run
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ckpt = os.path.join(workdir, "checkpoints", "2")
+    stamp = os.stat(ckpt).st_mtime_ns
+    again = _train(*args)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resuming from step 2" in again.stdout
+    assert "done: step 2" in again.stdout
+    assert os.stat(ckpt).st_mtime_ns == stamp  # nothing retrained or rewritten
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["1", "2"]
+
+
+@pytest.mark.parametrize("flag, message", [
+    ("--config.model.bogus=3",
+     "error: unknown config key 'model.bogus'; the model keys are: attention_dropout_rate, "),
+    ("--config.bogus=3", "error: unknown config key 'bogus'; the top-level keys are: "),
+])
+def test_unknown_key_fails_in_one_line(tmp_path, flag, message):
+    workdir = tmp_path / "run"
+    proc = _train("--workdir", str(workdir), flag)
+    assert proc.returncode == 2
+    assert proc.stdout == ""
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr  # no traceback
+    assert lines[0].startswith(message)
+    assert "d_model" in lines[0] if "model" in flag else "num_train_steps" in lines[0]
+    assert not workdir.exists()
+
+
+def test_bad_value_fails_in_one_line(tmp_path):
+    proc = _train("--workdir", str(tmp_path / "run"), "--config.num_train_steps=many")
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    assert "num_train_steps" in lines[0]
