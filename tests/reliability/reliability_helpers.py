@@ -72,9 +72,10 @@ def train_cmd(workdir: str, data_dir: str, **overrides) -> list[str]:
     return [sys.executable, TRAIN, f"--workdir={workdir}", *config_args(data_dir, **overrides)]
 
 
-def run(cmd: list[str], *, devices: int = 1, timeout: float = 120, **kwargs):
-    """Run to completion; returns the CompletedProcess (text stdout/stderr)."""
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO,
+def run(cmd: list[str], *, devices: int = 1, timeout: float = 120, text: bool = True,
+        **kwargs):
+    """Run to completion; returns the CompletedProcess (text stdout/stderr by default)."""
+    return subprocess.run(cmd, capture_output=True, text=text, timeout=timeout, cwd=REPO,
                           env=subprocess_env(devices), check=False, **kwargs)
 
 

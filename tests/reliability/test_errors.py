@@ -3,6 +3,7 @@ and leaves nothing half-written behind: the exact message is part of the interfa
 
 import os
 import shlex
+import sys
 
 import pytest
 from reliability_helpers import error_line, run, run_train, train_cmd
@@ -166,3 +167,14 @@ def test_writes_fail_before_training(tmp_path, data_dir, reference):
                                 "space.")
     assert proc.returncode == 2
     assert not os.path.exists(workdir)
+
+
+def test_translate_invalid_utf8_input(reference):
+    """The translate command reads stdin as UTF-8 and names the first bad line."""
+    proc = run([sys.executable, "-m", "transformer_jax.translate", "--workdir", reference[0]],
+               input=b"one\n\ntwo \xc3\x28 three\nfour\n", text=False)
+    proc.stderr = proc.stderr.decode()
+    assert proc.stdout == b""
+    assert error_line(proc) == ("error: line 3 of the input is not valid UTF-8 (byte 0xc3 at "
+                                "column 5); convert it to UTF-8, e.g. with iconv -t UTF-8.")
+    assert proc.returncode == 1
