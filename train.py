@@ -46,8 +46,12 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
     std_logging.getLogger("absl").setLevel(std_logging.ERROR)  # TFDS/orbax chatter, not ours
     from transformer_jax.training import TrainingDivergedError, train_and_evaluate
+    from transformer_jax.training.distributed import initialize as initialize_distributed
 
     try:
+        # Multi-process jobs connect first (explicit distributed.* keys or the launcher's
+        # environment); a single process skips this.
+        initialize_distributed(_CONFIG.value.get("distributed"))
         summary = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
     except TrainingDivergedError as err:
         print(f"error: {err}", file=sys.stderr)

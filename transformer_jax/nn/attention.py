@@ -23,6 +23,7 @@ from flax import nnx
 from jax import lax
 
 from transformer_jax import ops
+from transformer_jax.nn.partitioning import logical_param
 
 __all__ = ["MultiHeadAttention"]
 
@@ -69,15 +70,17 @@ class MultiHeadAttention(nnx.Module):
         self.implementation, self.rope = implementation, rope
         self.dtype, self.param_dtype = jnp.dtype(dtype), jnp.dtype(param_dtype)
         n, h, d = num_heads, self.head_dim, d_model
-        self.query = nnx.Param(_qkv_init(rngs.params(), (d, n, h), self.param_dtype))
-        self.key = nnx.Param(_qkv_init(rngs.params(), (d, n, h), self.param_dtype))
-        self.value = nnx.Param(_qkv_init(rngs.params(), (d, n, h), self.param_dtype))
-        self.out = nnx.Param(_out_init(rngs.params(), (n, h, d), self.param_dtype))
+        qkv, heads = ("embed", "heads", "kv"), ("heads", "kv")  # logical axes, nn.partitioning
+        self.query = logical_param(_qkv_init(rngs.params(), (d, n, h), self.param_dtype), qkv)
+        self.key = logical_param(_qkv_init(rngs.params(), (d, n, h), self.param_dtype), qkv)
+        self.value = logical_param(_qkv_init(rngs.params(), (d, n, h), self.param_dtype), qkv)
+        self.out = logical_param(
+            _out_init(rngs.params(), (n, h, d), self.param_dtype), ("heads", "kv", "embed"))
         if use_bias:
-            self.query_bias = nnx.Param(jnp.zeros((n, h), self.param_dtype))
-            self.key_bias = nnx.Param(jnp.zeros((n, h), self.param_dtype))
-            self.value_bias = nnx.Param(jnp.zeros((n, h), self.param_dtype))
-            self.out_bias = nnx.Param(jnp.zeros((d,), self.param_dtype))
+            self.query_bias = logical_param(jnp.zeros((n, h), self.param_dtype), heads)
+            self.key_bias = logical_param(jnp.zeros((n, h), self.param_dtype), heads)
+            self.value_bias = logical_param(jnp.zeros((n, h), self.param_dtype), heads)
+            self.out_bias = logical_param(jnp.zeros((d,), self.param_dtype), ("embed",))
 
     # ------------------------------------------------------------------ parameters
 

@@ -16,6 +16,7 @@ from flax import nnx
 from transformer_jax import ops
 from transformer_jax.config import ModelConfig
 from transformer_jax.nn.layers import dropout
+from transformer_jax.nn.partitioning import logical_init
 
 __all__ = ["TokenEmbedding", "InputEmbedding", "OutputProjection"]
 
@@ -33,7 +34,8 @@ class TokenEmbedding(nnx.Module):
             config.d_model,
             dtype=config.compute_dtype,
             param_dtype=config.params_dtype,
-            embedding_init=jax.nn.initializers.normal(stddev=config.d_model**-0.5),
+            embedding_init=logical_init(
+                jax.nn.initializers.normal(stddev=config.d_model**-0.5), ("vocab", "embed")),
             rngs=rngs,
         )
 
@@ -97,7 +99,9 @@ class OutputProjection(nnx.Module):
                 use_bias=config.use_bias,
                 dtype=config.compute_dtype,
                 param_dtype=config.params_dtype,
-                kernel_init=jax.nn.initializers.xavier_uniform(),
+                kernel_init=logical_init(
+                    jax.nn.initializers.xavier_uniform(), ("embed", "vocab")),
+                bias_init=logical_init(nnx.initializers.zeros_init(), ("vocab",)),
                 rngs=rngs,
             )
 

@@ -20,6 +20,7 @@ from flax import nnx
 
 from transformer_jax.config import ModelConfig
 from transformer_jax.nn.attention import MultiHeadAttention
+from transformer_jax.nn.partitioning import logical_init
 
 __all__ = [
     "dropout",
@@ -76,12 +77,16 @@ class FeedForward(nnx.Module):
             use_bias=config.use_bias,
             dtype=config.compute_dtype,
             param_dtype=config.params_dtype,
-            kernel_init=_dense_init,
             rngs=rngs,
         )
+        zeros = nnx.initializers.zeros_init()
         self.dropout_rate = config.ff_dropout_rate
-        self.wi = nnx.Linear(config.d_model, config.d_ff, **kwargs)
-        self.wo = nnx.Linear(config.d_ff, config.d_model, **kwargs)
+        self.wi = nnx.Linear(config.d_model, config.d_ff,  # logical axes: nn.partitioning
+                             kernel_init=logical_init(_dense_init, ("embed", "mlp")),
+                             bias_init=logical_init(zeros, ("mlp",)), **kwargs)
+        self.wo = nnx.Linear(config.d_ff, config.d_model,
+                             kernel_init=logical_init(_dense_init, ("mlp", "embed")),
+                             bias_init=logical_init(zeros, ("embed",)), **kwargs)
 
     def __call__(self, x: jax.Array, *, dropout_rng=None) -> jax.Array:
         """``[B, T, D]`` -> ``[B, T, D]``."""

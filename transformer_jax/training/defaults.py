@@ -17,7 +17,10 @@ Top-level keys:
   eval_every_steps        evaluate every this many updates (0: only at the end)
   checkpoint_every_steps  save every this many updates (always at the end)
   keep_checkpoints        newest checkpoints kept on disk
-  parallelism             "auto" | "none" | "pmap" | "shard_map"
+  parallelism             "auto" | "none" | "pmap" | "shard_map" (data parallel) |
+                          "sharded" (jit over a data/fsdp/tensor mesh, see sharding.*)
+  model_kind              "encoder_decoder" (translation) | "decoder_only" (a language
+                          model of the target side; needs eval_metrics="")
   eval_metrics            comma-separated subset of "bleu,chrf,exact_match" ("" for none)
   eval_num_sentences      eval-split sentences decoded for those metrics (0: none)
   eval_beam_size          1: greedy decoding; > 1: beam search
@@ -28,6 +31,8 @@ Top-level keys:
                           the tokenizer)
   data.*                  transformer_jax.data default_data_config()
   optimizer.*             see transformer_jax.training.optim
+  distributed.*           multi-process start-up, see transformer_jax.training.distributed
+  sharding.*              mesh sizes and logical-axis rules, see transformer_jax.training.sharding
 """
 
 from __future__ import annotations
@@ -48,6 +53,7 @@ __all__ = [
 ]
 
 EVAL_METRICS = ("bleu", "chrf", "exact_match")
+MODEL_KINDS = ("encoder_decoder", "decoder_only")
 
 
 def default_optimizer_config() -> ml_collections.ConfigDict:
@@ -97,6 +103,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.checkpoint_every_steps = 500
     c.keep_checkpoints = 3
     c.parallelism = "auto"
+    c.model_kind = "encoder_decoder"
     c.eval_metrics = "bleu,chrf,exact_match"
     c.eval_num_sentences = 200
     c.eval_beam_size = 1
@@ -105,6 +112,11 @@ def default_config() -> ml_collections.ConfigDict:
     c.model = _model_defaults()
     c.data = default_data_config()
     c.optimizer = default_optimizer_config()
+    from transformer_jax.training.distributed import default_distributed_config
+    from transformer_jax.training.sharding import default_sharding_config
+
+    c.distributed = default_distributed_config()
+    c.sharding = default_sharding_config()
     return c
 
 
@@ -156,6 +168,24 @@ def _positive(cfg: dict, *keys: str, allow_zero: bool = False) -> None:
             raise ConfigError(f"{key}={value!r} must be {want}.")
 
 
+def _check_scale_keys(merged: dict) -> None:
+    """model_kind, distributed.* and sharding.*."""
+    from transformer_jax.training.distributed import check_distributed_config
+    from transformer_jax.training.sharding import check_sharding_config
+
+    if merged["model_kind"] not in MODEL_KINDS:
+        raise ConfigError(
+            f"model_kind={merged['model_kind']!r}; choose {' or '.join(MODEL_KINDS)}."
+        )
+    if merged["model_kind"] == "decoder_only" and parse_metrics(merged["eval_metrics"]):
+        raise ConfigError(
+            f"eval_metrics={merged['eval_metrics']!r} compares translations, which a "
+            "decoder-only language model does not produce; set eval_metrics=''."
+        )
+    check_distributed_config(merged["distributed"])
+    check_sharding_config(merged["sharding"])
+
+
 def validate_config(config) -> ml_collections.ConfigDict:
     """Fill missing keys with defaults, reject unknown keys and impossible values.
 
@@ -178,10 +208,11 @@ def validate_config(config) -> ml_collections.ConfigDict:
         )
     from transformer_jax.training.parallel import MODES
 
-    if merged["parallelism"] not in (*MODES, "auto"):
+    if merged["parallelism"] not in (*MODES, "sharded", "auto"):
         raise ConfigError(
-            f"parallelism={merged['parallelism']!r}; choose auto, {', '.join(MODES)}."
+            f"parallelism={merged['parallelism']!r}; choose auto, {', '.join(MODES)}, sharded."
         )
+    _check_scale_keys(merged)
     opt = merged["optimizer"]
     if not 0.0 <= opt["label_smoothing"] < 1.0:
         raise ConfigError(f"optimizer.label_smoothing={opt['label_smoothing']} must be in [0, 1).")

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from transformer_jax import data as data_lib
 from transformer_jax.config import ModelConfig
-from transformer_jax.nn import Transformer
+from transformer_jax.nn import DecoderOnlyLM, Transformer
 from transformer_jax.training import evaluate, reporting
 from transformer_jax.training.average import average_into_workdir
 from transformer_jax.training.checkpoint import (
@@ -40,9 +40,10 @@ from transformer_jax.training.checkpoint import (
     load_params,
 )
 from transformer_jax.training.defaults import parse_metrics, validate_config
+from transformer_jax.training.distributed import chief_first
 from transformer_jax.training.errors import ConfigError, TrainingDivergedError, WorkdirError
 from transformer_jax.training.optim import make_optimizer
-from transformer_jax.training.parallel import DataParallel
+from transformer_jax.training.sharding import Sharded, make_parallel
 from transformer_jax.training.step import create_train_state, split_model, train_step
 
 __all__ = ["train_and_evaluate"]
@@ -179,14 +180,14 @@ def train_and_evaluate(config, workdir: str) -> dict:
     metric_names = parse_metrics(config.eval_metrics)
     workdir = os.path.abspath(workdir)
     is_chief = jax.process_index() == 0
-    dp = DataParallel(config.parallelism)
+    dp = make_parallel(config)
     dp.check_batch_size(config.batch_size)
     eval_batch_size = config.eval_batch_size or config.batch_size
     dp.check_batch_size(eval_batch_size)
     _model_config(config, config.data.vocab_size)  # model errors before anything is written
     created = _make_workdir(workdir)
     try:
-        prepared = data_lib.prepare(config.data, workdir)
+        prepared = chief_first(lambda: data_lib.prepare(config.data, workdir), "prepare")
     except Exception:
         if created and is_chief:  # bad data: leave no half-prepared work directory behind
             shutil.rmtree(workdir, ignore_errors=True)
@@ -201,7 +202,11 @@ def train_and_evaluate(config, workdir: str) -> dict:
     if is_chief:
         reporting.write_json(os.path.join(workdir, reporting.CONFIG_FILE), config_dict)
 
-    model = Transformer(model_cfg, rngs=nnx.Rngs(config.seed))
+    decoder_only = config.model_kind == "decoder_only"
+    model_cls = DecoderOnlyLM if decoder_only else Transformer
+    model = model_cls(model_cfg, rngs=nnx.Rngs(config.seed))
+    if isinstance(dp, Sharded):
+        dp.bind(model)  # parameter shardings from the logical axis names
     model_def, params = split_model(model)
     del model
     opt = config.optimizer
@@ -272,6 +277,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
         with _StopFlag() as stop:
             while step < total_steps:
                 batch = next(train_it)
+                if decoder_only:  # the LM reads the target side only
+                    batch = {k: v for k, v in batch.items() if k.startswith("targets")}
                 state, metrics = step_fn(state, dp.put_batch(batch), rng_dev)
                 pending.append(metrics)
                 micro += 1

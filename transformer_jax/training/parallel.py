@@ -26,6 +26,8 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from transformer_jax.training.distributed import put_global
+
 __all__ = ["AXIS", "MODES", "DataParallel", "resolve_mode"]
 
 AXIS = "data"
@@ -100,7 +102,7 @@ class DataParallel:
         if self.mode == "none":
             return jax.device_put(tree, self.devices[0], may_alias=False)
         if self.mode == "shard_map":
-            return jax.device_put(tree, self._replicated, may_alias=False)
+            return put_global(tree, self._replicated)  # also across processes
         n = self.num_devices
 
         def stack(x):
@@ -194,5 +196,5 @@ class DataParallel:
     def put_rng(self, key):
         """Replicate a PRNG key the way the compiled step expects it."""
         if self.mode == "shard_map":
-            return jax.device_put(key, self._replicated)
+            return put_global(key, self._replicated)
         return jax.device_put(key, self.devices[0])

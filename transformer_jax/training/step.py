@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from transformer_jax.nn import shift_right
+from transformer_jax.nn import DecoderOnlyLM, shift_right
 from transformer_jax.ops import cross_entropy, token_accuracy
 
 __all__ = [
@@ -88,11 +88,16 @@ def create_train_state(params, tx: optax.GradientTransformation) -> TrainState:
 def forward(model_def: ModelDef, params, batch: Batch, dropout_rng=None) -> jax.Array:
     """Teacher-forced logits ``[B, T, V]`` (float32) for a batch of (possibly packed) rows.
 
-    Decoder inputs are ``shift_right(targets, targets_segmentation)``.
+    Decoder inputs are ``shift_right(targets, targets_segmentation)``. A ``DecoderOnlyLM``
+    reads only the ``targets*`` keys: it is a language model of the target side.
     """
     model = model_def.merge(params)
     tgt_segments = batch.get("targets_segmentation")
     tgt_in = shift_right(batch["targets"], tgt_segments)  # [B, T]
+    if isinstance(model, DecoderOnlyLM):
+        logits = model(tgt_in, segments=tgt_segments, positions=batch.get("targets_position"),
+                       dropout_rng=dropout_rng)
+        return logits.astype(jnp.float32)
     logits = model(
         batch["inputs"],
         tgt_in,
@@ -115,7 +120,10 @@ def _sums(logits, batch: Batch, label_smoothing: float, pad_id: int) -> dict[str
     else:
         nll_sum = loss_sum
     correct_sum, _ = token_accuracy(logits, targets, weights)
-    src_tokens = jnp.sum((batch["inputs"] != pad_id).astype(jnp.float32))
+    inputs = batch.get("inputs")  # absent for a decoder-only LM
+    src_tokens = jnp.zeros((), jnp.float32)
+    if inputs is not None:
+        src_tokens = jnp.sum((inputs != pad_id).astype(jnp.float32))
     return {
         "loss_sum": loss_sum,
         "nll_sum": nll_sum,

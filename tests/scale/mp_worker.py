@@ -1,0 +1,86 @@
+"""One process of the two-process CPU test (run by test_multiprocess.py, not by pytest).
+
+usage: python mp_worker.py PROCESS_ID PORT WORKDIR MODE[,MODE...]
+
+Each process owns 2 CPU devices. For each parallelism MODE ("shard_map": replicated params;
+"sharded": data 2 x fsdp 2, so parameters are split across the two processes) the processes
+train a tiny Transformer for STEPS steps on a fixed global batch (each feeds its half of the
+rows), save one orbax checkpoint collectively into WORKDIR/MODE, and process 0 writes the
+losses to WORKDIR/MODE/losses.json.
+"""
+
+import json
+import os
+import sys
+
+import jax
+import numpy as np
+
+jax.config.update("jax_num_cpu_devices", 2)  # before any JAX work
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+STEPS = 3
+ROWS = 8
+LENGTH = 16
+
+
+def main(process_id: int, port: int, workdir: str, modes: str) -> None:
+    from transformer_jax.training import distributed
+
+    how = distributed.initialize({"coordinator_address": f"127.0.0.1:{port}",
+                                  "num_processes": 2, "process_id": process_id,
+                                  "initialization_timeout": 60})
+    assert how == "config" and jax.process_count() == 2 and jax.device_count() == 4, how
+    for mode in modes.split(","):
+        train(process_id, os.path.join(workdir, mode), mode)
+
+
+def train(process_id: int, workdir: str, parallelism: str) -> None:
+    from flax import nnx
+    from scale_helpers import adam_step, fresh_state, packed_batch, tiny_config
+
+    from transformer_jax.nn import Transformer
+    from transformer_jax.training.checkpoint import Checkpointer
+    from transformer_jax.training.sharding import make_parallel
+    from transformer_jax.training.step import split_model
+
+    cfg = tiny_config()
+    model = Transformer(cfg, rngs=nnx.Rngs(0))
+    dp = make_parallel({"parallelism": parallelism,
+                        "sharding": {"data": 2, "fsdp": 2, "tensor": 1,
+                                     "rules": {"embed": "fsdp", "mlp": "fsdp"}}})
+    if dp.mode == "sharded":
+        dp.bind(model)
+    model_def, params = split_model(model)
+    tx, per_device = adam_step(model_def)
+    state = dp.put_state(fresh_state(params, tx))
+    step = dp.train_step(per_device)
+    rng = dp.put_rng(jax.random.key(0))
+    rows = dp.check_batch_size(ROWS)
+    glob = packed_batch(ROWS, LENGTH, seed=5)
+    local = {k: v[process_id * rows:(process_id + 1) * rows] for k, v in glob.items()}
+    losses = []
+    for _ in range(STEPS):
+        state, metrics = step(state, dp.put_batch(local), rng)
+        losses.append(dp.metrics(metrics)["loss"])
+    ckpt = Checkpointer(workdir)
+    ckpt.save(STEPS, dp.get_state(state), rng=jax.random.key(0),
+              config={"model": cfg.to_dict()})
+    ckpt.close()
+    if process_id == 0:
+        with open(os.path.join(workdir, "losses.json"), "w") as f:
+            json.dump({"losses": losses, "devices": jax.device_count()}, f)
+    # every process checks the checkpoint against the params it holds (its own shards)
+    from transformer_jax.training import load_params
+
+    restored = load_params(workdir)
+    for (path, got), want in zip(jax.tree_util.tree_leaves_with_path(restored),
+                                 jax.tree_util.tree_leaves(state.params), strict=True):
+        for shard in want.addressable_shards:
+            np.testing.assert_array_equal(np.asarray(got)[shard.index], np.asarray(shard.data),
+                                          err_msg=jax.tree_util.keystr(path))
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4])
