@@ -123,6 +123,8 @@ def test_blank_inputs_need_no_model(translator):
     assert translator.translate(["", " \t"]) == ["", ""]
     with pytest.raises(TypeError, match="wrap a single one"):
         translator.translate("seven")
+    with pytest.raises(ValueError, match="1 to 32 ids per row"):
+        translator.translate_ids([[5] * 33])
 
 
 def test_overlong_lines_are_cut_with_one_warning(translator, capsys):
@@ -210,7 +212,10 @@ def test_from_workdir_errors(workdir, tmp_path):
     with pytest.raises(FileNotFoundError, match="step 3 "):
         Translator.from_workdir(workdir, step=3)
     copy = tmp_path / "run"
-    shutil.copytree(workdir, copy, ignore=shutil.ignore_patterns("data", "tensorboard"))
+    shutil.copytree(workdir, copy,
+                    ignore=shutil.ignore_patterns("data", "tensorboard", "averaged"))
+    with pytest.raises(FileNotFoundError, match="no averaged checkpoint .*training.average"):
+        Translator.from_workdir(str(copy), averaged=True)
     with open(copy / "tokenizer" / "spm.model", "ab") as f:
         f.write(b"changed")
     with pytest.raises(ValueError, match="not the one this checkpoint was trained with"):

@@ -259,6 +259,11 @@ class Translator:
             raise FileNotFoundError(
                 f"no work directory at {workdir}; pass the --workdir of a training run."
             )
+        if averaged and not os.path.isdir(os.path.join(workdir, AVERAGED_DIR)):
+            raise FileNotFoundError(
+                f"no averaged checkpoint in {workdir}; write one with python -m "
+                f"transformer_jax.training.average --workdir {workdir}"
+            )
         meta = read_meta(os.path.join(workdir, AVERAGED_DIR) if averaged else workdir, step)
         model_dict = (meta.get("config") or {}).get("model")
         if not model_dict:
@@ -311,7 +316,13 @@ class Translator:
                       batch_size: int = 64) -> np.ndarray:
         """Decode EOS-terminated source id lists as one padded batch -> ``[len(rows), L]``."""
         n = len(rows)
-        width = _bucket(max(len(r) for r in rows), self.max_source_length)
+        longest = max((len(r) for r in rows), default=0)
+        if not 0 < longest <= self.max_source_length:
+            raise ValueError(
+                f"translate_ids needs 1 to {self.max_source_length} ids per row (got rows of up "
+                f"to {longest}); use translate(), which cuts long sentences."
+            )
+        width = _bucket(longest, self.max_source_length)
         height = max(n, _bucket(n, batch_size, floor=1))
         src = np.full((height, width), self.config.pad_id, np.int32)  # [B, S]
         src[:, 0] = EOS_ID  # filler rows hold a lone EOS

@@ -1,0 +1,112 @@
+"""python -m transformer_jax.translate: line order/count, empty lines, UTF-8 errors, scores,
+exit codes."""
+
+import io
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import sacrebleu
+from trained_workdir import CHECKPOINT_EVERY, trained_workdir
+
+from transformer_jax import translate as cli
+from transformer_jax.evaluation import Translator
+
+LINES = ["twenty one", "", "seven", "nine thousand nine hundred and ninety nine", "",
+         "one hundred and five", "eighty"]
+REFS = ["einundzwanzig", "", "sieben", "neuntausendneunhundertneunundneunzig", "",
+        "einhundertfünf", "achtzig"]
+
+
+@pytest.fixture(scope="session")
+def workdir(tmp_path_factory):
+    return trained_workdir(tmp_path_factory)
+
+
+def run_main(monkeypatch, capsys, argv, stdin: bytes):
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(stdin)))
+    capsys.readouterr()
+    code = cli.main(argv)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_cli_keeps_lines_and_reports_sacrebleu_scores(workdir, tmp_path):
+    ref = tmp_path / "ref.txt"
+    ref.write_text("\n".join(REFS) + "\n", encoding="utf-8")
+    proc = subprocess.run(
+        [sys.executable, "-m", "transformer_jax.translate", "--workdir", workdir, "--beam", "1",
+         "--batch_size", "2", "--reference", str(ref)],
+        input=("\n".join(LINES) + "\n").encode("utf-8"), capture_output=True,
+        env=dict(os.environ, JAX_PLATFORMS="cpu"), timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr.decode()
+    out = proc.stdout.decode("utf-8").split("\n")
+    assert out[-1] == "" and len(out) == len(LINES) + 1
+    out = out[:-1]
+    translator = Translator.from_workdir(workdir)
+    for line, got in zip(LINES, out, strict=True):  # each line on its own through the API
+        assert got == (translator.translate([line], beam_size=1)[0] if line else "")
+    err = proc.stderr.decode().strip().splitlines()
+    scores = dict(re.findall(r"(bleu|chrf|exact_match) ([0-9.]+)", err[-1]))
+    assert float(scores["bleu"]) == pytest.approx(
+        sacrebleu.corpus_bleu(out, [REFS]).score, abs=1e-4)
+    assert float(scores["chrf"]) == pytest.approx(
+        sacrebleu.corpus_chrf(out, [REFS]).score, abs=1e-4)
+    same = sum(h == r for h, r in zip(out, REFS, strict=True))
+    assert float(scores["exact_match"]) == pytest.approx(100 * same / len(REFS), abs=1e-4)
+    assert f"({len(LINES)} lines" in err[-1]
+
+
+def test_cli_averaged_and_step_match_the_api(workdir, monkeypatch, capsys):
+    lines = ["seven", "", "twenty one"]
+    for flags, kwargs in ((["--averaged"], {"averaged": True}),
+                          (["--step", str(CHECKPOINT_EVERY)], {"step": CHECKPOINT_EVERY})):
+        code, out, err = run_main(monkeypatch, capsys,
+                                  ["--workdir", workdir, "--beam", "1", "--batch_size", "2",
+                                   *flags], "\n".join(lines).encode())
+        assert code == 0, err
+        want = Translator.from_workdir(workdir, **kwargs).translate(lines, beam_size=1,
+                                                                    batch_size=2)
+        assert out.split("\n") == [*want, ""]
+
+
+def test_cli_invalid_utf8_names_the_line(workdir, monkeypatch, capsys):
+    code, out, err = run_main(monkeypatch, capsys, ["--workdir", workdir],
+                              b"one\n\ntwo \xc3\x28 three\nfour\n")
+    assert code == 1 and out == ""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1
+    assert lines[0].startswith("error: line 3 of the input is not valid UTF-8")
+
+
+def test_cli_reference_problems(workdir, monkeypatch, capsys, tmp_path):
+    ref = tmp_path / "ref.txt"
+    ref.write_bytes(b"eins\n\xff\n")
+    code, _, err = run_main(monkeypatch, capsys, ["--workdir", workdir, "--reference", str(ref)],
+                            b"one\ntwo\n")
+    assert code == 1 and "line 2 of --reference is not valid UTF-8" in err
+    ref.write_text("eins\n", encoding="utf-8")
+    code, _, err = run_main(monkeypatch, capsys, ["--workdir", workdir, "--reference", str(ref)],
+                            b"one\ntwo\n")
+    assert code == 1 and "has 1 lines but the input has 2" in err
+
+
+def test_cli_missing_workdir_or_step_exit_2(workdir, monkeypatch, capsys, tmp_path):
+    code, out, err = run_main(monkeypatch, capsys, ["--workdir", str(tmp_path / "none")],
+                              b"one\n")
+    assert code == 2 and out == "" and len(err.strip().splitlines()) == 1
+    assert "no work directory" in err
+    code, _, err = run_main(monkeypatch, capsys, ["--workdir", str(tmp_path)], b"one\n")
+    assert code == 2 and "no checkpoint" in err
+    code, _, err = run_main(monkeypatch, capsys, ["--workdir", workdir, "--step", "3"], b"one\n")
+    assert code == 2 and "step 3" in err and "steps present" in err
+
+
+def test_read_lines_splits_like_text_files():
+    assert cli.read_lines(b"a\r\nb\n\nc") == ["a", "b", "", "c"]
+    assert cli.read_lines(b"a\n") == ["a"]
+    assert cli.read_lines(b"") == []
+    assert cli.read_lines(b"\n\n") == ["", ""]
+    assert cli.read_lines("grüße\n".encode()) == ["grüße"]
