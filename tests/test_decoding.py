@@ -452,26 +452,22 @@ def test_cached_greedy_equals_argmax_of_full_forward_passes(transformer):
     assert len(set(cached.ravel().tolist())) > 4  # and are not one repeated token
 
 
-def test_transformer_beam_one_is_greedy_and_beam_scores_are_rescored_logprobs(transformer):
-    t = transformer
-    greedy = np.asarray(t["greedy"](t["params"], t["src"]))
-    seqs1, _ = t["beam"](t["params"], t["src"], beam_size=1, alpha=0.0)
-    np.testing.assert_array_equal(np.asarray(seqs1[:, 0]), greedy)
-
+def test_transformer_beam_scores_are_rescored_log_probabilities(transformer):
     # Every beam hypothesis's score equals its teacher-forced log-probability under the full
-    # model divided by the GNMT penalty: reordering the cache wrongly would break this.
+    # (uncached) model divided by the GNMT penalty: following the wrong cache rows, or
+    # expanding the encoder keys/values wrongly, would break this.
+    t = transformer
     seqs, scores = t["beam"](t["params"], t["src"], beam_size=3, alpha=0.6)
     seqs, scores = np.asarray(seqs), np.asarray(scores)
-    batch, beams, _ = seqs.shape
-    flat = seqs.reshape(batch * beams, MAX_LEN)
-    tgt_in = np.concatenate([np.zeros((flat.shape[0], 1), np.int32), flat[:, :-1]], axis=1)
-    src = np.repeat(np.asarray(t["src"]), beams, axis=0)
-    logp = jax.nn.log_softmax(t["full_logits"](t["params"], jnp.asarray(src), tgt_in), -1)
-    logp = np.asarray(logp)
-    for row, seq in enumerate(flat.tolist()):
-        n = seq.index(EOS) + 1
-        total = sum(logp[row, i, seq[i]] for i in range(n))
-        np.testing.assert_allclose(scores.ravel()[row], total / _gnmt(n, 0.6), rtol=1e-4)
+    for k in range(seqs.shape[1]):
+        tgt_in = np.concatenate([np.zeros_like(seqs[:, k, :1]), seqs[:, k, :-1]], axis=1)
+        logp = np.asarray(jax.nn.log_softmax(
+            t["full_logits"](t["params"], t["src"], jnp.asarray(tgt_in)), -1))  # [B, T, V]
+        for b, seq in enumerate(seqs[:, k].tolist()):
+            n = seq.index(EOS) + 1
+            total = sum(logp[b, i, seq[i]] for i in range(n))
+            np.testing.assert_allclose(scores[b, k], total / _gnmt(n, 0.6), rtol=1e-4)
+    assert all(len({tuple(s) for s in beams.tolist()}) == 3 for beams in seqs)  # distinct
     assert np.all(np.diff(scores, axis=1) <= 0)  # best first
 
 
