@@ -40,6 +40,7 @@ __all__ = [
     "initialize",
     "launcher_detected",
     "put_global",
+    "to_local",
 ]
 
 log = logging.getLogger(__name__)
@@ -179,3 +180,24 @@ def put_global(tree, shardings):
     if isinstance(shardings, jax.sharding.Sharding):
         return jax.tree_util.tree_map(lambda x: one(x, shardings), tree)
     return jax.tree_util.tree_map(one, tree, shardings)
+
+
+def to_local(tree, device=None):
+    """Copy of ``tree`` on one local device (default the first), also for global arrays.
+
+    Replicated arrays that span processes take this process's copy; arrays split across
+    processes are gathered (a collective: every process must call this together).
+    """
+    device = jax.local_devices()[0] if device is None else device
+
+    def one(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            if x.is_fully_replicated:
+                x = x.addressable_shards[0].data
+            else:
+                from jax.experimental import multihost_utils
+
+                x = multihost_utils.process_allgather(x, tiled=True)
+        return jax.device_put(x, device)
+
+    return jax.tree_util.tree_map(one, tree)

@@ -21,6 +21,7 @@ import numpy as np
 
 from transformer_jax import data as data_lib
 from transformer_jax.evaluation import corpus_scores, make_translate_fn
+from transformer_jax.training.distributed import to_local
 from transformer_jax.training.parallel import DataParallel
 from transformer_jax.training.step import ModelDef, eval_step
 
@@ -86,7 +87,7 @@ class Evaluator:
         limit = len(pairs) if num_sentences < 0 else min(num_sentences, len(pairs))
         if limit == 0:
             return [], [], []
-        params = jax.device_put(params, jax.local_devices()[0])
+        params = to_local(params)  # one device; global (multi-process) arrays too
         local = self.batch_size // jax.process_count()
         ds = data_lib.eval_batches(self.prepared, split, local, process_index=0, process_count=1)
         indices, hyps = [], []
