@@ -216,6 +216,22 @@ def test_cache_reordering_matters_and_is_right(monkeypatch):
     assert not np.allclose(np.asarray(wrong_scores), np.asarray(scores))
 
 
+def test_only_changed_cache_leaves_are_reordered(monkeypatch):
+    table = _chain(seed=3, examples=2)
+    fn, cache = _chain_model(table)
+    gathered = []
+    original = decoding.gather_beams
+
+    def recording(tree, *args):
+        gathered.append(jnp.shape(tree))
+        return original(tree, *args)
+
+    monkeypatch.setattr(decoding, "gather_beams", recording)
+    decoding.beam_search(cache, fn, batch_size=2, beam_size=3, max_len=4)
+    # "prev" [B*K] and the scalar index change every step; "example" is passed through.
+    assert sorted(gathered) == [(), (6,)]
+
+
 def test_greedy_respects_per_example_max_lengths_and_pads_after_eos():
     table = _chain(seed=1, examples=3)
     fn, cache = _chain_model(table)

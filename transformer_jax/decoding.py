@@ -228,6 +228,22 @@ def gather_beams(tree, beam_indices, batch_size: int, beam_size: int):
     return jax.tree_util.tree_map(gather, tree)
 
 
+def _reorder_cache(old, new, beam_indices, batch_size: int, beam_size: int):
+    """``gather_beams`` on the leaves of ``new`` that ``tokens_to_logits`` changed.
+
+    A leaf passed through unchanged (e.g. cross-attention keys/values projected once) still
+    holds what ``expand_for_beam`` copied into every beam of an example, so reordering it
+    would be a no-op; skipping it saves a full copy per step.
+    """
+    old_leaves, old_def = jax.tree_util.tree_flatten(old)
+    new_leaves, new_def = jax.tree_util.tree_flatten(new)
+    if old_def != new_def:
+        return gather_beams(new, beam_indices, batch_size, beam_size)
+    leaves = [n if n is o else gather_beams(n, beam_indices, batch_size, beam_size)
+              for o, n in zip(old_leaves, new_leaves, strict=True)]
+    return jax.tree_util.tree_unflatten(new_def, leaves)
+
+
 def beam_search(cache, tokens_to_logits: TokensToLogits, *, batch_size: int, beam_size: int,
                 max_len: int, eos_id: int = 1, bos_id: int = 0, pad_id: int = 0,
                 alpha: float = 0.6, max_lengths=None, start_ids=None):
@@ -238,10 +254,12 @@ def beam_search(cache, tokens_to_logits: TokensToLogits, *, batch_size: int, bea
     ``K`` live beams by log-probability and takes the best ``2K``: those ending in EOS *and
     ranked among the best K* join the finished set (best ``K`` kept, as fairseq and Hugging
     Face do, so ``beam_size=1, alpha=0`` is exactly greedy search); the best ``K`` that do not
-    end stay live and the cache rows are reordered to follow them. An example is done when it
-    has ``K`` finished hypotheses and no live beam can still beat the worst of them (a live
-    beam's log-probability only falls, so its best reachable score is ``logp`` divided by the
-    largest penalty among the lengths it can still finish at).
+    end stay live and the cache rows are reordered to follow them (leaves that
+    ``tokens_to_logits`` returns unchanged are skipped: every beam of an example holds the
+    same copy). An example is done when it has ``K`` finished hypotheses and no live beam can
+    still beat the worst of them (a live beam's log-probability only falls, so its best
+    reachable score is ``logp`` divided by the largest penalty among the lengths it can still
+    finish at).
 
     Args:
       cache: decoding cache for ``batch_size`` rows (every non-scalar leaf leads with B);
@@ -278,8 +296,8 @@ def beam_search(cache, tokens_to_logits: TokensToLogits, *, batch_size: int, bea
         return (step < max_len) & ~jnp.all(done)
 
     def body(carry):
-        step, live_seqs, live_logp, last, cache, fin_scores, fin_seqs = carry
-        logits, cache = tokens_to_logits(last[:, None], cache)  # [B*K, V]
+        step, live_seqs, live_logp, last, old_cache, fin_scores, fin_seqs = carry
+        logits, cache = tokens_to_logits(last[:, None], old_cache)  # [B*K, V]
         _check_logits(logits, B * K)
         vocab = logits.shape[-1]
         logprobs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
@@ -306,7 +324,7 @@ def beam_search(cache, tokens_to_logits: TokensToLogits, *, batch_size: int, bea
         live_logp, keep = lax.top_k(jnp.where(is_eos | ~possible, NEG_INF, top_logp), K)
         live_seqs = jnp.take_along_axis(top_seqs, keep[:, :, None], axis=1)  # [B, K, L]
         beams = jnp.take_along_axis(top_beam, keep, axis=1)  # [B, K] rows to follow
-        cache = gather_beams(cache, beams, B, K)
+        cache = _reorder_cache(old_cache, cache, beams, B, K)
         last = jnp.take_along_axis(top_token, keep, axis=1).reshape(B * K)
         return step + 1, live_seqs, live_logp, last, cache, fin_scores, fin_seqs
 
