@@ -72,7 +72,7 @@ def train_cmd(workdir: str, data_dir: str, **overrides) -> list[str]:
     return [sys.executable, TRAIN, f"--workdir={workdir}", *config_args(data_dir, **overrides)]
 
 
-def run(cmd: list[str], *, devices: int = 1, timeout: float = 120, text: bool = True,
+def run(cmd: list[str], *, devices: int = 1, timeout: float = 600, text: bool = True,
         **kwargs):
     """Run to completion; returns the CompletedProcess (text stdout/stderr by default)."""
     return subprocess.run(cmd, capture_output=True, text=text, timeout=timeout, cwd=REPO,
@@ -92,7 +92,7 @@ def start_train(workdir: str, data_dir: str, log_path: str, **overrides) -> subp
     return proc
 
 
-def finish(proc: subprocess.Popen, timeout: float = 120) -> int:
+def finish(proc: subprocess.Popen, timeout: float = 600) -> int:
     try:
         return proc.wait(timeout=timeout)
     finally:
@@ -102,14 +102,16 @@ def finish(proc: subprocess.Popen, timeout: float = 120) -> int:
         proc._log.close()  # type: ignore[attr-defined]
 
 
-def wait_for(predicate, proc: subprocess.Popen, timeout: float = 90, poll: float = 0.005):
+def wait_for(predicate, proc: subprocess.Popen, timeout: float = 600, poll: float = 0.005):
     """Poll ``predicate()`` until true; fails if the process exits first or time runs out."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():
             return
         if proc.poll() is not None:
-            raise AssertionError(f"the run exited (code {proc.returncode}) before the event")
+            with open(proc._log.name) as f:  # type: ignore[attr-defined]
+                tail = f.read()[-3000:]
+            raise AssertionError(f"the run exited (code {proc.returncode}) first:\n{tail}")
         time.sleep(poll)
     raise AssertionError("timed out waiting for the run")
 
@@ -128,14 +130,14 @@ def final_params(workdir: str, step: int | None = None) -> dict:
     return jax.tree_util.tree_map(np.asarray, load_params(workdir, step))
 
 
-def assert_bit_identical(a, b) -> None:
+def assert_bit_identical(a, b, context: str = "") -> None:
     la, ta = jax.tree_util.tree_flatten_with_path(a)
     lb, tb = jax.tree_util.tree_flatten_with_path(b)
     assert ta == tb
     assert len(la) > 0
     for (path, x), (_, y) in zip(la, lb, strict=True):
         assert x.dtype == y.dtype and x.shape == y.shape, path
-        assert np.array_equal(x, y), f"{jax.tree_util.keystr(path)} differs"
+        assert np.array_equal(x, y), f"{jax.tree_util.keystr(path)} differs; {context}"
 
 
 def error_line(proc) -> str:

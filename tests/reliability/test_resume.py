@@ -36,13 +36,15 @@ def test_kill9_then_resume_is_bit_identical(seed, data_dir, reference, tmp_path)
         wait_for(lambda: True, proc, poll=delay)
     proc.send_signal(signal.SIGKILL)
     assert finish(proc) == -signal.SIGKILL
-    complete = [int(e) for e in checkpoint_entries(workdir) if e.isdigit()]
+    left = sorted(checkpoint_entries(workdir))
+    complete = [int(e) for e in left if e.isdigit()]
 
     resumed = run_train(workdir, data_dir, checkpoint_every_steps=1)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    context = f"killed at {kill_step} (+{delay:.2f} s), left {left}:\n{resumed.stderr[-3000:]}"
+    assert resumed.returncode == 0, context
     if complete:  # else the kill came before the first save finished: a fresh start
-        assert f"resuming from step {max(complete)}" in resumed.stdout, resumed.stdout
-    assert_bit_identical(final_params(workdir), reference[1])
+        assert f"resuming from step {max(complete)}" in resumed.stdout, context
+    assert_bit_identical(final_params(workdir), reference[1], context)
 
 
 def test_sigterm_saves_exits_zero_and_resumes_bit_identical(data_dir, reference, tmp_path):
