@@ -224,6 +224,8 @@ def test_from_workdir_errors(workdir, tmp_path):
 
 def test_translator_from_model_in_memory(translator):
     model = nnx.eval_shape(lambda: translator.model_def.merge(translator.params))
+    with pytest.raises(ValueError, match="pass params="):
+        Translator(model, translator.tokenizer)
     same = Translator(model, translator.tokenizer, params=translator.params)
     assert same.translate(["seven", "eighty"], beam_size=1) == translator.translate(
         ["seven", "eighty"], beam_size=1)

@@ -218,7 +218,10 @@ class Translator:
 
         self.config = model.config
         self.model_def, own = split_model(model)
-        params = own if params is None else params
+        if params is None:
+            if any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree_util.tree_leaves(own)):
+                raise ValueError("the model is abstract (nnx.eval_shape); pass params=.")
+            params = own
         self.params = jax.device_put(params, jax.local_devices()[0])
         self.tokenizer = tokenizer
         if tokenizer.vocab_size > self.config.vocab_size:
