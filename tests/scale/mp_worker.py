@@ -16,8 +16,6 @@ import sys
 import jax
 import numpy as np
 
-jax.config.update("jax_num_cpu_devices", 2)  # before any JAX work
-
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 STEPS = 3
@@ -82,5 +80,6 @@ def train(process_id: int, workdir: str, parallelism: str) -> None:
                                           err_msg=jax.tree_util.keystr(path))
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # (not at import: the test imports the constants above)
+    jax.config.update("jax_num_cpu_devices", 2)  # before any JAX work
     main(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4])
