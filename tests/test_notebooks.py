@@ -125,7 +125,8 @@ def test_notebook_runs_and_writes_figures(name, tmp_path, monkeypatch):
 
 
 def _check_short_training(workdir: Path) -> None:
-    """The notebook's 150-update run learned the task (measured: test exact match 72%)."""
+    """The notebook's 150-update run learned the task (measured: token accuracy 0.93, exact
+    match 73% on the 64 test sentences, train NLL 5.6 -> 0.94)."""
     summary = json.loads((workdir / "summary.json").read_text())
     assert summary["step"] == 150
     assert summary["test"]["accuracy"] > 0.8, summary["test"]
