@@ -171,7 +171,6 @@ class Checkpointer:
     def __init__(self, workdir: str, *, keep: int | None = None, async_save: bool = True):
         self.workdir = os.path.abspath(workdir)
         self.directory = os.path.join(self.workdir, CHECKPOINT_DIR)
-        self._remove_incomplete()
         self._options = {"keep": keep, "async_save": async_save}
         self._manager = _manager(self.directory, **self._options)
 
@@ -197,11 +196,14 @@ class Checkpointer:
     def restore_latest(self, template_state, *, config: Mapping | None = None):
         """Restore the newest readable checkpoint (see :meth:`restore`); None when there is none.
 
-        A checkpoint that cannot be read while an older one can is moved to
-        ``<workdir>/corrupt_checkpoints`` with a one-line warning. A config mismatch is never
-        skipped: it raises :class:`CheckpointMismatchError`. When no checkpoint can be read,
-        the newest one's error is raised as a one-line ``CheckpointMismatchError``.
+        Call it before the first save of a run: it first deletes the temporary directories of
+        saves that a crash interrupted (one warning line each). A checkpoint that cannot be read
+        while an older one can is moved to ``<workdir>/corrupt_checkpoints`` with a one-line
+        warning. A config mismatch is never skipped: it raises
+        :class:`CheckpointMismatchError`. When no checkpoint can be read, the newest one's error
+        is raised as a one-line ``CheckpointMismatchError``.
         """
+        self._remove_incomplete()
         failed: list[tuple[int, Exception]] = []
         for step in sorted(self.all_steps(), reverse=True):
             try:
