@@ -162,6 +162,10 @@ def main():
         other = by.get(("uncached", row["tokens"]))
         if row["kind"] == "cached" and other:
             row["speedup_vs_uncached"] = round(other["median_s"] / row["median_s"], 2)
+            # the same ratio paired within each round, less exposed to load drifting
+            ratios = [u / c for u, c in zip(other["runs_s"], row["runs_s"], strict=True)]
+            row["speedup_per_round"] = [round(x, 2) for x in ratios]
+            row["speedup_median_per_round"] = round(statistics.median(ratios), 2)
             row["same_tokens_as_uncached"] = agreement.get(row["tokens"])
 
     print(f"\nD {args.d_model}, {args.heads} heads, {args.layers}+{args.layers} layers, "

@@ -12,9 +12,9 @@ Conventions shared by all searches:
 
 * Output ids are ``[B, max_len]``: generated tokens, the EOS, then ``pad_id`` (0).
 * Decoding starts from ``start_ids`` (default ``bos_id`` = 0, the decoder's BOS).
-* ``max_lengths [B]`` (optional, each <= ``max_len``) caps every example's output, EOS
-  included: at position ``max_lengths[b] - 1`` only EOS may be chosen (as fairseq does), so
-  every output ends with EOS. The paper's limit is "input length + 50".
+* ``max_lengths [B]`` (optional, clipped to ``[1, max_len]``) caps every example's output,
+  EOS included: at position ``max_lengths[b] - 1`` only EOS may be chosen (as fairseq does),
+  so every output ends with EOS. The paper's limit is "input length + 50".
 * The loop stops early once every example has finished.
 * Cache leaves with a leading batch axis are expanded/reordered for beams; scalar leaves (the
   per-layer ``index``) are shared by all rows because all rows decode in lockstep.
