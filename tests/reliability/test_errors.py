@@ -157,10 +157,10 @@ def test_read_only_workdir(tmp_path, data_dir):
 
 
 def test_writes_fail_before_training(tmp_path, data_dir, reference):
-    """A 16 KiB file-size limit (writes fail with EFBIG) stands in for a full disk, without root
+    """A 2 KiB file-size limit (writes fail with EFBIG) stands in for a full disk, without root
     or mounts. The data is prepared already (``reference``); the run's first write fails."""
     workdir = str(tmp_path / "run")
-    script = f"trap '' XFSZ; ulimit -f 16; exec {shlex.join(train_cmd(workdir, data_dir))}"
+    script = f"trap '' XFSZ; ulimit -f 2; exec {shlex.join(train_cmd(workdir, data_dir))}"
     proc = run(["bash", "-c", script])
     assert error_line(proc) == (f"error: cannot write to the work directory {workdir} (File too "
                                 "large); choose a --workdir on a writable file system with free "

@@ -92,7 +92,7 @@ def _make_workdir(workdir: str) -> bool:
     try:
         os.makedirs(workdir, exist_ok=True)
         with open(probe, "wb") as f:
-            f.write(b"\0" * 65536)
+            f.write(b"\0" * 4096)
             f.flush()
             os.fsync(f.fileno())
         os.remove(probe)
