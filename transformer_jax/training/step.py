@@ -9,7 +9,9 @@ under ``jax.jit`` (one device), ``jax.pmap`` and ``jax.shard_map`` (see ``parall
 Loss normalisation: every device computes the *sum* of its token losses; sums of loss,
 gradient and target-token count are added over devices, and the gradient is divided by the
 global token count. One device and eight devices therefore see the same numbers (up to the
-order of float additions).
+order of float additions). With gradient accumulation each micro-batch's gradient is its own
+per-token mean and ``optax.MultiSteps`` averages the k means: equal to one k-times batch when
+the micro-batches hold equally many target tokens (close to it with packed rows).
 """
 
 from __future__ import annotations
@@ -196,7 +198,7 @@ def train_step(
         "loss": _ratio(sums["loss_sum"], sums["weight_sum"]),
         "nll": _ratio(sums["nll_sum"], sums["weight_sum"]),
         "accuracy": _ratio(sums["correct_sum"], sums["weight_sum"]),
-        "grad_norm": optax.global_norm(grads),
+        "grad_norm": optax.tree.norm(grads),
         "learning_rate": jnp.asarray(schedule(state.step // grad_accum_steps), jnp.float32),
         "tokens": sums["weight_sum"],
         "src_tokens": sums["src_tokens"],
