@@ -15,7 +15,9 @@ Dropout 0.1 on residuals and embeddings in both (the paper's P_drop); no attenti
 The two run alternately, A B A B, for ``--rounds`` rounds of ``--steps`` steps each after a
 warm-up (compilation is not timed); the fp32 matmul peak (a jitted ``jnp.dot`` of 2048^3,
 median of several runs) is measured in every round too. Reported numbers are medians over
-rounds, with min/max as the spread.
+rounds, with min/max as the spread. Process CPU seconds per step are recorded for each side
+too (``cpu_time_ratio`` = torch CPU s / ours CPU s): on a loaded machine they are steadier than
+wall time, but they also count threads that spin while waiting.
 
 Tokens: source + target non-pad tokens per step (the random batch has no padding, so a step
 is ``batch * (src_len + tgt_len)`` tokens).
@@ -324,11 +326,19 @@ def main(argv=None) -> int:
         theirs.run(args.warmup)
 
     ours_tps, torch_tps, peaks, ratios = [], [], [], []
+    cpu = {"ours": [], "torch": []}  # process CPU seconds per step (both threads summed)
+
+    def timed(side, runner):
+        start = time.process_time()
+        wall = runner.run(steps)
+        cpu[side].append((time.process_time() - start) / steps)
+        return steps * tokens / wall
+
     for r in range(args.rounds):
         peaks.append(peak.measure())
-        ours_tps.append(steps * tokens / ours.run(steps))
+        ours_tps.append(timed("ours", ours))
         if theirs is not None:
-            torch_tps.append(steps * tokens / theirs.run(steps))
+            torch_tps.append(timed("torch", theirs))
             ratios.append(ours_tps[-1] / torch_tps[-1])
         line = f"round {r}: ours {ours_tps[-1]:.0f} tok/s"
         if theirs is not None:
@@ -359,6 +369,9 @@ def main(argv=None) -> int:
         "model_flops_per_step": flops,
         "xla_flops_per_step": ours.xla_flops,
         "ours_step_ms": round(1e3 * step_s, 1),
+        "cpu_s_per_step": {k: round(statistics.median(v), 3) for k, v in cpu.items() if v},
+        "cpu_time_ratio": (round(statistics.median(cpu["torch"]) / statistics.median(cpu["ours"]),
+                                 3) if cpu["torch"] else None),
         "compile_and_warmup_s": round(compile_s, 1),
         "spread": {"ours_tokens_per_s": _summary(ours_tps),
                    "torch_tokens_per_s": _summary(torch_tps) if torch_tps else None,
