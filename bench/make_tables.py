@@ -56,8 +56,8 @@ def train_table(results: list[dict]) -> str:
     """One row per train_throughput result (config x allocator)."""
     lines = [
         "| config | allocator | ours tokens/s | torch tokens/s | ours / torch (min-max) "
-        "| ours MFU | torch MFU | fp32 peak GFLOP/s |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
+        "| ours MFU | torch MFU | fp32 peak GFLOP/s | ours CPU-s/step | load avg |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     order = {"small": 0, "base": 1}
     for r in sorted(results, key=lambda r: (order.get(r["config"], 9), _allocator(r))):
@@ -70,7 +70,8 @@ def train_table(results: list[dict]) -> str:
         lines.append(
             f"| {r['config']} | {_allocator(r)} | {_fmt(r['ours_tokens_per_s'])} "
             f"| {_fmt(r.get('torch_tokens_per_s'))} | {ratio} | {mfu} | {tmfu} "
-            f"| {_fmt(r.get('peak_gflops'))} |"
+            f"| {_fmt(r.get('peak_gflops'))} | {_fmt((r.get('cpu_s_per_step') or {}).get('ours'))} "
+            f"| {_fmt(r.get('machine', {}).get('load_avg_1m_at_start'))} |"
         )
     first = results[0]
     s = first.get("settings", {})
@@ -78,7 +79,8 @@ def train_table(results: list[dict]) -> str:
     lines.append(
         f"Medians over {s.get('rounds')} alternating rounds (ours, torch, ours, torch, ...) in one "
         f"process; tokens = source + target non-pad tokens; dropout {s.get('dropout')}, label "
-        f"smoothing {s.get('label_smoothing')}, torch optimizer Adam({s.get('torch_optimizer')}). "
+        f"smoothing {s.get('label_smoothing')}, torch optimizer Adam({s.get('torch_optimizer')}); "
+        f"load avg = the machine's 1-minute load average when the run started (other jobs). "
         f"Machine: {_machine_line(first)}."
     )
     return "\n".join(lines)
