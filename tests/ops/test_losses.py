@@ -75,3 +75,23 @@ def test_loss_errors():
         ops.cross_entropy(np.zeros((2, 3, 5)), np.zeros((2, 3), int), np.ones(2))
     with pytest.raises(ValueError, match="label_smoothing must be in"):
         ops.cross_entropy(np.zeros((2, 5)), np.zeros(2, int), label_smoothing=1.0)
+
+
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+def test_gradient_is_softmax_minus_smoothed_target(eps):
+    # d loss / d logits = w * (softmax(logits) - q), q the (smoothed) target distribution.
+    import jax
+
+    rng = np.random.default_rng(1)
+    vocab = 7
+    logits = (3 * rng.standard_normal((2, 4, vocab))).astype(np.float32)
+    targets = rng.integers(0, vocab, (2, 4))
+    weights = (rng.random((2, 4)) > 0.3).astype(np.float32)
+    grad = jax.grad(lambda x: ops.cross_entropy(x, targets, weights, label_smoothing=eps)[0])(
+        logits
+    )
+    p = np.exp(logits - logits.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    q = np.full(logits.shape, eps / (vocab - 1))
+    np.put_along_axis(q, targets[..., None], 1.0 - eps, axis=-1)
+    np.testing.assert_allclose(np.asarray(grad), weights[..., None] * (p - q), atol=1e-6)
