@@ -21,12 +21,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import threading
 import time
+
+from benchlib import machine_info
 
 GIB = 2.0**30
 DEFAULT_LENGTHS = "1024,2048,4096,8192,16384"
@@ -121,17 +122,6 @@ def run_case(impl: str, length: int, args) -> dict:
     return row
 
 
-def machine_info() -> dict:
-    import jax
-
-    return {
-        "cpu_count": os.cpu_count(),
-        "jax": jax.__version__,
-        "backend": jax.default_backend(),
-        "device": str(jax.devices()[0].device_kind),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-    }
 
 
 def markdown_table(rows: list[dict]) -> str:
@@ -220,7 +210,7 @@ def main(argv=None) -> int:
             "chunk_size": args.chunk_size,
             "repeats": args.repeats,
         },
-        "machine": machine_info(),
+        "machine": machine_info("jax"),
         "rows": rows,
         "table": table,
     }

@@ -24,13 +24,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import sys
 import tempfile
 import time
 
 import numpy as np
+from benchlib import machine_info
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 MULTI30K = os.path.normpath(os.path.join(HERE, "..", "..", "shared", "data", "multi30k"))
@@ -47,26 +47,6 @@ def _config(dataset: str):
     return cfg
 
 
-def _machine() -> dict:
-    import grain
-    import sentencepiece
-    import tensorflow_datasets
-
-    cpu = ""
-    if os.path.exists("/proc/cpuinfo"):
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f
-                        if line.startswith("model name")), "")
-    return {
-        "cpu": cpu,
-        "cpu_count": os.cpu_count(),
-        "load_avg_1m_at_end": round(os.getloadavg()[0], 2),  # other work on the machine
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "grain": getattr(grain, "__version__", "0.2.18+"),
-        "tensorflow_datasets": tensorflow_datasets.__version__,
-        "sentencepiece": sentencepiece.__version__,
-    }
 
 
 def _measure(prepared, batch_size: int, batches: int, warmup: int) -> dict:
@@ -155,7 +135,7 @@ def main(argv=None) -> int:
                      "vocab_size": base.vocab_size, "batches": args.batches,
                      "warmup": args.warmup, "step_tokens_per_s": args.step_tokens_per_s},
         "one_time": {"prepare_and_tokenizer_s": round(prepare_s, 2)},
-        "machine": _machine(),
+        "machine": machine_info("grain", "sentencepiece", "tensorflow_datasets"),
         "rows": rows,
     }
     print(f"\nInput pipeline on {dataset} (batch {args.batch_size} x {base.max_length}, "

@@ -22,24 +22,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import time
 
-
-def machine_info() -> dict:
-    import flax
-    import jax
-
-    return {
-        "cpu_count": os.cpu_count(),
-        "jax": jax.__version__,
-        "flax": flax.__version__,
-        "backend": jax.default_backend(),
-        "device": jax.devices()[0].device_kind,
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-    }
+from benchlib import machine_info
 
 
 def build(args):
@@ -191,7 +177,8 @@ def main():
             "vocab_size", "d_model", "num_heads", "num_layers", "d_ff")},
             "batch": args.batch, "source_length": args.src_len, "beam": args.beam,
             "repeats": args.repeats, "eos": "disabled (every run decodes N tokens)"},
-        "machine": dict(machine_info(), loadavg_before=load_before, loadavg_after=os.getloadavg()),
+        "machine": machine_info("jax", "flax", loadavg_before=load_before,
+                                loadavg_after=os.getloadavg()),
         "rows": rows,
     }
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)

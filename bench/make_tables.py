@@ -67,11 +67,13 @@ def train_table(results: list[dict]) -> str:
             ratio += f" ({spread['min']:.2f}-{spread['max']:.2f})"
         mfu = f"{100 * r['mfu']:.0f}%" if r.get("mfu") is not None else "-"
         tmfu = f"{100 * r['torch_mfu']:.0f}%" if r.get("torch_mfu") is not None else "-"
+        machine = r.get("machine", {})
+        load = machine.get("load_avg_1m", machine.get("load_avg_1m_at_start"))  # older results
         lines.append(
             f"| {r['config']} | {_allocator(r)} | {_fmt(r['ours_tokens_per_s'])} "
             f"| {_fmt(r.get('torch_tokens_per_s'))} | {ratio} | {mfu} | {tmfu} "
             f"| {_fmt(r.get('peak_gflops'))} | {_fmt((r.get('cpu_s_per_step') or {}).get('ours'))} "
-            f"| {_fmt(r.get('machine', {}).get('load_avg_1m_at_start'))} |"
+            f"| {_fmt(load)} |"
         )
     first = results[0]
     s = first.get("settings", {})

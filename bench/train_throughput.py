@@ -44,10 +44,11 @@ import argparse
 import json
 import math
 import os
-import platform
 import statistics
 import sys
 import time
+
+from benchlib import machine_info
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -261,33 +262,6 @@ class MatmulPeak:
 # ----------------------------------------------------------------------------- main
 
 
-def machine_info(torch_threads: int) -> dict:
-    import flax
-    import jax
-    import optax
-    import torch
-
-    cpu = ""
-    if os.path.exists("/proc/cpuinfo"):
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f
-                        if line.startswith("model name")), "")
-    return {
-        "cpu": cpu,
-        "cpu_count": os.cpu_count(),
-        "load_avg_1m_at_start": os.getloadavg()[0],
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "jax": jax.__version__,
-        "jaxlib": getattr(__import__("jaxlib"), "__version__", ""),
-        "flax": flax.__version__,
-        "optax": optax.__version__,
-        "torch": torch.__version__,
-        "torch_threads": torch_threads,
-        "env": {k: os.environ[k] for k in ("XLA_FLAGS", "LD_PRELOAD", "OMP_NUM_THREADS",
-                                            "MALLOC_CONF", "TF_CPP_MIN_LOG_LEVEL")
-                if k in os.environ},
-    }
 
 
 def _summary(values: list[float]) -> dict:
@@ -378,7 +352,8 @@ def main(argv=None) -> int:
                    "ratio": _summary(ratios) if ratios else None,
                    "peak_gflops": _summary(peaks)},
         "final_loss": {"ours": ours.loss, "torch": None if theirs is None else theirs.loss},
-        "machine": machine_info(torch.get_num_threads()),
+        "machine": machine_info("jax", "jaxlib", "flax", "optax", "torch",
+                                torch_threads=torch.get_num_threads()),
     }
     print(json.dumps({k: result[k] for k in ("config", "ours_tokens_per_s",
                                              "torch_tokens_per_s", "ratio", "mfu",

@@ -1,0 +1,44 @@
+"""What every benchmark records about the machine it ran on (imported by the bench scripts)."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import platform
+
+_ENV_KEYS = ("XLA_FLAGS", "LD_PRELOAD", "OMP_NUM_THREADS", "MALLOC_CONF", "TCMALLOC_RELEASE_RATE")
+
+
+def cpu_model() -> str:
+    """The ``model name`` line of /proc/cpuinfo ("" where there is none)."""
+    if not os.path.exists("/proc/cpuinfo"):
+        return ""
+    with open("/proc/cpuinfo") as f:
+        return next((line.split(":", 1)[1].strip() for line in f
+                     if line.startswith("model name")), "")
+
+
+def machine_info(*packages: str, **extra) -> dict:
+    """CPU, load, platform, the versions of ``packages`` and the environment that tunes them.
+
+    The 1-minute load average is recorded because these machines are often shared: a number
+    measured next to other work is not the machine's speed.
+    """
+    info = {
+        "cpu": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "load_avg_1m": round(os.getloadavg()[0], 2),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+    }
+    for name in packages:
+        module = importlib.import_module(name)
+        info[name] = getattr(module, "__version__", "")
+    if "jax" in packages:
+        import jax
+
+        info["backend"] = jax.default_backend()
+        info["device"] = str(jax.devices()[0].device_kind)
+    info["env"] = {k: os.environ[k] for k in _ENV_KEYS if k in os.environ}
+    info.update(extra)
+    return info
