@@ -25,5 +25,14 @@ lint: install
 test: lint
 	$(PY) -m pytest -q -n 2 tests
 
+# Throughput benchmarks (PyTorch peer from the bench extra); results in bench/results/.
+bench: install
+	$(PY) -m pip install -q -e ".[bench]"
+	$(PY) bench/train_throughput.py --config small --json bench/results/train_throughput_small.json
+	$(PY) bench/train_throughput.py --config base --json bench/results/train_throughput_base.json
+	$(PY) bench/decode_speed.py
+	$(PY) bench/data_throughput.py --json bench/results/data_throughput.json
+	$(PY) bench/make_tables.py
+
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache
