@@ -32,7 +32,6 @@ from jax import lax
 __all__ = [
     "NEG_INF",
     "beam_search",
-    "brevity_penalty",
     "expand_for_beam",
     "gather_beams",
     "greedy_search",
@@ -49,8 +48,6 @@ def length_penalty(length, alpha: float) -> jax.Array:
     """GNMT length penalty ``((5 + length) / 6) ** alpha`` (Wu et al. 2016)."""
     return ((5.0 + jnp.asarray(length, jnp.float32)) / 6.0) ** alpha
 
-
-brevity_penalty = length_penalty  # the name some codebases use
 
 
 def _max_lengths(max_lengths, batch_size: int, max_len: int) -> jax.Array:
