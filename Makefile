@@ -21,6 +21,7 @@ demo: install
 
 lint: install
 	$(PY) -m ruff check .
+	$(VENV)/bin/lint-imports
 
 test: lint
 	$(PY) -m pytest -q -n 2 tests

@@ -15,13 +15,41 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from transformer_jax.errors import ConfigError, TrainingDivergedError
+from transformer_jax.training import train_and_evaluate, validate_config
+from transformer_jax.training.distributed import initialize as initialize_distributed
+
 _FLAG_ERRORS = (flags.Error, AttributeError, KeyError, TypeError, ValueError)
+
+
+def override_error(argv: list[str], err: Exception) -> str:
+    """One-line message for ``--config.*`` command-line overrides that could not be applied.
+
+    An override naming a key the config does not have gets the same message as a config file
+    with that key (``unknown config key ...; the ... keys are: ...``).
+    """
+    for arg in argv[1:]:
+        if not arg.startswith("--config."):
+            continue
+        path = arg[len("--config."):].split("=", 1)[0].split(".")
+        nested: dict = {}
+        node = nested
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = 0
+        try:
+            validate_config(nested)
+        except ConfigError as key_err:
+            if "unknown config key" in str(key_err):
+                return str(key_err)
+        except Exception:  # noqa: BLE001 - only unknown keys are diagnosed here
+            pass
+    text = " ".join(str(err).split()) or type(err).__name__
+    return f"cannot apply the --config flags ({text}); check the names and values."
 
 
 def _flag_error(err: Exception):
     """A --config.* override that cannot be applied: one line on stderr, exit code 2."""
-    from transformer_jax.training.errors import override_error
-
     print(f"error: {override_error(sys.argv, err)}", file=sys.stderr)
     sys.exit(2)
 
@@ -45,14 +73,13 @@ def main(argv):
         return 2
     logging.set_verbosity(logging.WARNING)
     std_logging.getLogger("absl").setLevel(std_logging.ERROR)  # TFDS/orbax chatter, not ours
-    from transformer_jax.training import TrainingDivergedError, train_and_evaluate
-    from transformer_jax.training.distributed import initialize as initialize_distributed
-
     try:
+        # Every key is checked before anything touches the disk or the network.
+        config = validate_config(_CONFIG.value)
         # Multi-process jobs connect first (explicit distributed.* keys or the launcher's
         # environment); a single process skips this.
-        initialize_distributed(_CONFIG.value.get("distributed"))
-        summary = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+        initialize_distributed(config.distributed)
+        summary = train_and_evaluate(config, _WORKDIR.value)
     except TrainingDivergedError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

@@ -7,9 +7,10 @@ pairs, packed several per row with segment masks. Offline, a few minutes on a la
   python train.py --config configs/lm_numbers.py --workdir runs/lm
   python train.py --config configs/lm_numbers.py --workdir runs/lm --config.num_train_steps=200
 
-Sample from the trained model (see README "Scaling up" for prompts)::
+Sample from the trained model (see docs/scaling.md)::
 
-  from transformer_jax.training.generate import make_generate_fn
+  from transformer_jax.inference import load
+  load("runs/lm").generate(["drei"], max_new_tokens=16, temperature=0.0)
 """
 
 from transformer_jax.training import default_config

@@ -427,7 +427,7 @@ def transformer():
         cache = model.init_cache(src.shape[0], MAX_LEN, encoded=model.encode(src), src_ids=src)
 
         def tokens_to_logits(ids, cache):
-            logits, cache = model.decode(None, None, ids, cache=cache)
+            logits, cache = model.decode(ids, cache=cache)
             return logits[:, 0], cache
 
         return decoding.beam_search(cache, tokens_to_logits, batch_size=src.shape[0],

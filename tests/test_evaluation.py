@@ -1,4 +1,4 @@
-"""transformer_jax.evaluation: scores against sacrebleu, translation against a naive greedy
+"""transformer_jax.inference: scores against sacrebleu, translation against a naive greedy
 decoder written with full forward passes, bucketing invariance, attention maps, loading."""
 
 import functools
@@ -12,7 +12,14 @@ from flax import nnx
 from trained_workdir import CHECKPOINT_EVERY, STEPS, trained_workdir
 
 from transformer_jax.data.tokenizer import EOS_ID
-from transformer_jax.evaluation import Translator, attention_maps, bleu, chrf, corpus_scores
+from transformer_jax.inference import (
+    Translator,
+    attention_maps,
+    bleu,
+    chrf,
+    corpus_scores,
+    load,
+)
 from transformer_jax.nn import shift_right
 from transformer_jax.training import load_params
 
@@ -166,8 +173,8 @@ def test_attention_maps_shapes_rows_and_unpadded_reference(translator):
     assert maps["source_tokens"][-1] == maps["target_tokens"][-1] == "</s>"
     assert maps["target_ids"] == tgt and maps["target"] == target
     # Same weights from one unpadded forward pass of the model itself.
-    forward = jax.jit(lambda p, s, t: nnx.merge(translator.model_def.graphdef, p)(
-        s, t, return_attention=True)[1])
+    forward = jax.jit(lambda p, s, t: nnx.merge(translator.model_def.graphdef, p).with_attention(
+        s, t)[1])
     weights = forward(translator.params, np.asarray([src]), shift_right(np.asarray([tgt])))
     np.testing.assert_allclose(maps["cross"], np.asarray(weights["decoder_cross"])[:, 0],
                                atol=1e-5)
@@ -175,16 +182,25 @@ def test_attention_maps_shapes_rows_and_unpadded_reference(translator):
                                atol=1e-5)
 
 
-def test_attention_maps_translates_when_no_target_and_takes_a_model(translator):
+def test_attention_maps_translates_when_no_target_and_wraps_a_model(translator):
     maps = attention_maps(translator, "twenty one")
     assert maps["target"] == translator.translate(["twenty one"], beam_size=1)[0]
-    model = translator.model_def.merge(translator.params)
-    other = attention_maps(model, None, "twenty one", maps["target"],
-                           tokenizer=translator.tokenizer)
+    model = translator.model  # a model in memory goes through a Translator too
+    other = attention_maps(Translator(model, translator.tokenizer), "twenty one", maps["target"])
     np.testing.assert_allclose(other["cross"], maps["cross"], atol=1e-6)
     assert other["target_tokens"] == maps["target_tokens"]
-    with pytest.raises(ValueError, match="tokenizer="):
+    with pytest.raises(TypeError, match="Translator"):
         attention_maps(model, "twenty one")
+
+
+def test_load_is_one_call_to_a_ready_translator(workdir, translator):
+    loaded = load(workdir)
+    assert isinstance(loaded, Translator) and loaded.step == translator.step
+    assert loaded.translate(SHORT, beam_size=1) == translator.translate(SHORT, beam_size=1)
+    logits = loaded.model(np.asarray([[5, 6, EOS_ID]]), np.asarray([[0, 7]]))  # [1, 2, V]
+    assert logits.shape == (1, 2, loaded.config.vocab_size)
+    with pytest.raises(FileNotFoundError, match="no work directory"):
+        load(f"{workdir}_missing")
 
 
 # ------------------------------------------------------------------------------ loading

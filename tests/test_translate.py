@@ -12,7 +12,7 @@ import sacrebleu
 from trained_workdir import CHECKPOINT_EVERY, trained_workdir
 
 from transformer_jax import translate as cli
-from transformer_jax.evaluation import Translator
+from transformer_jax.inference import Translator
 
 LINES = ["twenty one", "", "seven", "nine thousand nine hundred and ninety nine", "",
          "one hundred and five", "eighty"]

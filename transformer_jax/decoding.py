@@ -23,7 +23,7 @@ Conventions shared by all searches:
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -31,6 +31,7 @@ from jax import lax
 
 __all__ = [
     "NEG_INF",
+    "BeamState",
     "beam_search",
     "expand_for_beam",
     "gather_beams",
@@ -241,6 +242,34 @@ def _reorder_cache(old, new, beam_indices, batch_size: int, beam_size: int):
     return jax.tree_util.tree_unflatten(new_def, leaves)
 
 
+class BeamState(NamedTuple):
+    """Loop state of :func:`beam_search` (a pytree; B batch, K beams, L = ``max_len``).
+
+    Live beams are still growing; finished ones ended with EOS and carry their
+    length-penalised score. Row ``b * K + k`` of ``last`` and of the cache is beam ``k`` of
+    example ``b``.
+    """
+
+    step: jax.Array  # int32 [], position being decoded
+    live_seqs: jax.Array  # int32 [B, K, L], tokens so far, then pad
+    live_logp: jax.Array  # float32 [B, K], log-probability of each live beam (best first)
+    last: jax.Array  # int32 [B*K], each live beam's newest token (next decoder input)
+    cache: Any  # decoding cache of B*K rows
+    fin_scores: jax.Array  # float32 [B, K], length-penalised scores (NEG_INF: empty slot)
+    fin_seqs: jax.Array  # int32 [B, K, L], finished hypotheses, EOS then pad
+
+    @classmethod
+    def start(cls, first, cache, batch_size: int, beam_size: int, max_len: int,
+              pad_id: int) -> BeamState:
+        """Step 0: one live beam per example (the others at NEG_INF), nothing finished."""
+        seqs = jnp.full((batch_size, beam_size, max_len), pad_id, jnp.int32)
+        live_logp = jnp.array([0.0] + [NEG_INF] * (beam_size - 1), jnp.float32)
+        return cls(step=jnp.int32(0), live_seqs=seqs,
+                   live_logp=jnp.tile(live_logp, (batch_size, 1)), last=first, cache=cache,
+                   fin_scores=jnp.full((batch_size, beam_size), NEG_INF, jnp.float32),
+                   fin_seqs=seqs)
+
+
 def beam_search(cache, tokens_to_logits: TokensToLogits, *, batch_size: int, beam_size: int,
                 max_len: int, eos_id: int = 1, bos_id: int = 0, pad_id: int = 0,
                 alpha: float = 0.6, max_lengths=None, start_ids=None):
@@ -286,15 +315,15 @@ def beam_search(cache, tokens_to_logits: TokensToLogits, *, batch_size: int, bea
         length = max_lengths if alpha >= 0 else step + 1
         return live_logp[:, 0] / length_penalty(length, alpha)
 
-    def cond(carry):
-        step, _, live_logp, _, _, fin_scores, _ = carry
-        worst_finished = jnp.min(fin_scores, axis=1)  # [B]; NEG_INF until K have finished
-        done = worst_finished >= best_live_possible(step, live_logp)
-        return (step < max_len) & ~jnp.all(done)
+    def cond(state: BeamState):
+        worst_finished = jnp.min(state.fin_scores, axis=1)  # [B]; NEG_INF until K finished
+        done = worst_finished >= best_live_possible(state.step, state.live_logp)
+        return (state.step < max_len) & ~jnp.all(done)
 
-    def body(carry):
-        step, live_seqs, live_logp, last, old_cache, fin_scores, fin_seqs = carry
-        logits, cache = tokens_to_logits(last[:, None], old_cache)  # [B*K, V]
+    def body(state: BeamState) -> BeamState:
+        step, live_seqs, live_logp = state.step, state.live_seqs, state.live_logp
+        fin_scores, fin_seqs, old_cache = state.fin_scores, state.fin_seqs, state.cache
+        logits, cache = tokens_to_logits(state.last[:, None], old_cache)  # [B*K, V]
         _check_logits(logits, B * K)
         vocab = logits.shape[-1]
         logprobs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
@@ -323,13 +352,11 @@ def beam_search(cache, tokens_to_logits: TokensToLogits, *, batch_size: int, bea
         beams = jnp.take_along_axis(top_beam, keep, axis=1)  # [B, K] rows to follow
         cache = _reorder_cache(old_cache, cache, beams, B, K)
         last = jnp.take_along_axis(top_token, keep, axis=1).reshape(B * K)
-        return step + 1, live_seqs, live_logp, last, cache, fin_scores, fin_seqs
+        return BeamState(step + 1, live_seqs, live_logp, last, cache, fin_scores, fin_seqs)
 
-    live_logp = jnp.tile(jnp.array([0.0] + [NEG_INF] * (K - 1), jnp.float32), (B, 1))
-    seqs = jnp.full((B, K, max_len), pad_id, jnp.int32)
-    carry = (jnp.int32(0), seqs, live_logp, first, cache,
-             jnp.full((B, K), NEG_INF, jnp.float32), seqs)
-    _, live_seqs, live_logp, _, _, fin_scores, fin_seqs = lax.while_loop(cond, body, carry)
+    final = lax.while_loop(cond, body, BeamState.start(first, cache, B, K, max_len, pad_id))
+    live_seqs, live_logp = final.live_seqs, final.live_logp
+    fin_scores, fin_seqs = final.fin_scores, final.fin_seqs
     # With forced EOS at max length every example finishes; live beams are a safety net
     # (e.g. an eos_id the model never emits).
     any_finished = (fin_scores[:, :1] > NEG_INF / 2)[:, :, None]  # [B, 1, 1]

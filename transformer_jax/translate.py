@@ -13,7 +13,14 @@ directory / checkpoint / tokenizer or bad arguments.
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
+
+import absl.logging
+
+from transformer_jax.data.validation import DataError
+from transformer_jax.errors import CheckpointMismatchError
+from transformer_jax.inference import Translator, corpus_scores
 
 __all__ = ["main", "read_lines"]
 
@@ -73,10 +80,6 @@ def _read(path: str, what: str) -> list[str]:
 
 
 def _quiet_logs() -> None:
-    import logging
-
-    import absl.logging
-
     absl.logging.set_verbosity(absl.logging.ERROR)
     logging.getLogger("absl").setLevel(logging.ERROR)
 
@@ -105,10 +108,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     _quiet_logs()
-    from transformer_jax.data.validation import DataError
-    from transformer_jax.evaluation import Translator, corpus_scores
-    from transformer_jax.training.errors import CheckpointMismatchError
-
     try:
         translator = Translator.from_workdir(args.workdir, step=args.step,
                                              averaged=args.averaged)

@@ -7,9 +7,9 @@ import pytest
 from flax import nnx
 from scale_helpers import VOCAB, adam_step, fresh_state, packed_batch, tiny_config
 
+from transformer_jax.inference import make_generate_fn
 from transformer_jax.nn import DecoderOnlyLM
 from transformer_jax.training import ConfigError, default_config, validate_config
-from transformer_jax.training.generate import make_generate_fn
 from transformer_jax.training.step import eval_step, split_model
 
 

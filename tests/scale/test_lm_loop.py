@@ -11,9 +11,9 @@ from flax import nnx
 
 from transformer_jax.config import ModelConfig
 from transformer_jax.data import Tokenizer
+from transformer_jax.inference import Generator, load, make_generate_fn
 from transformer_jax.nn import DecoderOnlyLM
 from transformer_jax.training import load_params, read_meta, train_and_evaluate
-from transformer_jax.training.generate import make_generate_fn
 from transformer_jax.training.step import split_model
 
 CONFIG = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "lm_numbers.py")
@@ -52,7 +52,11 @@ def test_sharded_lm_run_trains_saves_and_generates(tmp_path):
     model_def, _ = split_model(DecoderOnlyLM(cfg, rngs=nnx.Rngs(0)))
     tokenizer = Tokenizer.load(str(tmp_path / "tokenizer" / "spm.model"))
     prompt = np.asarray([tokenizer.encode_one("zwei")] * 2, np.int32)
-    out = np.asarray(make_generate_fn(model_def, max_new_tokens=12)(
+    out = np.asarray(make_generate_fn(model_def, max_new_tokens=12, temperature=0.0)(
         params, prompt, jax.random.key(0)))
     assert out.shape == (2, 12) and ((out >= 0) & (out < cfg.vocab_size)).all()
-    assert all(isinstance(t, str) for t in tokenizer.decode(out))
+    # The one-call loader gives the same greedy continuation, as text.
+    lm = load(str(tmp_path))
+    assert isinstance(lm, Generator) and lm.step == 8
+    texts = lm.generate(["zwei", "zwei", ""], max_new_tokens=12, temperature=0.0)
+    assert texts[:2] == tokenizer.decode(out) and isinstance(texts[2], str)

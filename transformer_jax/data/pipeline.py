@@ -40,7 +40,7 @@ import grain
 import ml_collections
 import numpy as np
 
-from transformer_jax.data import sources
+import transformer_jax.data.sources as sources
 from transformer_jax.data.config import check_data_config
 from transformer_jax.data.tokenizer import EOS_ID, Tokenizer
 from transformer_jax.data.validation import DataError

@@ -27,7 +27,8 @@ from typing import Any
 import numpy as np
 import tensorflow_datasets as tfds
 
-from transformer_jax.data import numbers, validation
+import transformer_jax.data.numbers as numbers
+import transformer_jax.data.validation as validation
 from transformer_jax.data.validation import DataError
 
 __all__ = [

@@ -1,6 +1,7 @@
 """Flax NNX modules of the Transformer, composed from ``transformer_jax.ops``.
 
-Main entry points: ``Transformer`` (encoder-decoder), ``DecoderOnlyLM``, ``shift_right`` and the
+Main entry points: ``Transformer`` (encoder-decoder), ``DecoderOnlyLM``, ``build_model(kind,
+config, rngs)`` (either, by name), ``split_model`` / ``ModelDef``, ``shift_right`` and the
 building blocks ``MultiHeadAttention``, ``FeedForward``, ``Residual``, ``EncoderLayer``,
 ``DecoderLayer``. All modules work as pure functions of ``nnx.split(model)`` under ``jax.jit``::
 
@@ -12,6 +13,14 @@ building blocks ``MultiHeadAttention``, ``FeedForward``, ``Residual``, ``Encoder
 """
 
 from transformer_jax.nn.attention import MultiHeadAttention
+from transformer_jax.nn.build import (
+    MODEL_KINDS,
+    ModelDef,
+    abstract_params,
+    build_model,
+    model_kind,
+    split_model,
+)
 from transformer_jax.nn.embeddings import InputEmbedding, OutputProjection, TokenEmbedding
 from transformer_jax.nn.layers import (
     DecoderLayer,
@@ -27,6 +36,12 @@ from transformer_jax.nn.stacks import Decoder, Encoder
 from transformer_jax.nn.transformer import Transformer, shift_right
 
 __all__ = [
+    "MODEL_KINDS",
+    "ModelDef",
+    "abstract_params",
+    "build_model",
+    "model_kind",
+    "split_model",
     "Decoder",
     "DecoderLayer",
     "DecoderOnlyLM",

@@ -31,45 +31,40 @@ class DecoderOnlyLM(nnx.Module):
         tokens = TokenEmbedding(config, rngs=rngs)
         self.decoder = Decoder(config, tokens, cross_attention=False, rngs=rngs)
 
-    def __call__(
-        self,
-        ids,
-        *,
-        segments=None,
-        positions=None,
-        dropout_rng=None,
-        return_attention: bool = False,
-    ):
-        """Parallel (teacher-forced) pass.
+    def __call__(self, ids, *, segments=None, positions=None, dropout_rng=None):
+        """Parallel (teacher-forced) pass -> float32 logits ``[B, T, V]``.
 
         Args:
           ids: ``[B, T]`` input ids.
           segments: ``[B, T]`` segment ids of packed rows (0 = padding) or None.
           positions: ``[B, T]`` per-segment positions or None (``arange(T)``).
           dropout_rng: PRNG key; dropout is active iff it is given.
-          return_attention: also return the ``[L, B, N, T, T]`` self-attention weights.
-
-        Returns:
-          float32 logits ``[B, T, V]``, or ``(logits, weights)``.
         """
+        logits, _, _ = self.decoder(
+            ids, tgt_segments=segments, positions=positions, dropout_rng=dropout_rng
+        )
+        return logits
+
+    def with_attention(self, ids, *, segments=None, positions=None, dropout_rng=None):
+        """``__call__`` that also returns ``{"decoder_self": [L, B, N, T, T]}`` weights."""
         logits, _, weights = self.decoder(
             ids,
             tgt_segments=segments,
             positions=positions,
             dropout_rng=dropout_rng,
-            return_attention=return_attention,
+            return_attention=True,
         )
-        return (logits, weights["self"]) if return_attention else logits
+        return logits, {"decoder_self": weights["self"]}
 
-    def init_cache(self, batch: int, max_len: int, dtype=None):
+    def init_cache(self, batch: int, max_len: int, *, dtype=None):
         """``{"layers": [{"self": {"key": [B,L,N,H], "value": [B,L,N,H], "index": int32 []}}]}``."""
         return self.decoder.init_cache(batch, max_len, dtype=dtype)
 
-    def decode(self, ids, cache, *, dropout_rng=None):
+    def decode(self, ids, *, cache, dropout_rng=None):
         """Incremental step: ``ids [B, T]`` (usually T = 1) at the cache index.
 
         Returns:
-          ``(logits [B, T, V] float32, new_cache)``.
+          ``(logits [B, T, V] float32, new_cache)``, as ``Transformer.decode``.
         """
         logits, new_cache, _ = self.decoder(ids, cache=cache, dropout_rng=dropout_rng)
         return logits, new_cache

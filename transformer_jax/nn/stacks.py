@@ -115,7 +115,10 @@ class Encoder(nnx.Module):
         dropout_rng=None,
         return_attention: bool = False,
     ):
-        """``src_ids [B, S]`` -> encoded ``[B, S, D]`` (and weights ``[L, B, N, S, S]``)."""
+        """``src_ids [B, S]`` -> ``(encoded [B, S, D], {"self": [L, B, N, S, S]})``.
+
+        The dict is empty unless ``return_attention`` (the same pair structure either way).
+        """
         config = self.config
         src_ids = check_ids("src_ids", src_ids)
         positions = _positions(config, src_ids, positions, "src_ids")
@@ -138,7 +141,7 @@ class Encoder(nnx.Module):
             weights.append(w)
         if config.pre_norm:
             x = self.final_norm(x)
-        return (x, _stack(weights, "self")) if return_attention else x
+        return x, ({"self": _stack(weights, "self")} if return_attention else {})
 
 
 class Decoder(nnx.Module):

@@ -74,9 +74,8 @@ class Transformer(nnx.Module):
         src_positions=None,
         tgt_positions=None,
         dropout_rng=None,
-        return_attention: bool = False,
     ):
-        """Teacher-forced forward pass.
+        """Teacher-forced forward pass -> float32 logits ``[B, T, V]``.
 
         Args:
           src_ids: ``[B, S]`` source ids (pad 0).
@@ -84,123 +83,117 @@ class Transformer(nnx.Module):
           src_segments, tgt_segments: packed-row segment ids (both or neither).
           src_positions, tgt_positions: per-segment positions of packed rows.
           dropout_rng: PRNG key; dropout is active iff it is given.
-          return_attention: also return ``{"encoder_self": [L,B,N,S,S], "decoder_self":
-            [L,B,N,T,T], "decoder_cross": [L,B,N,T,S]}`` (float32 weights before dropout).
+        """
+        return self._forward(src_ids, tgt_in_ids, src_segments=src_segments,
+                             tgt_segments=tgt_segments, src_positions=src_positions,
+                             tgt_positions=tgt_positions, dropout_rng=dropout_rng)[0]
+
+    def with_attention(self, src_ids, tgt_in_ids, **kwargs):
+        """``__call__`` that also returns the attention weights (float32, before dropout).
 
         Returns:
-          float32 logits ``[B, T, V]``, or ``(logits, attention)``.
+          ``(logits [B, T, V], {"encoder_self": [L,B,N,S,S], "decoder_self": [L,B,N,T,T],
+          "decoder_cross": [L,B,N,T,S]})``.
         """
+        return self._forward(src_ids, tgt_in_ids, return_attention=True, **kwargs)
+
+    def _forward(self, src_ids, tgt_in_ids, *, src_segments=None, tgt_segments=None,
+                 src_positions=None, tgt_positions=None, dropout_rng=None,
+                 return_attention: bool = False):
+        """``(logits, attention)``; the dict is empty unless ``return_attention``."""
         if (src_segments is None) != (tgt_segments is None):
             raise ValueError(
                 "Pass src_segments and tgt_segments together (packed rows) or neither."
             )
-        encoded = self.encode(
+        encoded, enc_weights = self.encoder(
             src_ids,
-            src_segments=src_segments,
-            src_positions=src_positions,
+            segments=src_segments,
+            positions=src_positions,
             dropout_rng=fold(dropout_rng, 0),
             return_attention=return_attention,
         )
-        encoded, enc_weights = encoded if return_attention else (encoded, None)
-        result = self.decode(
-            encoded,
-            src_ids,
+        logits, _, dec_weights = self.decoder(
             tgt_in_ids,
+            encoded,
+            src_valid=self._src_valid(src_ids),
             src_segments=src_segments,
             tgt_segments=tgt_segments,
-            tgt_positions=tgt_positions,
+            positions=tgt_positions,
             dropout_rng=fold(dropout_rng, 1),
             return_attention=return_attention,
         )
         if not return_attention:
-            return result[0]
-        logits, _, dec = result
+            return logits, {}
         return logits, {
-            "encoder_self": enc_weights,
-            "decoder_self": dec["decoder_self"],
-            "decoder_cross": dec["decoder_cross"],
+            "encoder_self": enc_weights["self"],
+            "decoder_self": dec_weights["self"],
+            "decoder_cross": dec_weights["cross"],
         }
 
-    def encode(
-        self,
-        src_ids,
-        *,
-        src_segments=None,
-        src_positions=None,
-        dropout_rng=None,
-        return_attention: bool = False,
-    ):
-        """``src_ids [B, S]`` -> ``[B, S, D]`` (and ``[L, B, N, S, S]`` weights if asked).
+    def _src_valid(self, src_ids):
+        """``[B, S]`` bool, True at real source tokens (None when ``src_ids`` is None)."""
+        if src_ids is None:
+            return None
+        return check_ids("src_ids", src_ids) != self.config.pad_id
+
+    def encode(self, src_ids, *, src_segments=None, src_positions=None, dropout_rng=None):
+        """``src_ids [B, S]`` -> encoded ``[B, S, D]``.
 
         ``dropout_rng`` is used as the encoder stack key directly.
         """
-        return self.encoder(
-            src_ids,
-            segments=src_segments,
-            positions=src_positions,
-            dropout_rng=dropout_rng,
-            return_attention=return_attention,
+        encoded, _ = self.encoder(
+            src_ids, segments=src_segments, positions=src_positions, dropout_rng=dropout_rng
         )
+        return encoded
 
     def decode(
         self,
-        encoded,
-        src_ids,
         tgt_in_ids,
         *,
+        encoded=None,
+        src_ids=None,
         src_segments=None,
         tgt_segments=None,
         tgt_positions=None,
         cache=None,
         dropout_rng=None,
-        return_attention: bool = False,
     ):
-        """Decoder pass over the encoder output.
+        """Decoder pass: ``(logits [B, T, V] float32, new_cache)``.
+
+        Two uses: ``decode(tgt_in_ids, encoded=..., src_ids=...)`` runs all T positions in
+        parallel under a causal mask (``new_cache`` is None); ``decode(ids, cache=cache)``
+        continues at the cache index (``ids`` usually ``[B, 1]``), with the encoder output
+        already in a cache built by ``init_cache(..., encoded=...)``.
 
         Args:
-          encoded: ``[B, S, D]`` from ``encode`` (None when ``cache`` was built with it).
-          src_ids: ``[B, S]`` source ids for the padding mask (None: taken from the cache,
-            or every source position is valid).
-          tgt_in_ids: ``[B, T]``; with a cache usually ``[B, 1]``, placed at the cache index.
+          tgt_in_ids: ``[B, T]`` decoder inputs.
+          encoded: ``[B, S, D]`` from ``encode`` (not needed when the cache holds it).
+          src_ids: ``[B, S]`` source ids for the padding mask (default: from the cache, or
+            every source position is valid).
           src_segments, tgt_segments, tgt_positions: as in ``__call__`` (no cache only).
-          cache: None (parallel decoding, causal mask) or a cache from ``init_cache``.
+          cache: None or a cache from ``init_cache``.
           dropout_rng: decoder stack key (None = no dropout).
-          return_attention: also return ``{"decoder_self", "decoder_cross"}`` weights.
-
-        Returns:
-          ``(logits [B, T, V] float32, new_cache)`` (``new_cache`` None without a cache), plus
-          the attention dict as a third element when ``return_attention``.
         """
-        src_valid = None
-        if src_ids is not None:
-            src_valid = check_ids("src_ids", src_ids) != self.config.pad_id
-        logits, new_cache, weights = self.decoder(
+        logits, new_cache, _ = self.decoder(
             tgt_in_ids,
             encoded,
-            src_valid=src_valid,
+            src_valid=self._src_valid(src_ids),
             src_segments=src_segments,
             tgt_segments=tgt_segments,
             positions=tgt_positions,
             cache=cache,
             dropout_rng=dropout_rng,
-            return_attention=return_attention,
         )
-        if not return_attention:
-            return logits, new_cache
-        attention = {"decoder_self": weights["self"], "decoder_cross": weights["cross"]}
-        return logits, new_cache, attention
+        return logits, new_cache
 
     def init_cache(self, batch: int, max_len: int, *, encoded=None, src_ids=None, dtype=None):
         """Decoding cache (see ``Decoder.init_cache``).
 
         With ``encoded [B, S, D]`` (and ``src_ids [B, S]`` for the padding mask) the
         cross-attention keys/values are projected once and kept in the cache, so decoding
-        steps can call ``decode(None, None, ids, cache=cache)``. Every array leaf has the
-        batch as axis 0 except the int32 scalar ``index`` of each layer.
+        steps can call ``decode(ids, cache=cache)``. Every array leaf has the batch as axis 0
+        except the int32 scalar ``index`` of each layer.
         """
-        src_valid = None
-        if src_ids is not None:
-            src_valid = check_ids("src_ids", src_ids) != self.config.pad_id
         return self.decoder.init_cache(
-            batch, max_len, encoded=encoded, src_valid=src_valid, dtype=dtype
+            batch, max_len, encoded=encoded, src_valid=self._src_valid(src_ids), dtype=dtype
         )

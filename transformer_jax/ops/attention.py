@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from transformer_jax.ops import chunked_attention
+import transformer_jax.ops.chunked_attention as chunked_attention
 
 __all__ = [
     "IMPLEMENTATIONS",

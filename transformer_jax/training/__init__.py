@@ -2,43 +2,24 @@
 
 Entry points::
 
-    from transformer_jax.training import default_config, train_and_evaluate, load_params
+    from transformer_jax.training import default_config, train_and_evaluate
 
     config = default_config()                 # or configs/*.py get_config()
     summary = train_and_evaluate(config, "runs/demo")
-    params = load_params("runs/demo")         # params of the newest checkpoint
+
+Reading a finished run is ``transformer_jax.inference.load("runs/demo")`` (or the lower level
+``transformer_jax.checkpoints.load_params``; re-exported here with ``read_meta``).
 """
 
-from transformer_jax.training.checkpoint import (
-    Checkpointer,
-    average_checkpoints,
-    load_params,
-    read_meta,
-)
+from transformer_jax.checkpoints import load_params, read_meta
+from transformer_jax.errors import CheckpointMismatchError, ConfigError, TrainingDivergedError
+from transformer_jax.nn import ModelDef, split_model
+from transformer_jax.training.checkpoint import Checkpointer, average_checkpoints
 from transformer_jax.training.defaults import default_config, validate_config
-from transformer_jax.training.errors import (
-    CheckpointMismatchError,
-    ConfigError,
-    TrainingDivergedError,
-)
+from transformer_jax.training.loop import train_and_evaluate
 from transformer_jax.training.optim import make_optimizer, make_schedule, paper_schedule
 from transformer_jax.training.parallel import DataParallel
-from transformer_jax.training.step import (
-    ModelDef,
-    TrainState,
-    create_train_state,
-    eval_step,
-    split_model,
-    train_step,
-)
-
-
-def train_and_evaluate(config, workdir: str) -> dict:
-    """Train, evaluate and checkpoint into ``workdir`` (see ``training.loop``)."""
-    from transformer_jax.training.loop import train_and_evaluate as run
-
-    return run(config, workdir)
-
+from transformer_jax.training.step import TrainState, create_train_state, eval_step, train_step
 
 __all__ = [
     "CheckpointMismatchError",

@@ -9,6 +9,9 @@ Layout of a work directory::
                               /data        JSON: state of the training data iterator
   <workdir>/averaged/<step>/params, meta   params-only checkpoint from ``average``
 
+Reading (``read_meta``, ``load_params``, ``check_compatible``) lives in
+:mod:`transformer_jax.checkpoints`, below training and inference; the names are re-exported here.
+
 Writes go through orbax's temporary directory (``<step>.orbax-checkpoint-tmp``) + rename, so
 a crash never leaves a half-written ``<step>`` behind; nothing is pickled. Saves are
 asynchronous: call ``wait()`` (or ``close()``) before relying on the files.
@@ -32,14 +35,27 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from transformer_jax.training.errors import CheckpointMismatchError
+from transformer_jax.checkpoints import (
+    ARCHITECTURE_KEYS,
+    AVERAGED_DIR,
+    CHECKPOINT_DIR,
+    OPTIMIZER_KEYS,
+    check_compatible,
+    checkpoint_dir,
+    load_params,
+    read_meta,
+)
+from transformer_jax.checkpoints import host_abstract as _host_abstract
+from transformer_jax.checkpoints import one_line as _one_line
+from transformer_jax.checkpoints import open_manager as _manager
+from transformer_jax.errors import CheckpointMismatchError
 
 __all__ = [
     "ARCHITECTURE_KEYS",
     "AVERAGED_DIR",
     "CHECKPOINT_DIR",
     "Checkpointer",
-    "abstract_params",
+    "OPTIMIZER_KEYS",
     "average_checkpoints",
     "check_compatible",
     "checkpoint_dir",
@@ -48,21 +64,10 @@ __all__ = [
     "save_params",
 ]
 
-CHECKPOINT_DIR = "checkpoints"
-AVERAGED_DIR = "averaged"
 CORRUPT_DIR = "corrupt_checkpoints"
 INCOMPLETE_MARK = ".orbax-checkpoint-tmp"  # orbax's name for a save still in progress
 
 log = logging.getLogger(__name__)
-
-# Model fields that change parameter shapes or their meaning.
-ARCHITECTURE_KEYS = (
-    "vocab_size", "d_model", "num_heads", "num_layers", "num_encoder_layers",
-    "num_decoder_layers", "d_ff", "max_len", "positional", "pre_norm", "share_embeddings",
-    "tie_output", "use_bias", "param_dtype",
-)
-# Optimizer fields that change the optimizer-state structure.
-OPTIMIZER_KEYS = ("name", "grad_accum_steps")
 
 
 # --------------------------------------------------------------------------- JSON helpers
@@ -102,63 +107,7 @@ def _key_from_json(blob: Mapping) -> jax.Array:
     return jax.random.wrap_key_data(np.asarray(blob["data"], np.uint32), impl=blob["impl"])
 
 
-# --------------------------------------------------------------------------- compatibility
-def _resolved_model(model: Mapping) -> dict:
-    model = dict(model)
-    for side in ("num_encoder_layers", "num_decoder_layers"):
-        if model.get(side) is None:
-            model[side] = model.get("num_layers")
-    return model
-
-
-def check_compatible(saved: Mapping, wanted: Mapping, where: str) -> None:
-    """Raise :class:`CheckpointMismatchError` naming the first field that differs.
-
-    Args:
-      saved: resolved config dict stored with the checkpoint (``model`` / ``optimizer``).
-      wanted: the config dict of this run.
-      where: checkpoint directory, for the message.
-    """
-    pairs = [("model", k, _resolved_model) for k in ARCHITECTURE_KEYS]
-    pairs += [("optimizer", k, dict) for k in OPTIMIZER_KEYS]
-    for section, key, norm in pairs:
-        if section not in saved or section not in wanted:
-            continue
-        old, new = norm(saved[section]).get(key), norm(wanted[section]).get(key)
-        if old is not None and new is not None and old != new:
-            name = key if section == "model" else f"{section}.{key}"
-            raise CheckpointMismatchError(
-                f"checkpoint in {where} was written for {name}={old} but the config asks for "
-                f"{name}={new}; use a fresh --workdir or the matching config."
-            )
-
-
 # --------------------------------------------------------------------------- manager
-def checkpoint_dir(path: str) -> str:
-    """``<workdir>/checkpoints`` when it exists, else ``path`` itself (e.g. ``averaged``)."""
-    path = os.path.abspath(os.fspath(path))
-    nested = os.path.join(path, CHECKPOINT_DIR)
-    return nested if os.path.isdir(nested) else path
-
-
-def _manager(directory: str, *, keep: int | None = None, async_save: bool = True,
-             create: bool = True) -> ocp.CheckpointManager:
-    options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep,
-        create=create,
-        enable_async_checkpointing=async_save,
-    )
-    return ocp.CheckpointManager(directory, options=options)
-
-
-def _host_abstract(tree):
-    """ShapeDtypeStructs on the first local device (the parallel layer re-places them)."""
-    sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    return jax.tree_util.tree_map(
-        lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=sharding), tree
-    )
-
-
 class Checkpointer:
     """Saves and restores the training state of one work directory.
 
@@ -326,86 +275,7 @@ class Checkpointer:
         self._manager.close()
 
 
-def _one_line(err: Exception, limit: int = 160) -> str:
-    text = " ".join(str(err).split()) or type(err).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def read_meta(path: str, step: int | None = None) -> dict:
-    """The ``meta`` JSON (step, rng, config, tokenizer) of a checkpoint directory/workdir."""
-    directory = checkpoint_dir(path)
-    if not os.path.isdir(directory):
-        raise FileNotFoundError(f"no checkpoint directory at {directory}.")
-    manager = _manager(directory, create=False)
-    try:
-        step = manager.latest_step() if step is None else step
-        if step is None or step not in manager.all_steps():
-            have = sorted(manager.all_steps())
-            raise FileNotFoundError(
-                f"no checkpoint {'' if step is None else f'for step {step} '}in {directory}"
-                f" (steps present: {have or 'none'})."
-            )
-        return manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))[
-            "meta"
-        ]
-    finally:
-        manager.close()
-
-
 # --------------------------------------------------------------------------- params only
-def abstract_params(model_config: Mapping, model_kind: str = "encoder_decoder") -> dict:
-    """Params pytree of ``ShapeDtypeStruct`` for a model config dict (nothing allocated).
-
-    ``model_kind``: "encoder_decoder" (``Transformer``) or "decoder_only" (``DecoderOnlyLM``).
-    """
-    from flax import nnx
-
-    from transformer_jax.config import ModelConfig
-    from transformer_jax.nn import DecoderOnlyLM, Transformer
-
-    cfg = ModelConfig.from_dict(dict(model_config))
-    model_cls = DecoderOnlyLM if model_kind == "decoder_only" else Transformer
-    model = nnx.eval_shape(lambda: model_cls(cfg, rngs=nnx.Rngs(0)))
-    return nnx.to_pure_dict(nnx.state(model, nnx.Param))
-
-
-def load_params(workdir: str, step: int | None = None, *, model_config: Mapping | None = None,
-                averaged: bool = False):
-    """Parameters of a checkpoint, without optimizer state.
-
-    Args:
-      workdir: a training work directory, or a checkpoint directory such as
-        ``<workdir>/averaged``.
-      step: checkpoint step (default: latest).
-      model_config: optional model config dict of the caller; a different architecture raises
-        :class:`CheckpointMismatchError`.
-      averaged: read ``<workdir>/averaged`` (written by ``python -m
-        transformer_jax.training.average``) instead of the training checkpoints.
-
-    Returns:
-      Nested dict of arrays with the structure of ``nnx.to_pure_dict(nnx.state(model,
-      nnx.Param))`` for the saved model config.
-    """
-    path = os.path.join(workdir, AVERAGED_DIR) if averaged else workdir
-    directory = checkpoint_dir(path)
-    meta = read_meta(directory, step)
-    saved = meta.get("config", {})
-    if model_config is not None:
-        check_compatible(saved, {"model": dict(model_config)}, os.path.abspath(workdir))
-    if "model" not in saved:
-        raise ValueError(f"checkpoint in {directory} has no model config in its metadata.")
-    kind = saved.get("model_kind", "encoder_decoder")
-    abstract = _host_abstract(abstract_params(saved["model"], kind))
-    manager = _manager(directory, create=False)
-    try:
-        restored = manager.restore(
-            meta["step"], args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract))
-        )
-    finally:
-        manager.close()
-    return restored["params"]
-
-
 def save_params(directory: str, step: int, params, meta: Mapping) -> None:
     """Write a params-only checkpoint (replacing an existing one at ``step``)."""
     manager = _manager(directory, async_save=False)

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from transformer_jax import data as data_lib
-from transformer_jax.evaluation import corpus_scores, make_translate_fn
+from transformer_jax.inference import corpus_scores, make_translate_fn
 from transformer_jax.training.distributed import to_local
 from transformer_jax.training.parallel import DataParallel
 from transformer_jax.training.step import ModelDef, eval_step

@@ -29,22 +29,20 @@ import ml_collections
 from flax import nnx
 from tqdm.auto import tqdm
 
+import transformer_jax.training.evaluate as evaluate
+import transformer_jax.training.reporting as reporting
 from transformer_jax import data as data_lib
+from transformer_jax.checkpoints import check_compatible, load_params
 from transformer_jax.config import ModelConfig
-from transformer_jax.nn import DecoderOnlyLM, Transformer
-from transformer_jax.training import evaluate, reporting
+from transformer_jax.errors import ConfigError, TrainingDivergedError, WorkdirError
+from transformer_jax.nn import DecoderOnlyLM, Transformer, split_model
 from transformer_jax.training.average import average_into_workdir
-from transformer_jax.training.checkpoint import (
-    Checkpointer,
-    check_compatible,
-    load_params,
-)
+from transformer_jax.training.checkpoint import Checkpointer
 from transformer_jax.training.defaults import parse_metrics, validate_config
 from transformer_jax.training.distributed import chief_first
-from transformer_jax.training.errors import ConfigError, TrainingDivergedError, WorkdirError
 from transformer_jax.training.optim import make_optimizer
 from transformer_jax.training.sharding import Sharded, make_parallel
-from transformer_jax.training.step import create_train_state, split_model, train_step
+from transformer_jax.training.step import create_train_state, train_step
 
 __all__ = ["train_and_evaluate"]
 

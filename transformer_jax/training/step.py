@@ -1,7 +1,7 @@
 """Pure training and evaluation steps over ``(graphdef, params)`` from ``nnx.split``.
 
-The model object never enters the compiled functions: ``ModelDef`` holds the static graph
-definition (and any non-parameter state) and ``params`` is a plain nested dict of arrays.
+The model object never enters the compiled functions: ``ModelDef`` (from ``nn.split_model``)
+holds the static graph definition and ``params`` is a plain nested dict of arrays.
 ``train_step(state, batch, rng) -> (state, metrics)`` is written once, per device: when
 ``axis_name`` is given it sums gradients and counts over that axis, so the same function runs
 under ``jax.jit`` (one device), ``jax.pmap`` and ``jax.shard_map`` (see ``parallel.py``).
@@ -16,7 +16,6 @@ the micro-batches hold equally many target tokens (close to it with packed rows)
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -24,9 +23,8 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
-from flax import nnx
 
-from transformer_jax.nn import DecoderOnlyLM, shift_right
+from transformer_jax.nn import DecoderOnlyLM, ModelDef, shift_right, split_model
 from transformer_jax.ops import cross_entropy, token_accuracy
 
 __all__ = [
@@ -40,30 +38,6 @@ __all__ = [
 ]
 
 Batch = dict[str, jax.Array]
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelDef:
-    """Static part of an ``nnx`` model: its graph definition and non-parameter state.
-
-    Hashable by identity, so it can be bound with ``functools.partial`` into jitted steps.
-    """
-
-    graphdef: Any
-    rest: Any  # nnx.State of non-Param variables (usually empty)
-
-    def merge(self, params):
-        """Rebuild the module from a params pytree (nested dict of arrays)."""
-        return nnx.merge(self.graphdef, params, self.rest)
-
-    __hash__ = object.__hash__
-    __eq__ = object.__eq__
-
-
-def split_model(model: nnx.Module) -> tuple[ModelDef, dict]:
-    """``model -> (ModelDef, params)`` with params as a plain nested dict of arrays."""
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    return ModelDef(graphdef, rest), nnx.to_pure_dict(params)
 
 
 @flax.struct.dataclass

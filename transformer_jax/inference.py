@@ -1,25 +1,29 @@
-"""Translate with a trained model, score translations and look at its attention.
+"""Use a trained model: translate, generate, score translations and look at attention.
+
+One call loads a training work directory (model, params and tokenizer, ready to use)::
+
+    from transformer_jax.inference import load
+
+    translator = load("runs/demo")                  # a Translator (encoder-decoder runs)
+    translator.translate(["one hundred and five", ""], beam_size=4, alpha=0.6)
+    # -> ["hundertfünf", ""]
+    translator.model, translator.params, translator.tokenizer, translator.config
+    lm = load("runs/lm")                            # a Generator (decoder-only runs)
+    lm.generate(["drei"], max_new_tokens=8)
+
+``load(workdir, averaged=True)`` reads ``<workdir>/averaged``; ``step=`` picks a checkpoint.
+``Translator(model, tokenizer)`` wraps a model in memory (``params=`` to use other weights).
+``translate`` sorts the sentences by token length, decodes them in batches whose shapes come
+from a small fixed set (rows and source length rounded up to powers of two), so a long list
+compiles a handful of programs, and returns the outputs in input order. Empty (or blank)
+sentences give empty outputs; sentences longer than the model's source limit are cut (a
+warning on stderr counts them). Each output may be at most ``source length + 50`` tokens long
+(the paper's limit), EOS included, and no longer than the decode buffer (``max_len``).
 
 Scores (sacrebleu, never hand-written)::
 
     corpus_scores(hyps, refs, ("bleu", "chrf", "exact_match"))   # {"bleu": 27.1, ...}, 0-100
     bleu(hyps, refs), chrf(hyps, refs)
-
-Translation from a training work directory::
-
-    translator = Translator.from_workdir("runs/demo")            # newest checkpoint
-    translator = Translator.from_workdir("runs/demo", averaged=True)   # <workdir>/averaged
-    translator.translate(["one hundred and five", ""], beam_size=4, alpha=0.6)
-    # -> ["hundertfünf", ""]
-
-or from a model in memory: ``Translator(model, tokenizer)`` (``params=`` to use other
-weights). ``translate`` sorts the sentences by token length, decodes them in batches whose
-shapes come from a small fixed set (rows and source length rounded up to powers of two), so
-a long list compiles a handful of programs, and returns the outputs in input order. Empty
-(or blank) sentences give empty outputs; sentences longer than the model's source limit are
-cut (a warning on stderr counts them). Each output may be at most ``source length + 50``
-tokens long (the paper's limit), EOS included, and no longer than the decode buffer
-(the model's ``max_len``).
 
 Attention heatmaps::
 
@@ -27,12 +31,14 @@ Attention heatmaps::
     maps["cross"]            # [L, N, T, S] decoder->encoder weights, per layer and head
     maps["source_tokens"]    # S piece strings, the last is "</s>"
     maps["target_tokens"]    # T piece strings, the last is "</s>"
+
+Compiled building blocks: ``make_translate_fn`` (encoder-decoder search) and
+``make_generate_fn`` (decoder-only sampling), both pure functions of ``params``.
 """
 
 from __future__ import annotations
 
 import functools
-import hashlib
 import os
 import sys
 from collections.abc import Sequence
@@ -40,17 +46,25 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+import sacrebleu
+from flax import nnx
 
 from transformer_jax import decoding
+from transformer_jax.checkpoints import AVERAGED_DIR, load_params, read_meta, read_tokenizer
+from transformer_jax.config import ModelConfig
 from transformer_jax.data.tokenizer import EOS_ID, PAD_ID, Tokenizer
+from transformer_jax.nn import ModelDef, build_model, model_kind, split_model
 
 __all__ = [
     "EXTRA_LENGTH",
+    "Generator",
     "Translator",
     "attention_maps",
     "bleu",
     "chrf",
     "corpus_scores",
+    "load",
+    "make_generate_fn",
     "make_translate_fn",
 ]
 
@@ -70,8 +84,6 @@ def _check_aligned(hypotheses: Sequence[str], references: Sequence[str]) -> None
 def bleu(hypotheses: Sequence[str], references: Sequence[str], *, lowercase: bool = False,
          tokenize: str = "13a") -> float:
     """sacrebleu corpus BLEU (0-100) of aligned hypothesis/reference lists (one reference)."""
-    import sacrebleu
-
     _check_aligned(hypotheses, references)
     return float(sacrebleu.corpus_bleu(list(hypotheses), [list(references)],
                                        lowercase=lowercase, tokenize=tokenize).score)
@@ -79,8 +91,6 @@ def bleu(hypotheses: Sequence[str], references: Sequence[str], *, lowercase: boo
 
 def chrf(hypotheses: Sequence[str], references: Sequence[str], *, word_order: int = 0) -> float:
     """sacrebleu corpus chrF (0-100; ``word_order=2`` gives chrF++)."""
-    import sacrebleu
-
     _check_aligned(hypotheses, references)
     return float(sacrebleu.corpus_chrf(list(hypotheses), [list(references)],
                                        word_order=word_order).score)
@@ -117,7 +127,7 @@ def make_translate_fn(model_def, *, max_length: int, beam_size: int = 1,
     the same architecture (equal ``graphdef``) share the compiled programs.
 
     Args:
-      model_def: ``training.ModelDef`` of an encoder-decoder ``Transformer``.
+      model_def: ``nn.ModelDef`` of an encoder-decoder ``Transformer``.
       max_length: decode buffer length (output columns and cache length).
       beam_size, length_penalty: search settings (paper: 4 and 0.6).
       extra_length: when given, each example's output (EOS included) is capped at its
@@ -133,8 +143,6 @@ def make_translate_fn(model_def, *, max_length: int, beam_size: int = 1,
 
 @functools.lru_cache(maxsize=64)
 def _translate_program(graphdef, max_length, beam_size, length_penalty, extra_length, pad_id):
-    from flax import nnx
-
     def translate(params, rest, src_ids):
         model = nnx.merge(graphdef, params, rest)
         batch = src_ids.shape[0]
@@ -145,7 +153,7 @@ def _translate_program(graphdef, max_length, beam_size, length_penalty, extra_le
             max_lengths = jnp.sum(src_ids != pad_id, axis=1) + extra_length  # [B]
 
         def tokens_to_logits(ids, cache):  # ids [B', 1]
-            logits, cache = model.decode(None, None, ids, cache=cache)  # [B', 1, V]
+            logits, cache = model.decode(ids, cache=cache)  # [B', 1, V]
             return logits[:, 0, :], cache
 
         if beam_size == 1:
@@ -168,33 +176,8 @@ def _bucket(length: int, cap: int, floor: int = MIN_BUCKET) -> int:
 @functools.partial(jax.jit, static_argnums=0)
 def _attention_weights(graphdef, params, rest, src_ids, tgt_in_ids):
     """Teacher-forced weights ``{"encoder_self", "decoder_self", "decoder_cross"}``."""
-    from flax import nnx
-
     model = nnx.merge(graphdef, params, rest)
-    return model(src_ids, tgt_in_ids, return_attention=True)[1]
-
-
-def _tokenizer_for(workdir: str, meta: dict) -> Tokenizer:
-    """The workdir's SentencePiece model (or the one the checkpoint names), checked by hash."""
-    from transformer_jax.data.pipeline import TOKENIZER_FILE
-
-    ref = meta.get("tokenizer") or {}
-    path = os.path.join(workdir, TOKENIZER_FILE)
-    if not os.path.isfile(path) and ref.get("path"):
-        path = ref["path"]
-    if not os.path.isfile(path):
-        raise FileNotFoundError(
-            f"no tokenizer model at {os.path.join(workdir, TOKENIZER_FILE)}; the work directory "
-            "must hold the tokenizer/spm.model written by training."
-        )
-    with open(path, "rb") as f:
-        proto = f.read()
-    if ref.get("sha256") and hashlib.sha256(proto).hexdigest() != ref["sha256"]:
-        raise ValueError(
-            f"the tokenizer at {path} is not the one this checkpoint was trained with (sha256 "
-            "differs); restore the run's original tokenizer/spm.model."
-        )
-    return Tokenizer(proto)
+    return model.with_attention(src_ids, tgt_in_ids)[1]
 
 
 class Translator:
@@ -214,8 +197,9 @@ class Translator:
     def __init__(self, model, tokenizer: Tokenizer, *, params=None,
                  max_source_length: int | None = None, max_decode_length: int | None = None,
                  extra_length: int = EXTRA_LENGTH):
-        from transformer_jax.training.step import split_model
-
+        if model_kind(model) != "encoder_decoder":
+            raise TypeError(f"Translator needs an encoder-decoder Transformer, not a "
+                            f"{type(model).__name__}; use Generator for a language model.")
         self.config = model.config
         self.model_def, own = split_model(model)
         if params is None:
@@ -251,33 +235,15 @@ class Translator:
         Raises:
           FileNotFoundError: no such directory, checkpoint or tokenizer (with the path).
         """
-        from flax import nnx
-
-        from transformer_jax.config import ModelConfig
-        from transformer_jax.nn import Transformer
-        from transformer_jax.training.checkpoint import AVERAGED_DIR, load_params, read_meta
-
-        workdir = os.path.abspath(workdir)
-        if not os.path.isdir(workdir):
-            raise FileNotFoundError(
-                f"no work directory at {workdir}; pass the --workdir of a training run."
-            )
-        if averaged and not os.path.isdir(os.path.join(workdir, AVERAGED_DIR)):
-            raise FileNotFoundError(
-                f"no averaged checkpoint in {workdir}; write one with python -m "
-                f"transformer_jax.training.average --workdir {workdir}"
-            )
-        meta = read_meta(os.path.join(workdir, AVERAGED_DIR) if averaged else workdir, step)
-        model_dict = (meta.get("config") or {}).get("model")
-        if not model_dict:
-            raise ValueError(f"the checkpoint in {workdir} has no model config in its metadata.")
-        config = ModelConfig.from_dict(dict(model_dict))
-        tokenizer = _tokenizer_for(workdir, meta)
-        params = load_params(workdir, meta["step"], averaged=averaged)
-        model = nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0)))
-        translator = cls(model, tokenizer, params=params, **kwargs)
-        translator.step = int(meta["step"])
+        run = _read_run(workdir, step, averaged, "encoder_decoder")
+        translator = cls(run["model"], run["tokenizer"], params=run["params"], **kwargs)
+        translator.step = run["step"]
         return translator
+
+    @property
+    def model(self) -> nnx.Module:
+        """The model with this translator's parameters (a new module on each access)."""
+        return self.model_def.merge(self.params)
 
     # -------------------------------------------------------------------- encoding
     def encode(self, sentences: Sequence[str]) -> tuple[list[list[int] | None], list[int]]:
@@ -396,20 +362,15 @@ class Translator:
         }
 
 
-def attention_maps(model, *args, params=None, tokenizer: Tokenizer | None = None,
+def attention_maps(translator: Translator, source: str, target: str | None = None, *,
                    beam_size: int = 1, alpha: float = 0.6) -> dict:
     """Attention weights of one sentence pair, for alignment heatmaps.
 
-    Two call forms::
-
-        attention_maps(translator, source, target=None)
-        attention_maps(model, params, source, target=None, tokenizer=tokenizer)
-
-    ``model`` is an encoder-decoder ``nn.Transformer`` (``params`` may be None to use its
-    own weights). When ``target`` is None the source is translated first (greedy unless
-    ``beam_size > 1``). The pair runs through one teacher-forced forward pass; the source
-    and the target each end with EOS, so the rows of ``cross`` are the positions that
-    predict each target token.
+    ``translator`` wraps the model, its params and its tokenizer (``load(workdir)``, or
+    ``Translator(model, tokenizer, params=params)`` for a model in memory). When ``target``
+    is None the source is translated first (greedy unless ``beam_size > 1``). The pair runs
+    through one teacher-forced forward pass; the source and the target each end with EOS, so
+    the rows of ``cross`` are the positions that predict each target token.
 
     Returns:
       dict with
@@ -420,18 +381,156 @@ def attention_maps(model, *args, params=None, tokenizer: Tokenizer | None = None
           is "</s>") for axis labels; ``source_ids`` / ``target_ids``: the ids;
         ``source`` / ``target``: the strings (``target`` is the translation when computed).
     """
-    if isinstance(model, Translator):
-        translator, rest = model, args
-    else:
-        if args and not isinstance(args[0], str):
-            params, rest = args[0], args[1:]
-        else:
-            rest = args
-        if tokenizer is None:
-            raise ValueError("attention_maps(model, ...) needs tokenizer=; or pass a Translator.")
-        translator = Translator(model, tokenizer, params=params)
-    if not 1 <= len(rest) <= 2 or not all(isinstance(a, str | None) for a in rest):
-        raise TypeError("call attention_maps(translator, source, target=None) or "
-                        "attention_maps(model, params, source, target=None, tokenizer=...).")
-    source, target = rest[0], (rest[1] if len(rest) == 2 else None)
+    if not isinstance(translator, Translator):
+        raise TypeError(
+            f"attention_maps takes a Translator, not a {type(translator).__name__}; wrap a "
+            "model with Translator(model, tokenizer, params=params)."
+        )
     return translator.attention(source, target, beam_size=beam_size, alpha=alpha)
+
+
+# ------------------------------------------------------------------------------ generation
+def make_generate_fn(model_def: ModelDef, *, max_new_tokens: int, temperature: float = 1.0,
+                     top_k: int = 0, top_p: float = 1.0, eos_id: int = EOS_ID):
+    """Jitted ``generate(params, prompt_ids [B, P], rng) -> ids [B, max_new_tokens]``.
+
+    For a decoder-only LM, trained on ``shift_right(targets)``: position 0 holds the BOS (pad
+    id 0) and every later position the previous token. Continuing a prompt ``p_1 .. p_k``
+    feeds ``[BOS, p_1 .. p_{k-1}]`` through the model once (one parallel pass that fills the
+    KV cache) and starts ``decoding.sample`` from ``p_k``; an empty prompt starts from BOS.
+
+    All prompts of a batch have the same length P >= 0 (no padding: rows decode in lockstep
+    over one cache index). The output holds the sampled continuation, its EOS, then pad (0).
+    ``temperature=0`` is greedy. With learned positions, ``P + max_new_tokens`` must not
+    exceed ``model.max_len``.
+    """
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1.")
+
+    def generate(params, prompt_ids, rng):
+        model = model_def.merge(params)
+        prompt_ids = jnp.asarray(prompt_ids, jnp.int32)
+        batch, prompt_len = prompt_ids.shape
+        cache = model.init_cache(batch, prompt_len + max_new_tokens)
+        start_ids = None
+        if prompt_len:
+            bos = jnp.zeros((batch, 1), jnp.int32)
+            prefill = jnp.concatenate([bos, prompt_ids[:, :-1]], axis=1)  # [B, P]
+            _, cache = model.decode(prefill, cache=cache)
+            start_ids = prompt_ids[:, -1]  # [B]
+
+        def tokens_to_logits(ids, cache):  # ids [B, 1]
+            logits, cache = model.decode(ids, cache=cache)  # [B, 1, V]
+            return logits[:, 0, :], cache
+
+        return decoding.sample(
+            cache, tokens_to_logits, rng, batch_size=batch, max_len=max_new_tokens,
+            temperature=temperature, top_k=top_k, top_p=top_p, eos_id=eos_id,
+            start_ids=start_ids)
+
+    return jax.jit(generate)
+
+
+class Generator:
+    """A decoder-only LM, its parameters and its tokenizer, ready to continue prompts.
+
+    Args:
+      model: an ``nn.DecoderOnlyLM`` (concrete, or abstract when ``params`` is given).
+      tokenizer: the ``Tokenizer`` the model was trained with.
+      params: parameter dict; default: the model's own.
+    """
+
+    def __init__(self, model, tokenizer: Tokenizer, *, params=None):
+        self.config = model.config
+        self.model_def, own = split_model(model)
+        self.params = jax.device_put(own if params is None else params, jax.local_devices()[0])
+        self.tokenizer = tokenizer
+        self.step: int | None = None  # checkpoint step when loaded from a workdir
+
+    @classmethod
+    def from_workdir(cls, workdir: str, *, step: int | None = None,
+                     averaged: bool = False) -> Generator:
+        """Load tokenizer, model config and params of a decoder-only training run."""
+        run = _read_run(workdir, step, averaged, "decoder_only")
+        generator = cls(run["model"], run["tokenizer"], params=run["params"])
+        generator.step = run["step"]
+        return generator
+
+    @property
+    def model(self) -> nnx.Module:
+        """The model with this generator's parameters (a new module on each access)."""
+        return self.model_def.merge(self.params)
+
+    def generate(self, prompts: Sequence[str], *, max_new_tokens: int = 32,
+                 temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                 seed: int = 0) -> list[str]:
+        """Continuations of ``prompts`` (same order; ``temperature=0`` is greedy)."""
+        if isinstance(prompts, str):
+            raise TypeError("generate takes a list of prompts; wrap a single one in [].")
+        fn = make_generate_fn(self.model_def, max_new_tokens=max_new_tokens,
+                              temperature=temperature, top_k=top_k, top_p=top_p)
+        ids = self.tokenizer.encode(list(prompts)) if prompts else []
+        outputs = [""] * len(ids)
+        for length in sorted({len(row) for row in ids}):  # one batch per prompt length
+            rows = [i for i, row in enumerate(ids) if len(row) == length]
+            prompt = np.asarray([ids[i] for i in rows], np.int32).reshape(len(rows), length)
+            out = fn(self.params, jnp.asarray(prompt), jax.random.key(seed))
+            for i, text in zip(rows, self.tokenizer.decode(np.asarray(out)), strict=True):
+                outputs[i] = text
+        return outputs
+
+
+# ------------------------------------------------------------------------------ loading
+def _read_run(workdir: str, step: int | None, averaged: bool, want_kind: str | None) -> dict:
+    """Model (abstract), params, tokenizer and step of a training work directory."""
+    workdir = os.path.abspath(workdir)
+    if not os.path.isdir(workdir):
+        raise FileNotFoundError(
+            f"no work directory at {workdir}; pass the --workdir of a training run."
+        )
+    if averaged and not os.path.isdir(os.path.join(workdir, AVERAGED_DIR)):
+        raise FileNotFoundError(
+            f"no averaged checkpoint in {workdir}; write one with python -m "
+            f"transformer_jax.training.average --workdir {workdir}"
+        )
+    meta = read_meta(os.path.join(workdir, AVERAGED_DIR) if averaged else workdir, step)
+    saved = meta.get("config") or {}
+    if not saved.get("model"):
+        raise ValueError(f"the checkpoint in {workdir} has no model config in its metadata.")
+    kind = saved.get("model_kind", "encoder_decoder")
+    if want_kind is not None and kind != want_kind:
+        raise ValueError(
+            f"the run in {workdir} trained a {kind} model, not {want_kind}; load it with "
+            "transformer_jax.inference.load."
+        )
+    config = ModelConfig.from_dict(dict(saved["model"]))
+    return {
+        "kind": kind,
+        "model": nnx.eval_shape(lambda: build_model(kind, config, nnx.Rngs(0))),
+        "params": load_params(workdir, meta["step"], averaged=averaged),
+        "tokenizer": read_tokenizer(workdir, meta),
+        "step": int(meta["step"]),
+    }
+
+
+def load(workdir: str, *, step: int | None = None, averaged: bool = False,
+         **kwargs) -> Translator | Generator:
+    """The trained model of a work directory, ready to use, in one call.
+
+    Returns a :class:`Translator` for an encoder-decoder run (``translate``,
+    ``attention``) and a :class:`Generator` for a decoder-only run (``generate``); both
+    carry ``model``, ``params``, ``tokenizer``, ``config`` and ``step``.
+
+    Args:
+      workdir: the run's ``--workdir``.
+      step: checkpoint step (default: the newest).
+      averaged: use ``<workdir>/averaged`` (checkpoint averaging) instead.
+      **kwargs: forwarded to ``Translator`` (``max_source_length`` ...).
+    """
+    run = _read_run(workdir, step, averaged, None)
+    if run["kind"] == "decoder_only":
+        loaded = Generator(run["model"], run["tokenizer"], params=run["params"])
+    else:
+        loaded = Translator(run["model"], run["tokenizer"], params=run["params"], **kwargs)
+    loaded.step = run["step"]
+    return loaded

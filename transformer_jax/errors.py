@@ -1,0 +1,25 @@
+"""Exceptions for problems the user can fix; the command lines print them as one line.
+
+They live at the bottom of the package (no imports) so that every layer, from checkpoint
+reading to the training loop, raises the same types.
+"""
+
+from __future__ import annotations
+
+__all__ = ["CheckpointMismatchError", "ConfigError", "TrainingDivergedError", "WorkdirError"]
+
+
+class ConfigError(ValueError):
+    """The training config has an unknown key or an invalid value."""
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint was written for a different model/optimizer than the config asks for."""
+
+
+class TrainingDivergedError(RuntimeError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+class WorkdirError(ValueError):
+    """The work directory cannot be created or written (read-only, not a directory, full)."""

@@ -1,0 +1,83 @@
+"""Building models by kind, and splitting them into a static definition and a params dict.
+
+The two model kinds share one entry point, so no caller writes the "Transformer or
+DecoderOnlyLM" choice out itself::
+
+    model = build_model("encoder_decoder", config, rngs=nnx.Rngs(0))
+    model_def, params = split_model(model)     # static part, nested dict of arrays
+    model = model_def.merge(params)             # and back (inside jax.jit too)
+    shapes = abstract_params("decoder_only", config)   # ShapeDtypeStructs, nothing allocated
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+from flax import nnx
+
+from transformer_jax.config import ModelConfig
+from transformer_jax.nn.lm import DecoderOnlyLM
+from transformer_jax.nn.transformer import Transformer
+
+__all__ = ["MODEL_KINDS", "ModelDef", "abstract_params", "build_model", "model_kind",
+           "split_model"]
+
+MODEL_CLASSES = {"encoder_decoder": Transformer, "decoder_only": DecoderOnlyLM}
+MODEL_KINDS = tuple(MODEL_CLASSES)
+
+
+def _config(config: ModelConfig | Mapping) -> ModelConfig:
+    return config if isinstance(config, ModelConfig) else ModelConfig.from_dict(dict(config))
+
+
+def build_model(kind: str, config: ModelConfig | Mapping, rngs: nnx.Rngs) -> nnx.Module:
+    """``Transformer`` for ``kind="encoder_decoder"``, ``DecoderOnlyLM`` for "decoder_only".
+
+    Args:
+      kind: one of ``MODEL_KINDS``.
+      config: a ``ModelConfig`` or its dict (``ModelConfig.to_dict()``).
+      rngs: ``nnx.Rngs`` for the parameter initialisers.
+    """
+    if kind not in MODEL_CLASSES:
+        raise ValueError(f"model kind {kind!r} is unknown; choose {' or '.join(MODEL_KINDS)}.")
+    return MODEL_CLASSES[kind](_config(config), rngs=rngs)
+
+
+def model_kind(model: nnx.Module) -> str:
+    """The kind name of a model built by :func:`build_model`."""
+    for kind, cls in MODEL_CLASSES.items():
+        if isinstance(model, cls):
+            return kind
+    raise TypeError(f"{type(model).__name__} is not a model kind ({', '.join(MODEL_KINDS)}).")
+
+
+def abstract_params(kind: str, config: ModelConfig | Mapping) -> dict:
+    """Params pytree of ``jax.ShapeDtypeStruct`` for a model (nothing is allocated)."""
+    model = nnx.eval_shape(lambda: build_model(kind, config, nnx.Rngs(0)))
+    return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelDef:
+    """Static part of an ``nnx`` model: its graph definition and non-parameter state.
+
+    Hashable by identity, so it can be bound with ``functools.partial`` into jitted steps.
+    """
+
+    graphdef: Any
+    rest: Any  # nnx.State of non-Param variables (usually empty)
+
+    def merge(self, params):
+        """Rebuild the module from a params pytree (nested dict of arrays)."""
+        return nnx.merge(self.graphdef, params, self.rest)
+
+    __hash__ = object.__hash__
+    __eq__ = object.__eq__
+
+
+def split_model(model: nnx.Module) -> tuple[ModelDef, dict]:
+    """``model -> (ModelDef, params)`` with params as a plain nested dict of arrays."""
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    return ModelDef(graphdef, rest), nnx.to_pure_dict(params)
