@@ -178,3 +178,19 @@ def test_translate_invalid_utf8_input(reference):
     assert error_line(proc) == ("error: line 3 of the input is not valid UTF-8 (byte 0xc3 at "
                                 "column 5); convert it to UTF-8, e.g. with iconv -t UTF-8.")
     assert proc.returncode == 1
+
+
+@pytest.mark.parametrize("flag,message", [
+    ("--config.optimizer.name=sgd",
+     "error: optimizer.name='sgd' is unknown; choose one of adam, adamw."),
+    ("--config.checkpoint_every_steps=0",
+     "error: checkpoint_every_steps=0 is not allowed; a checkpoint is always written at the "
+     "end, so set checkpoint_every_steps to num_train_steps to save only there."),
+])
+def test_config_values_are_refused_before_anything_is_written(flag, message, tmp_path):
+    workdir, data_dir = str(tmp_path / "run"), str(tmp_path / "data")
+    proc = run([*train_cmd(workdir, data_dir), flag])
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert error_line(proc) == message
+    assert "Traceback" not in proc.stderr
+    assert not os.path.exists(workdir) and not os.path.exists(data_dir)

@@ -7,6 +7,7 @@ import os
 import pytest
 
 from transformer_jax.config import ModelConfig, count_params
+from transformer_jax.errors import ConfigError
 from transformer_jax.training import validate_config
 from transformer_jax.training.optim import make_schedule
 
@@ -81,3 +82,31 @@ def test_wmt14_configs_follow_the_paper(name, d_model, heads, d_ff, dropout, ste
     for step in (1, 4000, 50_000):
         want = d_model**-0.5 * min(step**-0.5, step * 4000**-1.5)
         assert float(schedule(step - 1)) == pytest.approx(want, rel=1e-6)
+
+
+@pytest.mark.parametrize("overrides, match", [
+    ({"optimizer": {"name": "sgd"}}, r"optimizer.name='sgd' is unknown; choose one of adam"),
+    ({"optimizer": {"schedule": "linear"}}, r"optimizer.schedule='linear' is unknown"),
+    ({"num_train_steps": 100, "optimizer": {"schedule": "warmup_cosine", "warmup_steps": 100}},
+     r"num_train_steps \(100\) > warmup_steps \(100\)"),
+    ({"optimizer": {"clip_norm": -1.0}}, r"clip_norm must be >= 0"),
+    ({"checkpoint_every_steps": 0}, r"checkpoint_every_steps=0 is not allowed.*num_train_steps"),
+    ({"log_every_steps": 0}, r"log_every_steps=0 must be a positive integer"),
+    ({"eval_every_steps": -1}, r"eval_every_steps=-1 must be an integer >= 0"),
+    ({"parallelism": "tpu"}, r"parallelism='tpu'; choose auto, none, pmap, shard_map, sharded"),
+    ({"model_kind": "encoder"}, r"model_kind='encoder'; choose encoder_decoder or decoder_only"),
+    ({"data": {"source": "web"}}, r"data.source='web' must be one of"),
+    ({"data": {"max_length": 1}}, r"data.max_length=1 must be at least 2"),
+    ({"model": {"d_model": 30, "num_heads": 4}}, r"model config: d_model=30 is not divisible"),
+    ({"model": {"dtype": "float16"}}, r"model.dtype='float16' trains without loss scaling"),
+    ({"distributed": {"coordinator_address": "host"}}, r"needs a port"),
+])
+def test_validate_config_checks_every_section(overrides, match):
+    with pytest.raises(ConfigError, match=match):
+        validate_config(overrides)
+
+
+def test_validate_config_accepts_the_defaults_and_fills_them_in():
+    config = validate_config({"num_train_steps": 7})
+    assert config.num_train_steps == 7 and config.optimizer.name == "adam"
+    assert config.checkpoint_every_steps > 0

@@ -15,7 +15,8 @@ Top-level keys:
   eval_batch_size         rows per evaluation batch (0: batch_size)
   log_every_steps         fetch/log training metrics every this many updates
   eval_every_steps        evaluate every this many updates (0: only at the end)
-  checkpoint_every_steps  save every this many updates (always at the end)
+  checkpoint_every_steps  save every this many updates (> 0; a checkpoint is always
+                          written at the end, so num_train_steps means "only at the end")
   keep_checkpoints        newest checkpoints kept on disk
   parallelism             "auto" | "none" | "pmap" | "shard_map" (data parallel) |
                           "sharded" (jit over a data/fsdp/tensor mesh, see sharding.*)
@@ -28,7 +29,7 @@ Top-level keys:
   average_last            > 1: at the end, average the last k checkpoints into
                           <workdir>/averaged and report its metrics too
   model.*                 transformer_jax.config.ModelConfig fields (vocab_size comes from
-                          the tokenizer)
+                          the tokenizer; dtype "float16" is refused: no loss scaling)
   data.*                  transformer_jax.data default_data_config()
   optimizer.*             see transformer_jax.training.optim
   distributed.*           multi-process start-up, see transformer_jax.training.distributed
@@ -42,7 +43,17 @@ from collections.abc import Mapping
 
 import ml_collections
 
-from transformer_jax.training.errors import ConfigError
+from transformer_jax.config import ModelConfig
+from transformer_jax.data.config import check_data_config, default_data_config
+from transformer_jax.errors import ConfigError
+from transformer_jax.nn import MODEL_KINDS
+from transformer_jax.training.distributed import (
+    check_distributed_config,
+    default_distributed_config,
+)
+from transformer_jax.training.optim import OPTIMIZERS, SCHEDULES, make_optimizer
+from transformer_jax.training.parallel import MODES
+from transformer_jax.training.sharding import check_sharding_config, default_sharding_config
 
 __all__ = [
     "EVAL_METRICS",
@@ -53,7 +64,7 @@ __all__ = [
 ]
 
 EVAL_METRICS = ("bleu", "chrf", "exact_match")
-MODEL_KINDS = ("encoder_decoder", "decoder_only")
+PARALLELISM = ("auto", *MODES, "sharded")
 
 
 def default_optimizer_config() -> ml_collections.ConfigDict:
@@ -77,8 +88,6 @@ def default_optimizer_config() -> ml_collections.ConfigDict:
 def _model_defaults() -> ml_collections.ConfigDict:
     """ModelConfig fields and defaults; ``int | None`` fields become typed placeholders so
     that ``--config.model.num_encoder_layers=2`` can be parsed on the command line."""
-    from transformer_jax.config import ModelConfig
-
     c = ml_collections.ConfigDict()
     defaults = ModelConfig()
     for field in dataclasses.fields(ModelConfig):
@@ -91,8 +100,6 @@ def _model_defaults() -> ml_collections.ConfigDict:
 
 def default_config() -> ml_collections.ConfigDict:
     """All training keys with defaults (a tiny model on the built-in numbers task)."""
-    from transformer_jax.data.config import default_data_config
-
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.num_train_steps = 1000
@@ -112,9 +119,6 @@ def default_config() -> ml_collections.ConfigDict:
     c.model = _model_defaults()
     c.data = default_data_config()
     c.optimizer = default_optimizer_config()
-    from transformer_jax.training.distributed import default_distributed_config
-    from transformer_jax.training.sharding import default_sharding_config
-
     c.distributed = default_distributed_config()
     c.sharding = default_sharding_config()
     return c
@@ -162,17 +166,38 @@ def _merge(defaults: dict, user: dict, prefix: str = "") -> dict:
 def _positive(cfg: dict, *keys: str, allow_zero: bool = False) -> None:
     for key in keys:
         value = cfg[key]
-        ok = isinstance(value, int) and (value >= 0 if allow_zero else value > 0)
+        ok = (isinstance(value, int) and not isinstance(value, bool)
+              and (value >= 0 if allow_zero else value > 0))
         if not ok:
             want = "an integer >= 0" if allow_zero else "a positive integer"
             raise ConfigError(f"{key}={value!r} must be {want}.")
 
 
-def _check_scale_keys(merged: dict) -> None:
-    """model_kind, distributed.* and sharding.*."""
-    from transformer_jax.training.distributed import check_distributed_config
-    from transformer_jax.training.sharding import check_sharding_config
+def _check_schedule_keys(merged: dict) -> None:
+    """Step counts and intervals: training length, logging, evaluation, checkpoints."""
+    if merged["checkpoint_every_steps"] == 0:
+        raise ConfigError(
+            "checkpoint_every_steps=0 is not allowed; a checkpoint is always written at the "
+            "end, so set checkpoint_every_steps to num_train_steps to save only there."
+        )
+    _positive(merged, "num_train_steps", "batch_size", "log_every_steps", "keep_checkpoints",
+              "checkpoint_every_steps", "eval_beam_size")
+    _positive(merged, "seed", "eval_batch_size", "eval_every_steps", "eval_num_sentences",
+              "average_last", allow_zero=True)
+    parse_metrics(merged["eval_metrics"])
+    if merged["average_last"] > merged["keep_checkpoints"]:
+        raise ConfigError(
+            f"average_last={merged['average_last']} needs keep_checkpoints >= "
+            f"{merged['average_last']} (got {merged['keep_checkpoints']})."
+        )
 
+
+def _check_scale_keys(merged: dict) -> None:
+    """parallelism, model_kind, distributed.* and sharding.*."""
+    if merged["parallelism"] not in PARALLELISM:
+        raise ConfigError(
+            f"parallelism={merged['parallelism']!r}; choose {', '.join(PARALLELISM)}."
+        )
     if merged["model_kind"] not in MODEL_KINDS:
         raise ConfigError(
             f"model_kind={merged['model_kind']!r}; choose {' or '.join(MODEL_KINDS)}."
@@ -186,42 +211,68 @@ def _check_scale_keys(merged: dict) -> None:
     check_sharding_config(merged["sharding"])
 
 
+def _check_optimizer(merged: dict, d_model: int) -> None:
+    """optimizer.*: names, schedule, warm-up, clipping, accumulation, label smoothing."""
+    opt = merged["optimizer"]
+    if opt["name"] not in OPTIMIZERS:
+        raise ConfigError(
+            f"optimizer.name={opt['name']!r} is unknown; choose one of {', '.join(OPTIMIZERS)}."
+        )
+    if opt["schedule"] not in SCHEDULES:
+        raise ConfigError(f"optimizer.schedule={opt['schedule']!r} is unknown; choose one of "
+                          f"{', '.join(SCHEDULES)}.")
+    if not 0.0 <= opt["label_smoothing"] < 1.0:
+        raise ConfigError(f"optimizer.label_smoothing={opt['label_smoothing']} must be in [0, 1).")
+    if not (isinstance(opt["grad_accum_steps"], int) and opt["grad_accum_steps"] >= 1):
+        raise ConfigError(f"optimizer.grad_accum_steps={opt['grad_accum_steps']!r} must be >= 1.")
+    try:  # the optimizer's own checks (warm-up vs. steps, clipping), before any disk write
+        make_optimizer(ml_collections.ConfigDict(opt), d_model=d_model,
+                       num_train_steps=merged["num_train_steps"])
+    except (ValueError, TypeError) as err:
+        raise ConfigError(" ".join(str(err).split())) from None
+
+
+def _check_model_and_data(merged: dict) -> ModelConfig:
+    """data.* and model.*; the model is built with data.vocab_size (the tokenizer's size
+    replaces it once the tokenizer exists)."""
+    data = merged["data"]
+    try:
+        check_data_config(ml_collections.ConfigDict(data))
+    except (ValueError, TypeError) as err:
+        raise ConfigError(" ".join(str(err).split())) from None
+    try:
+        model = ModelConfig.from_dict({**merged["model"], "vocab_size": data["vocab_size"]})
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"model config: {err}") from None
+    if model.dtype == "float16":
+        raise ConfigError(
+            "model.dtype='float16' trains without loss scaling, so small gradients underflow; "
+            "use model.dtype='bfloat16' (same memory, float32 range) or 'float32'."
+        )
+    if model.max_len < data["max_length"]:
+        raise ConfigError(
+            f"model.max_len={model.max_len} is shorter than data.max_length="
+            f"{data['max_length']}; raise model.max_len or lower data.max_length."
+        )
+    return model
+
+
 def validate_config(config) -> ml_collections.ConfigDict:
-    """Fill missing keys with defaults, reject unknown keys and impossible values.
+    """The one check of a training config, run before anything is written to disk.
+
+    Fills missing keys with defaults, rejects unknown keys, and checks every section: step
+    counts and intervals, parallelism/distributed/sharding, the optimizer (by building it),
+    the data keys and the model (by building its ``ModelConfig``).
 
     Returns:
       A new, complete ConfigDict (the input is not modified).
 
     Raises:
-      ConfigError: naming the key and what to change.
+      ConfigError: one sentence naming the key and what to change.
     """
     merged = _merge(default_config().to_dict(), _to_dict(config))
-    _positive(merged, "num_train_steps", "batch_size", "log_every_steps", "keep_checkpoints")
-    _positive(merged, "eval_batch_size", "eval_every_steps", "checkpoint_every_steps",
-              "eval_num_sentences", "average_last", allow_zero=True)
-    _positive(merged, "eval_beam_size")
-    parse_metrics(merged["eval_metrics"])
-    if merged["average_last"] > merged["keep_checkpoints"]:
-        raise ConfigError(
-            f"average_last={merged['average_last']} needs keep_checkpoints >= "
-            f"{merged['average_last']} (got {merged['keep_checkpoints']})."
-        )
-    from transformer_jax.training.parallel import MODES
-
-    if merged["parallelism"] not in (*MODES, "sharded", "auto"):
-        raise ConfigError(
-            f"parallelism={merged['parallelism']!r}; choose auto, {', '.join(MODES)}, sharded."
-        )
+    _check_schedule_keys(merged)
     _check_scale_keys(merged)
-    opt = merged["optimizer"]
-    if not 0.0 <= opt["label_smoothing"] < 1.0:
-        raise ConfigError(f"optimizer.label_smoothing={opt['label_smoothing']} must be in [0, 1).")
-    if not (isinstance(opt["grad_accum_steps"], int) and opt["grad_accum_steps"] >= 1):
-        raise ConfigError(f"optimizer.grad_accum_steps={opt['grad_accum_steps']!r} must be >= 1.")
-    data, model = merged["data"], merged["model"]
-    if model["max_len"] < data["max_length"]:
-        raise ConfigError(
-            f"model.max_len={model['max_len']} is shorter than data.max_length="
-            f"{data['max_length']}; raise model.max_len or lower data.max_length."
-        )
+    model = _check_model_and_data(merged)
+    _check_optimizer(merged, model.d_model)
     return ml_collections.ConfigDict(merged)
