@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import sacrebleu
-from trained_workdir import CHECKPOINT_EVERY, trained_workdir
+from helpers import TRAINED_CHECKPOINT_EVERY, trained_workdir
 
 from transformer_jax import translate as cli
 from transformer_jax.inference import Translator
@@ -61,8 +61,9 @@ def test_cli_keeps_lines_and_reports_sacrebleu_scores(workdir, tmp_path):
 
 def test_cli_averaged_and_step_match_the_api(workdir, monkeypatch, capsys):
     lines = ["seven", "", "twenty one"]
+    every = TRAINED_CHECKPOINT_EVERY
     for flags, kwargs in ((["--averaged"], {"averaged": True}),
-                          (["--step", str(CHECKPOINT_EVERY)], {"step": CHECKPOINT_EVERY})):
+                          (["--step", str(every)], {"step": every})):
         code, out, err = run_main(monkeypatch, capsys,
                                   ["--workdir", workdir, "--beam", "1", "--batch_size", "2",
                                    *flags], "\n".join(lines).encode())

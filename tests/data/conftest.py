@@ -2,7 +2,7 @@
 
 import pytest
 import tensorflow_datasets as tfds
-from data_helpers import small_numbers_config
+from helpers import small_numbers_config
 
 from transformer_jax.data import prepare
 

@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import optax
 import pytest
-from training_helpers import init_state, synthetic_batch, tiny_model, tiny_train_config
+from helpers import init_state, synthetic_batch, tiny_model, tiny_train_config
 
 from transformer_jax.training import (
     DataParallel,

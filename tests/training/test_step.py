@@ -8,7 +8,7 @@ import ml_collections
 import numpy as np
 import optax
 import pytest
-from training_helpers import VOCAB, init_state, synthetic_batch, tiny_model
+from helpers import VOCAB, init_state, synthetic_batch, tiny_model
 
 from transformer_jax.nn import shift_right
 from transformer_jax.ops import cross_entropy

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from scale_helpers import VOCAB, adam_step, fresh_state, packed_batch, tiny_config
+from helpers import VOCAB, adam_step, init_state, packed_batch, tiny_config
 
 from transformer_jax.inference import make_generate_fn
 from transformer_jax.nn import DecoderOnlyLM
@@ -63,7 +63,7 @@ def test_lm_training_steps_reduce_the_loss(lm):
     tx, per_device = adam_step(model_def, lr=1e-2)
     step = jax.jit(lambda s, b: per_device(s, b, jax.random.key(0)))
     batch = packed_batch(8, 24, seed=2, with_inputs=False)
-    state = fresh_state(params, tx)
+    state = init_state(params, tx)
     losses = []
     for _ in range(15):
         state, metrics = step(state, batch)

@@ -6,8 +6,8 @@ import signal
 import time
 
 import pytest
-from reliability_helpers import (
-    STEPS,
+from helpers import (
+    RUN_STEPS,
     assert_bit_identical,
     checkpoint_entries,
     final_params,
@@ -26,7 +26,7 @@ def test_kill9_then_resume_is_bit_identical(seed, delay, data_dir, reference, tm
     save (delay 0: right after orbax created its temporary directory); the run must then
     resume from the newest complete checkpoint. Longer delays land in later updates.
     """
-    kill_step = random.Random(seed).randint(1, STEPS - 2)
+    kill_step = random.Random(seed).randint(1, RUN_STEPS - 2)
     workdir = str(tmp_path / "run")
     proc = start_train(workdir, data_dir, str(tmp_path / "log1.txt"), checkpoint_every_steps=1)
     prefix = f"{kill_step}"
@@ -58,7 +58,7 @@ def test_sigterm_saves_exits_zero_and_resumes_bit_identical(data_dir, reference,
     assert "Traceback" not in out
     line = next(ln for ln in out.splitlines() if ln.startswith("interrupted at step"))
     step = int(line.split()[3].rstrip(";"))
-    assert 1 <= step < STEPS, line
+    assert 1 <= step < RUN_STEPS, line
     assert line == f"interrupted at step {step}; checkpoint saved in {workdir}"
     assert str(step) in checkpoint_entries(workdir)
 

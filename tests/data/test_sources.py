@@ -9,7 +9,7 @@ import textwrap
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
-from data_helpers import small_numbers_config
+from helpers import small_numbers_config
 
 from transformer_jax.data import DataError, default_data_config, load_raw_pairs, load_split, sources
 from transformer_jax.data import numbers as nums
@@ -249,7 +249,7 @@ def test_catalogue_needs_a_name(tmp_path):
 def test_building_and_reading_never_imports_tensorflow(tmp_path):
     script = textwrap.dedent(f"""
         import sys
-        from data_helpers import small_numbers_config
+        from helpers import small_numbers_config
         from transformer_jax.data import load_raw_pairs, prepare, train_iterator
         cfg = small_numbers_config(numbers_max=300, numbers_train_size=100,
                                    numbers_validation_size=10, numbers_test_size=10,

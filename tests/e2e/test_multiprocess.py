@@ -11,8 +11,15 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
-from mp_worker import LENGTH, ROWS, STEPS
-from scale_helpers import adam_step, fresh_state, packed_batch, tiny_config
+from helpers import (
+    MP_LENGTH,
+    MP_ROWS,
+    MP_STEPS,
+    adam_step,
+    init_state,
+    packed_batch,
+    tiny_config,
+)
 
 from transformer_jax.nn import Transformer
 from transformer_jax.training import distributed, load_params
@@ -21,8 +28,8 @@ from transformer_jax.training.step import split_model
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "mp_worker.py")
 # "sharded" (data 2 x fsdp 2): the batch, parameters and optimizer state are split across the
 # two processes and replicated leaves (step, RNG, layer norms) take the cross-process
-# placement path of "shard_map" too; `python tests/scale/mp_worker.py ... shard_map,sharded`
-# runs both by hand (README "Scaling up").
+# placement path of "shard_map" too; `python tests/e2e/mp_worker.py ... shard_map,sharded`
+# runs both by hand (docs/scaling.md).
 MODES = ("sharded",)
 TIMEOUT_S = 240  # generous: the CI machine is shared; a healthy run takes ~60 s
 
@@ -66,9 +73,9 @@ def _one_process_reference():
     model_def, params = split_model(Transformer(tiny_config(), rngs=nnx.Rngs(0)))
     tx, per_device = adam_step(model_def)
     step = jax.jit(lambda s, b: per_device(s, b, jax.random.key(0)))
-    batch = packed_batch(ROWS, LENGTH, seed=5)
-    state, losses = fresh_state(params, tx), []
-    for _ in range(STEPS):
+    batch = packed_batch(MP_ROWS, MP_LENGTH, seed=5)
+    state, losses = init_state(params, tx), []
+    for _ in range(MP_STEPS):
         state, metrics = step(state, batch)
         losses.append(float(metrics["loss"]))
     return losses, state.params

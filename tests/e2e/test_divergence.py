@@ -5,7 +5,7 @@ import os
 
 import jax
 import numpy as np
-from reliability_helpers import checkpoint_entries, final_params, run_train
+from helpers import checkpoint_entries, final_params, run_train
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, data_dir):

@@ -7,7 +7,7 @@ import os
 
 import numpy as np
 import pytest
-from data_helpers import small_numbers_config
+from helpers import small_numbers_config
 
 from transformer_jax.data import (
     BATCH_KEYS,

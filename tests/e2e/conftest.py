@@ -3,7 +3,7 @@
 import shutil
 
 import pytest
-from reliability_helpers import final_params, run_train
+from helpers import final_params, run_train
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from training_helpers import tiny_train_config
+from helpers import tiny_train_config
 
 from transformer_jax.training import (
     CheckpointMismatchError,

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import sacrebleu
 from flax import nnx
-from trained_workdir import CHECKPOINT_EVERY, STEPS, trained_workdir
+from helpers import TRAINED_CHECKPOINT_EVERY, TRAINED_STEPS, trained_workdir
 
 from transformer_jax.data.tokenizer import EOS_ID
 from transformer_jax.inference import (
@@ -205,11 +205,11 @@ def test_load_is_one_call_to_a_ready_translator(workdir, translator):
 
 # ------------------------------------------------------------------------------ loading
 def test_from_workdir_step_and_averaged_params(workdir, translator):
-    assert translator.step == STEPS
-    early = Translator.from_workdir(workdir, step=CHECKPOINT_EVERY)
-    assert early.step == CHECKPOINT_EVERY
+    assert translator.step == TRAINED_STEPS
+    early = Translator.from_workdir(workdir, step=TRAINED_CHECKPOINT_EVERY)
+    assert early.step == TRAINED_CHECKPOINT_EVERY
     averaged = Translator.from_workdir(workdir, averaged=True)
-    a, b = load_params(workdir, CHECKPOINT_EVERY), load_params(workdir, STEPS)
+    a, b = load_params(workdir, TRAINED_CHECKPOINT_EVERY), load_params(workdir, TRAINED_STEPS)
     leaves = zip(jax.tree_util.tree_leaves(averaged.params), jax.tree_util.tree_leaves(a),
                  jax.tree_util.tree_leaves(b), jax.tree_util.tree_leaves(translator.params),
                  strict=True)

@@ -6,7 +6,7 @@ import shlex
 import sys
 
 import pytest
-from reliability_helpers import error_line, run, run_train, train_cmd
+from helpers import error_line, run, run_train, train_cmd
 
 from transformer_jax.training import default_config
 

@@ -4,8 +4,8 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
+from helpers import adam_step, init_state, packed_batch, tiny_config
 from jax.sharding import PartitionSpec as P
-from scale_helpers import adam_step, fresh_state, packed_batch, tiny_config
 
 from transformer_jax.nn import Transformer
 from transformer_jax.training import ConfigError
@@ -41,12 +41,12 @@ def run():
     batch = packed_batch(8, 16, seed=7)
 
     ref_step = jax.jit(lambda s, b: per_device(s, b, jax.random.key(0)))
-    ref_state, ref_losses = fresh_state(params, tx), []
+    ref_state, ref_losses = init_state(params, tx), []
     for _ in range(2):
         ref_state, m = ref_step(ref_state, batch)
         ref_losses.append(float(m["loss"]))
 
-    state = dp.put_state(fresh_state(params, tx))
+    state = dp.put_state(init_state(params, tx))
     step, rng = dp.train_step(per_device), dp.put_rng(jax.random.key(0))
     losses = []
     for _ in range(2):

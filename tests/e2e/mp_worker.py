@@ -4,7 +4,7 @@ usage: python mp_worker.py PROCESS_ID PORT WORKDIR MODE[,MODE...]
 
 Each process owns 2 CPU devices. For each parallelism MODE ("shard_map": replicated params;
 "sharded": data 2 x fsdp 2, so parameters are split across the two processes) the processes
-train a tiny Transformer for STEPS steps on a fixed global batch (each feeds its half of the
+train a tiny Transformer for MP_STEPS steps on a fixed global batch (each feeds its half of the
 rows), save one orbax checkpoint collectively into WORKDIR/MODE, and process 0 writes the
 losses to WORKDIR/MODE/losses.json.
 """
@@ -16,11 +16,7 @@ import sys
 import jax
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-STEPS = 3
-ROWS = 8
-LENGTH = 16
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # helpers
 
 
 def main(process_id: int, port: int, workdir: str, modes: str) -> None:
@@ -36,12 +32,12 @@ def main(process_id: int, port: int, workdir: str, modes: str) -> None:
 
 def train(process_id: int, workdir: str, parallelism: str) -> None:
     from flax import nnx
-    from scale_helpers import adam_step, fresh_state, packed_batch, tiny_config
+    from helpers import MP_LENGTH, MP_ROWS, MP_STEPS, adam_step, packed_batch, tiny_config
 
     from transformer_jax.nn import Transformer
     from transformer_jax.training.checkpoint import Checkpointer
     from transformer_jax.training.sharding import make_parallel
-    from transformer_jax.training.step import split_model
+    from transformer_jax.training.step import create_train_state, split_model
 
     cfg = tiny_config()
     model = Transformer(cfg, rngs=nnx.Rngs(0))
@@ -52,18 +48,18 @@ def train(process_id: int, workdir: str, parallelism: str) -> None:
         dp.bind(model)
     model_def, params = split_model(model)
     tx, per_device = adam_step(model_def)
-    state = dp.put_state(fresh_state(params, tx))
+    state = dp.put_state(create_train_state(params, tx))
     step = dp.train_step(per_device)
     rng = dp.put_rng(jax.random.key(0))
-    rows = dp.check_batch_size(ROWS)
-    glob = packed_batch(ROWS, LENGTH, seed=5)
+    rows = dp.check_batch_size(MP_ROWS)
+    glob = packed_batch(MP_ROWS, MP_LENGTH, seed=5)
     local = {k: v[process_id * rows:(process_id + 1) * rows] for k, v in glob.items()}
     losses = []
-    for _ in range(STEPS):
+    for _ in range(MP_STEPS):
         state, metrics = step(state, dp.put_batch(local), rng)
         losses.append(dp.metrics(metrics)["loss"])
     ckpt = Checkpointer(workdir)
-    ckpt.save(STEPS, dp.get_state(state), rng=jax.random.key(0),
+    ckpt.save(MP_STEPS, dp.get_state(state), rng=jax.random.key(0),
               config={"model": cfg.to_dict()})
     ckpt.close()
     if process_id == 0:
@@ -80,6 +76,6 @@ def train(process_id: int, workdir: str, parallelism: str) -> None:
                                           err_msg=jax.tree_util.keystr(path))
 
 
-if __name__ == "__main__":  # (not at import: the test imports the constants above)
+if __name__ == "__main__":
     jax.config.update("jax_num_cpu_devices", 2)  # before any JAX work
     main(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4])

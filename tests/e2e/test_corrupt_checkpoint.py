@@ -6,8 +6,8 @@ import os
 import shutil
 
 import pytest
-from reliability_helpers import (
-    STEPS,
+from helpers import (
+    RUN_STEPS,
     assert_bit_identical,
     checkpoint_entries,
     error_line,
@@ -42,24 +42,26 @@ def _leave_incomplete(step_dir):
 def test_damaged_newest_checkpoint_falls_back(damage, data_dir, reference, reference_copy):
     workdir = reference_copy
     ckpt = os.path.join(workdir, "checkpoints")
-    assert sorted(int(e) for e in checkpoint_entries(workdir)) == [STEPS - 4, STEPS - 2, STEPS]
-    damage(os.path.join(ckpt, str(STEPS)))
+    want = [RUN_STEPS - 4, RUN_STEPS - 2, RUN_STEPS]
+    assert sorted(int(e) for e in checkpoint_entries(workdir)) == want
+    damage(os.path.join(ckpt, str(RUN_STEPS)))
 
     proc = run_train(workdir, data_dir)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert f"resuming from step {STEPS - 2}" in proc.stdout
-    warnings = [ln for ln in proc.stderr.splitlines() if f"{STEPS}" in ln and (
+    assert f"resuming from step {RUN_STEPS - 2}" in proc.stdout
+    warnings = [ln for ln in proc.stderr.splitlines() if f"{RUN_STEPS}" in ln and (
         "cannot be read" in ln or "incomplete checkpoint" in ln)]
     assert len(warnings) == 1, proc.stderr
     if damage is _leave_incomplete:
-        assert f"removing incomplete checkpoint {ckpt}/{STEPS}.orbax-checkpoint-tmp" in warnings[0]
+        incomplete = f"{ckpt}/{RUN_STEPS}.orbax-checkpoint-tmp"
+        assert f"removing incomplete checkpoint {incomplete}" in warnings[0]
     else:
-        moved = os.path.join(workdir, "corrupt_checkpoints", str(STEPS))
-        assert f"checkpoint step {STEPS} cannot be read (" in warnings[0]
-        assert warnings[0].endswith(f"moved it to {moved} and resuming from step {STEPS - 2}")
+        moved = os.path.join(workdir, "corrupt_checkpoints", str(RUN_STEPS))
+        assert f"checkpoint step {RUN_STEPS} cannot be read (" in warnings[0]
+        assert warnings[0].endswith(f"moved it to {moved} and resuming from step {RUN_STEPS - 2}")
         assert os.path.isdir(moved)
     assert sorted(checkpoint_entries(workdir)) == sorted(
-        str(s) for s in (STEPS - 4, STEPS - 2, STEPS))
+        str(s) for s in (RUN_STEPS - 4, RUN_STEPS - 2, RUN_STEPS))
     assert_bit_identical(final_params(workdir), reference[1])
 
 
@@ -72,6 +74,6 @@ def test_no_readable_checkpoint_is_a_one_line_error(data_dir, reference_copy):
     line = error_line(proc)
     assert proc.returncode == 2
     assert line.startswith(f"error: no checkpoint in {workdir}/checkpoints can be read (step "
-                           f"{STEPS}: ")
+                           f"{RUN_STEPS}: ")
     assert line.endswith("move the damaged step directories away or use a fresh --workdir.")
     assert sorted(os.listdir(workdir)) == before  # nothing moved or deleted

@@ -1,0 +1,53 @@
+"""nn.build: models by kind name, abstract params, and the split into (ModelDef, params)."""
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+from helpers import tiny_config
+
+from transformer_jax.nn import (
+    DecoderOnlyLM,
+    Transformer,
+    abstract_params,
+    build_model,
+    model_kind,
+    split_model,
+)
+
+
+@pytest.mark.parametrize("kind, cls", [("encoder_decoder", Transformer),
+                                       ("decoder_only", DecoderOnlyLM)])
+def test_build_model_by_kind_and_back(kind, cls):
+    model = build_model(kind, tiny_config(), nnx.Rngs(0))
+    assert type(model) is cls and model_kind(model) == kind
+    # A config dict builds the same parameters as the dataclass.
+    same = build_model(kind, tiny_config().to_dict(), nnx.Rngs(0))
+    _, a = split_model(model)
+    _, b = split_model(same)
+    for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_abstract_params_have_the_shapes_of_the_real_ones():
+    _, params = split_model(build_model("decoder_only", tiny_config(), nnx.Rngs(0)))
+    shapes = abstract_params("decoder_only", tiny_config())
+    assert jax.tree_util.tree_structure(shapes) == jax.tree_util.tree_structure(params)
+    for s, p in zip(jax.tree_util.tree_leaves(shapes), jax.tree_util.tree_leaves(params),
+                    strict=True):
+        assert isinstance(s, jax.ShapeDtypeStruct) and (s.shape, s.dtype) == (p.shape, p.dtype)
+
+
+def test_split_model_round_trip_gives_the_same_logits():
+    model = build_model("encoder_decoder", tiny_config(), nnx.Rngs(0))
+    model_def, params = split_model(model)
+    src, tgt = np.array([[5, 6, 1, 0]]), np.array([[0, 7, 8]])
+    np.testing.assert_array_equal(model_def.merge(params)(src, tgt), model(src, tgt))
+
+
+def test_unknown_kind_is_one_sentence():
+    with pytest.raises(ValueError, match="model kind 'encoder' is unknown; choose "
+                                         "encoder_decoder or decoder_only"):
+        build_model("encoder", tiny_config(), nnx.Rngs(0))
+    with pytest.raises(TypeError, match="is not a model kind"):
+        model_kind(nnx.Linear(2, 2, rngs=nnx.Rngs(0)))
