@@ -167,3 +167,12 @@ def test_more_bins_per_row_pack_more_pairs(prepared_numbers):
         return np.mean([b["inputs_segmentation"].max(axis=1).mean() for b in batches])
 
     assert pairs_per_row(4) > pairs_per_row(1) > 1.5
+
+
+def test_prefetching_gives_the_same_batches_and_ends_cleanly():
+    plain = list(make(0, 1, num_epochs=1))
+    prefetched = make(0, 1, num_epochs=1, prefetch=3)
+    assert_same(list(prefetched), plain)
+    with pytest.raises(StopIteration):
+        next(prefetched)
+    prefetched.close()

@@ -267,6 +267,8 @@ class TrainBatches:
                                                 name="row-stream-prefetch")
                 self._thread.start()
             item = self._queue.get()
+            if item is None or isinstance(item, BaseException):
+                self._queue.put_nowait(item)  # the thread has finished: answer the same again
             if isinstance(item, BaseException):
                 raise item
         if item is None:
