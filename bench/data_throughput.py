@@ -16,7 +16,7 @@ One-time costs (preparing the dataset, training the tokenizer) are measured sepa
 do not count towards throughput. The first few batches (warm-up) are not timed either.
 
 Usage: python bench/data_throughput.py [--batches 300] [--step-tokens-per-s 4400]
-                                       [--workers 2] [--json bench/results/data_throughput.json]
+                                       [--json bench/results/data_throughput.json]
 """
 
 from __future__ import annotations
@@ -82,8 +82,6 @@ def main(argv=None) -> int:
     parser.add_argument("--batches", type=int, default=300, help="timed batches per config")
     parser.add_argument("--warmup", type=int, default=5, help="untimed batches first")
     parser.add_argument("--batch-size", type=int, default=64, help="rows per batch")
-    parser.add_argument("--workers", type=int, default=2,
-                        help="also measure grain worker processes (0 to skip)")
     parser.add_argument("--step-tokens-per-s", type=float, default=None,
                         help="real tokens/s one training step consumes (fills 'headroom')")
     parser.add_argument("--dataset", choices=["auto", "multi30k", "numbers"], default="auto")
@@ -106,14 +104,12 @@ def main(argv=None) -> int:
         prepare(base, workdir)  # dataset + tokenizer, timed apart from the throughput
         prepare_s = time.perf_counter() - start
         cases = [
-            ("packed, 2 read threads, prefetch 2", dict(packing=True)),
-            ("padded, 2 read threads, prefetch 2", dict(packing=False)),
-            ("packed, 1 read thread, no prefetch", dict(packing=True, read_threads=1,
+            ("packed, 4 bins per row, prefetch 2", dict(packing=True)),
+            ("padded, prefetch 2", dict(packing=False)),
+            ("packed, 4 bins per row, no prefetch", dict(packing=True, prefetch_batches=0)),
+            ("packed, 1 bin per row, no prefetch", dict(packing=True, packing_bins_per_row=1,
                                                         prefetch_batches=0)),
         ]
-        if args.workers > 0:
-            cases.append((f"packed, {args.workers} worker processes",
-                          dict(packing=True, num_workers=args.workers)))
         rows = []
         for name, overrides in cases:
             cfg = base.copy_and_resolve_references()

@@ -7,7 +7,7 @@ Typical use by a training loop::
     prepared = data.prepare(config.data, workdir)          # dataset + tokenizer, once
     train_it = data.train_iterator(prepared, batch_size=64, seed=0)
     batch = next(train_it)                                  # dict of int32 [rows, max_length]
-    state = train_it.get_state()                            # JSON-serialisable, for checkpoints
+    state = train_it.get_state()     # JSON-serialisable, global: restores on any process count
     for batch in data.eval_batches(prepared, config.data.eval_split, batch_size=64):
         ...                                                 # batch["index"]: example or -1
     references = data.raw_pairs(prepared, config.data.eval_split)
@@ -21,10 +21,10 @@ from transformer_jax.data.pipeline import (
     eval_batches,
     prepare,
     raw_pairs,
-    train_dataset,
     train_iterator,
 )
 from transformer_jax.data.sources import PairSource, load_raw_pairs, load_split
+from transformer_jax.data.streams import merge_states
 from transformer_jax.data.tokenizer import EOS_ID, PAD_ID, UNK_ID, Tokenizer
 from transformer_jax.data.validation import DataError
 
@@ -43,8 +43,8 @@ __all__ = [
     "eval_batches",
     "load_raw_pairs",
     "load_split",
+    "merge_states",
     "prepare",
     "raw_pairs",
-    "train_dataset",
     "train_iterator",
 ]

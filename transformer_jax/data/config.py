@@ -34,9 +34,9 @@ def default_data_config() -> ml_collections.ConfigDict:
     # Pipeline.
     c.max_length = 32  # tokens per row incl. EOS; longer training pairs are dropped, eval trims.
     c.packing = True  # pack several training pairs per row (segment ids 1..k) or pad one per row.
-    c.packing_bins_per_row = 1  # packing bins per batch row (more = less padding, more mixing).
-    c.num_workers = 0  # grain worker processes (0 = in-process; the map runs in threads).
-    c.read_threads = 2  # threads grain uses to read + tokenize in-process.
+    # Rows each row stream fills at once, first fit (more = less padding; Multi30k fill 0.83
+    # with 1, 0.88 with 4, 0.90 with 8).
+    c.packing_bins_per_row = 4
     c.prefetch_batches = 2  # batches prepared ahead in a background thread (0 = off).
     # Numbers task ("numbers" source): numbers drawn from range(numbers_max), splits disjoint.
     c.numbers_max = 100_000  # exclusive upper end of the number range (at most 1_000_000).

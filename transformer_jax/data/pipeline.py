@@ -1,20 +1,13 @@
 """grain input pipelines: training (shuffled, packed or padded) and evaluation (ordered, padded).
 
-Training, per process::
-
-    index range of the training split
-      -> this process's shard (every process_count-th index, starting at process_index)
-      -> seeded shuffle, reshuffled every epoch (grain's index shuffle), repeated
-      -> read pair + tokenize, append EOS              {"inputs": [s], "targets": [t]}
-      -> drop pairs with s or t > max_length          (counted in Prepared.stats)
-      -> pack first-fit into rows of max_length       (segment ids 1..k, positions per segment)
-         or pad one pair per row                      (segment 1 on tokens, 0 on padding)
-      -> batch batch_size / process_count rows        (int32 [rows, max_length] each key)
-      -> optional worker processes, background-thread prefetch
-
-The iterator's ``get_state()`` is a small JSON-serialisable dict; ``set_state`` on a freshly
-built iterator (same config, seed and shard) continues with exactly the batches that would
-have come next.
+Training (:mod:`transformer_jax.data.streams`): row ``r`` of every global batch of ``B`` rows
+comes from its own stream of the seeded, per-epoch reshuffled training indices (every
+``B``-th one, starting at ``r``), read, tokenized (EOS appended), pairs longer than max_length
+dropped (counted in Prepared.stats), then packed first-fit into rows of max_length (segment
+ids 1..k, positions per segment) or padded one pair per row. Each process materialises its
+own block of rows. The sequence of global batches therefore depends on the data, the seed
+and ``B`` only, and the iterator's ``get_state()`` — the positions of all ``B`` row streams,
+a small JSON-serialisable dict, equal on every process — restores under any process count.
 
 Evaluation: pairs in data-source order, one per row, inputs/targets trimmed to max_length
 (the last kept token replaced by EOS; counted), never packed; the last batch is filled with
@@ -30,18 +23,20 @@ from __future__ import annotations
 
 import atexit
 import dataclasses
-import functools
 import logging
 import os
 import threading
 import weakref
 
 import grain
+import jax
 import ml_collections
 import numpy as np
 
 import transformer_jax.data.sources as sources
+import transformer_jax.data.streams as streams
 from transformer_jax.data.config import check_data_config
+from transformer_jax.data.streams import BATCH_KEYS
 from transformer_jax.data.tokenizer import EOS_ID, Tokenizer
 from transformer_jax.data.validation import DataError
 
@@ -52,16 +47,11 @@ __all__ = [
     "eval_batches",
     "prepare",
     "raw_pairs",
-    "train_dataset",
     "train_iterator",
 ]
 
 log = logging.getLogger(__name__)
 
-BATCH_KEYS = (
-    "inputs", "targets", "inputs_segmentation", "targets_segmentation",
-    "inputs_position", "targets_position",
-)
 TOKENIZER_FILE = os.path.join("tokenizer", "spm.model")
 
 
@@ -166,37 +156,7 @@ def prepare(data_config, workdir: str, *, tokenizer_path: str | None = None) -> 
     return prepared
 
 
-# --------------------------------------------------------------------------- transforms
-
-
-class _ReadAndTokenize(grain.transforms.Map):
-    """index -> {"id": index, "inputs": [s] int32, "targets": [t] int32}, EOS appended."""
-
-    def __init__(self, source: sources.PairSource, tokenizer: Tokenizer):
-        self._source, self._tokenizer = source, tokenizer
-
-    def map(self, index):
-        src, tgt = self._source[int(index)]
-        enc = self._tokenizer.encode_one
-        return {
-            "id": int(index),
-            "inputs": np.asarray(enc(src) + [EOS_ID], np.int32),
-            "targets": np.asarray(enc(tgt) + [EOS_ID], np.int32),
-        }
-
-
-class _FitsLength(grain.transforms.Filter):
-    """Keeps examples whose inputs and targets fit ``max_length``; records the ids it drops."""
-
-    def __init__(self, max_length: int, stats: PipelineStats):
-        self._max_length, self._stats = max_length, stats
-
-    def filter(self, example) -> bool:
-        fits = max(len(example["inputs"]), len(example["targets"])) <= self._max_length
-        if not fits:
-            with self._stats._lock:
-                self._stats.dropped_train_ids.add(example["id"])
-        return fits
+# --------------------------------------------------------------------------- helpers
 
 
 def _pad_row(tokens: np.ndarray, length: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -211,28 +171,8 @@ def _pad_row(tokens: np.ndarray, length: int) -> tuple[np.ndarray, np.ndarray, n
     return ids, seg, pos
 
 
-def _pad_example(example, length: int):
-    out = {}
-    for key in ("inputs", "targets"):
-        ids, seg, pos = _pad_row(example[key], length)
-        out.update({key: ids, f"{key}_segmentation": seg, f"{key}_position": pos})
-    return out
-
-
-def _rename_packed(row):
-    """grain's packed keys (``x_segment_ids``, ``x_positions``) -> our batch keys."""
-    out = {}
-    for key in ("inputs", "targets"):
-        out[key] = row[key].astype(np.int32)
-        out[f"{key}_segmentation"] = row[f"{key}_segment_ids"].astype(np.int32)
-        out[f"{key}_position"] = row[f"{key}_positions"].astype(np.int32)
-    return out
-
-
 def _resolve_process(process_index, process_count) -> tuple[int, int]:
     if process_index is None or process_count is None:
-        import jax  # only when the caller does not say which process this is
-
         process_index = jax.process_index() if process_index is None else process_index
         process_count = jax.process_count() if process_count is None else process_count
     if not 0 <= process_index < process_count:
@@ -252,7 +192,22 @@ def _local_rows(batch_size: int, process_count: int) -> int:
 # --------------------------------------------------------------------------- training
 
 
-def train_dataset(
+def _gather_for(process_count: int):
+    """How ``get_state`` collects every process's rows (None: this process has them all)."""
+    if process_count == 1:
+        return None
+    if process_count == jax.process_count():
+        return streams.allgather_states
+
+    def refuse(local):
+        raise ValueError(
+            f"process_count={process_count} was given but jax runs {jax.process_count()} "
+            "process(es), so the rows of the other processes cannot be gathered; combine "
+            "every process's local_state() with transformer_jax.data.merge_states.")
+    return refuse
+
+
+def train_iterator(
     prepared: Prepared,
     batch_size: int,
     seed: int,
@@ -261,80 +216,50 @@ def train_dataset(
     process_count: int | None = None,
     num_epochs: int | None = None,
     split: str | None = None,
-) -> grain.IterDataset:
-    """The training pipeline of this process as a grain IterDataset (see module docstring).
+) -> streams.TrainBatches:
+    """This process's rows of every global training batch (see the module docstring).
 
     Args:
-      batch_size: global rows per step; this process yields ``batch_size // process_count``.
-      seed: shuffle (and bin-shuffle) seed, 0 <= seed < 2**32.
-      process_index, process_count: this process's shard; default ``jax.process_index()`` /
+      batch_size: global rows per batch; this process yields rows
+        ``[process_index * R, (process_index + 1) * R)``, ``R = batch_size // process_count``.
+      seed: shuffle seed, 0 <= seed < 2**32.
+      process_index, process_count: this process's share; default ``jax.process_index()`` /
         ``jax.process_count()``.
-      num_epochs: None repeats forever (training); an int stops after that many passes over
-        this shard, the last batch filled with all-pad rows (no pair lost).
+      num_epochs: None repeats forever (training); an int ends every row's stream after that
+        many passes over the split, and iteration stops once all of this process's rows have
+        ended (rows that end earlier are all padding).
       split: defaults to ``data.train_split``.
 
-    Yields (when iterated):
-      dict of int32 ``[batch_size // process_count, max_length]`` arrays, keys ``BATCH_KEYS``.
+    Returns:
+      An iterator of dicts of int32 ``[R, max_length]`` arrays (keys ``BATCH_KEYS``) with
+      ``get_state()`` (global, JSON-serialisable, the same on every process; a collective
+      when there are several processes), ``set_state(state)`` (a state saved under any
+      process count), ``local_state()`` and ``close()``.
     """
     cfg = prepared.config
     process_index, process_count = _resolve_process(process_index, process_count)
     rows = _local_rows(batch_size, process_count)
     if not 0 <= seed < 2**32:
         raise ValueError(f"seed={seed} must be in [0, 2**32).")
-    length = cfg.max_length
-    source = prepared.source(split or cfg.train_split)
-
-    ds = grain.MapDataset.range(len(source))[process_index::process_count]
-    ds = ds.shuffle(seed=seed).repeat(num_epochs)
-    ds = ds.map(_ReadAndTokenize(source, prepared.tokenizer))
-    ds = ds.filter(_FitsLength(length, prepared.stats))
-    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=cfg.read_threads,
-                                              prefetch_buffer_size=4 * rows))
-    if cfg.packing:
-        it = grain.experimental.FirstFitPackIterDataset(
-            it, length_struct={"inputs": length, "targets": length},
-            num_packing_bins=rows * cfg.packing_bins_per_row, seed=seed, shuffle_bins=True)
-        it = it.map(_rename_packed)
-    else:
-        it = it.map(functools.partial(_pad_example, length=length))
-    it = it.batch(rows, drop_remainder=False,
-                  batch_fn=functools.partial(grain.experimental.batch_and_pad, batch_size=rows))
-    if cfg.num_workers > 0:
-        from absl import flags  # grain's worker processes read absl flags
-
-        if not flags.FLAGS.is_parsed():
-            flags.FLAGS.mark_as_parsed()
-        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.num_workers))
-    if cfg.prefetch_batches > 0:
-        it = grain.experimental.ThreadPrefetchIterDataset(
-            it, prefetch_buffer_size=cfg.prefetch_batches)
-    return it
-
-
-def train_iterator(prepared: Prepared, batch_size: int, seed: int, **kwargs):
-    """``iter(train_dataset(...))``: a grain DatasetIterator with ``get_state``/``set_state``.
-
-    The state is a JSON-serialisable dict (save it with the checkpoint, e.g. as JSON text;
-    restore with ``it.set_state(state)`` on an iterator built with the same arguments).
-    """
-    iterator = iter(train_dataset(prepared, batch_size, seed, **kwargs))
+    spec = streams.StreamSpec(
+        prepared.source(split or cfg.train_split), prepared.tokenizer, prepared.stats,
+        batch_size=batch_size, seed=seed, max_length=cfg.max_length, packing=cfg.packing,
+        bins=cfg.packing_bins_per_row, num_epochs=num_epochs)
+    iterator = streams.TrainBatches(
+        spec, process_index * rows, (process_index + 1) * rows,
+        gather=_gather_for(process_count), prefetch=cfg.prefetch_batches)
     _OPEN_ITERATORS.add(iterator)
     return iterator
 
 
-# Prefetching iterators own threads (or processes). grain's __del__ calls close() again, which
-# fails once the interpreter has torn down modules (iterators held by module globals); close
-# them at exit while everything is still there, and make the late second close a no-op.
+# Prefetching iterators own a thread; stop it at exit while the interpreter is intact.
 _OPEN_ITERATORS: weakref.WeakSet = weakref.WeakSet()
 
 
 @atexit.register
 def _close_open_iterators() -> None:
     for iterator in list(_OPEN_ITERATORS):
-        close = getattr(iterator, "close", None)
-        if close is not None:
-            close()
-            iterator.close = lambda: None
+        iterator.close()
 
 
 # --------------------------------------------------------------------------- evaluation

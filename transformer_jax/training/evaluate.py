@@ -4,10 +4,15 @@
 
   loss, nll, accuracy, perplexity   over every target token of the split (data parallel)
   bleu, chrf, exact_match           on the first ``num_sentences`` sentences (-1: all),
-                                    decoded greedily or with beam search on one device;
-                                    scores from sacrebleu, exact_match in percent
+                                    decoded greedily or with beam search; scores from
+                                    sacrebleu, exact_match in percent
 
-Decoding runs in fixed-shape batches ``[batch_size, max_length]`` so it compiles once.
+Decoding is split like the loss pass: global eval batch ``b`` holds sentences
+``b * batch_size + [0, batch_size)``, each process decodes its block of rows of it, spread
+over its local devices (``shard_map``, no communication inside), and the token ids (fixed
+shape) are gathered from every process, so every process computes the same strings and
+metrics with ``1 / process_count`` of the decoding work. Batches have a fixed shape
+``[rows, max_length]`` so decoding compiles once.
 """
 
 from __future__ import annotations
@@ -16,8 +21,10 @@ import functools
 import math
 
 import jax
-import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from transformer_jax import data as data_lib
 from transformer_jax.inference import corpus_scores, make_translate_fn
@@ -25,7 +32,34 @@ from transformer_jax.training.distributed import to_local
 from transformer_jax.training.parallel import DataParallel
 from transformer_jax.training.step import ModelDef, eval_step
 
-__all__ = ["Evaluator", "corpus_scores", "make_translate_fn"]
+__all__ = ["Evaluator", "assemble_translations", "corpus_scores", "make_translate_fn"]
+
+_ROWS = "rows"  # mesh axis of the decoding devices
+
+
+def assemble_translations(index: np.ndarray, ids: np.ndarray, limit: int,
+                          tokenizer) -> tuple[list[int], list[str]]:
+    """Decoded rows of every process -> sentences ``0 .. limit-1`` in order.
+
+    Args:
+      index: int ``[M]`` sentence index of each row (-1 or ``>= limit``: not wanted).
+      ids: int ``[M, T]`` decoded token ids of each row.
+      limit: how many leading sentences were asked for.
+      tokenizer: turns ids into text.
+
+    Returns:
+      ``(indices, hypotheses)``: ``indices == [0, ..., limit - 1]`` and their texts.
+
+    Raises:
+      ValueError: a wanted sentence is missing or decoded twice.
+    """
+    keep = (index >= 0) & (index < limit)
+    order = np.argsort(index[keep], kind="stable")
+    indices = index[keep][order]
+    if not np.array_equal(indices, np.arange(limit)):
+        raise ValueError(f"decoded rows cover sentences {indices.tolist()[:10]}..., not each of "
+                         f"0..{limit - 1} once; every process must decode the same batches.")
+    return indices.tolist(), tokenizer.decode(ids[keep][order])
 
 
 class Evaluator:
@@ -53,6 +87,7 @@ class Evaluator:
             model_def, max_length=prepared.max_length, beam_size=beam_size,
             length_penalty=length_penalty)
         self._references: dict[str, list[tuple[str, str]]] = {}
+        self._sharded_translate = None  # (mesh, jitted decode), built on first use
 
     def _batches(self, split: str):
         return data_lib.eval_batches(self.prepared, split, self.batch_size)
@@ -75,8 +110,48 @@ class Evaluator:
             "perplexity": math.exp(min(nll, 50.0)),
         }
 
+    def _decoder(self, params):
+        """(translate over this process's decoding devices, params replicated on them, devices)."""
+        if self._sharded_translate is None:
+            local = [d for d in self.dp.devices if d.process_index == jax.process_index()]
+            mesh = jax.make_mesh((len(local),), (_ROWS,), devices=local,
+                                 axis_types=(jax.sharding.AxisType.Explicit,))
+            self._sharded_translate = (mesh, jax.jit(jax.shard_map(
+                self._translate, mesh=mesh, in_specs=(P(), P(_ROWS)), out_specs=P(_ROWS),
+                check_vma=False)))
+        mesh, translate = self._sharded_translate
+        params = jax.device_put(to_local(params), NamedSharding(mesh, P()))
+        return translate, params, mesh
+
+    def decode_local(self, params, split: str, limit: int, *, process_index: int | None = None,
+                     process_count: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """This process's rows of the global eval batches that hold sentences ``[0, limit)``.
+
+        Returns:
+          ``(index [M], ids [M, max_length])``: sentence index of each row (-1 for filler) and
+          its decoded ids; ``M = ceil(limit / batch_size) * batch_size / process_count``.
+        """
+        translate, params, mesh = self._decoder(params)
+        rows_sharding = NamedSharding(mesh, P(_ROWS))
+        batches = data_lib.eval_batches(self.prepared, split, self.batch_size,
+                                        process_index=process_index,
+                                        process_count=process_count)
+        index, ids = [], []
+        for b in range(-(-limit // self.batch_size)):
+            batch = batches[b]
+            rows = len(batch["index"])
+            src = np.zeros((-(-rows // mesh.size) * mesh.size, self.prepared.max_length),
+                           np.int32)
+            src[:rows] = batch["inputs"]  # [R', S] padded to a multiple of the devices
+            out = translate(params, jax.device_put(src, rows_sharding))  # [R', T]
+            index.append(np.asarray(batch["index"]))  # [R]
+            ids.append(np.asarray(out)[:rows])  # [R, T]
+        return np.concatenate(index), np.concatenate(ids)
+
     def translations(self, params, split: str, num_sentences: int) -> tuple[list, list, list]:
-        """Decode the first ``num_sentences`` (-1: all) of ``split`` on this process.
+        """Decode the first ``num_sentences`` (-1: all) of ``split`` (split over processes).
+
+        All processes must call this together; they all get the same result.
 
         Returns:
           ``(indices, hypotheses, references)`` aligned lists.
@@ -87,22 +162,12 @@ class Evaluator:
         limit = len(pairs) if num_sentences < 0 else min(num_sentences, len(pairs))
         if limit == 0:
             return [], [], []
-        params = to_local(params)  # one device; global (multi-process) arrays too
-        local = self.batch_size // jax.process_count()
-        ds = data_lib.eval_batches(self.prepared, split, local, process_index=0, process_count=1)
-        indices, hyps = [], []
-        for batch in ds:
-            index = np.asarray(batch["index"])  # [rows]
-            ids = np.asarray(self._translate(params, jnp.asarray(batch["inputs"])))
-            texts = self.prepared.tokenizer.decode(ids)
-            for i, text in zip(index.tolist(), texts, strict=True):
-                if 0 <= i < limit:
-                    indices.append(i)
-                    hyps.append(text)
-            if index.max() >= limit - 1 or index.min() < 0:
-                break
-        refs = [pairs[i][1] for i in indices]
-        return indices, hyps, refs
+        index, ids = self.decode_local(params, split, limit)
+        if jax.process_count() > 1:  # [P, M] and [P, M, T]: every process's rows
+            index = np.asarray(multihost_utils.process_allgather(index)).reshape(-1)
+            ids = np.asarray(multihost_utils.process_allgather(ids)).reshape(len(index), -1)
+        indices, hyps = assemble_translations(index, ids, limit, self.prepared.tokenizer)
+        return indices, hyps, [pairs[i][1] for i in indices]
 
     def evaluate(self, params, split: str, num_sentences: int) -> dict[str, float]:
         """Loss metrics on the split and decoding metrics on its first sentences."""

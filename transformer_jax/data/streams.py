@@ -1,0 +1,321 @@
+"""Training batches as independent row streams: the batch order ignores the process count.
+
+Row ``r`` of every global batch (``0 <= r < B``, ``B`` the global batch size) comes from its
+own stream, and only from it::
+
+    order  = the training indices, shuffled with ``seed`` and reshuffled every epoch, repeated
+    stream r = order[r], order[r + B], order[r + 2B], ...     (example k of row r: order[r + kB])
+      -> read + tokenize, append EOS; pairs longer than max_length are skipped (and counted)
+      -> packed: windows of ``bins`` rows filled first-fit; a window closes at the first
+         example that fits none of its rows, and its rows are emitted in order
+         padded: one example per row
+
+Which process reads a row changes nothing about the row, so the sequence of global batches
+depends on the data, the seed and ``B`` only. The position of row ``r`` is two integers:
+``(window_start, emitted)`` — the stream index ``k`` of the first example of the current
+window and how many of its rows were already emitted. Re-packing the window from
+``window_start`` is deterministic, so these two numbers restore the row exactly. The global
+state is the list of all ``B`` positions: the same on every process, and valid under any
+process count that divides ``B``.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable, Sequence
+
+import grain
+import numpy as np
+from jax.experimental import multihost_utils
+
+from transformer_jax.data.tokenizer import EOS_ID
+
+__all__ = ["BATCH_KEYS", "RowStream", "StreamSpec", "TrainBatches", "allgather_states",
+           "merge_states"]
+
+STATE_FORMAT = "row_streams/1"
+_READ_CHUNK = 32  # examples read and tokenized at once per row
+BATCH_KEYS = (
+    "inputs", "targets", "inputs_segmentation", "targets_segmentation",
+    "inputs_position", "targets_position",
+)
+
+
+class StreamSpec:
+    """What fixes the streams: the data order, global batch size, length and packing."""
+
+    def __init__(self, source, tokenizer, stats, *, batch_size: int, seed: int,
+                 max_length: int, packing: bool, bins: int, num_epochs: int | None = None):
+        self.source, self.tokenizer, self.stats = source, tokenizer, stats
+        self.batch_size, self.seed, self.max_length = batch_size, seed, max_length
+        self.packing, self.bins = packing, bins if packing else 1
+        self.order = grain.MapDataset.range(len(source)).shuffle(seed=seed).repeat(num_epochs)
+        self.end = len(self.order)  # global positions past the last epoch (finite epochs only)
+
+    def identity(self) -> dict:
+        """The settings a saved state is only valid for."""
+        return {"batch_size": self.batch_size, "seed": self.seed, "max_length": self.max_length,
+                "packing": self.packing, "bins": self.bins}
+
+    def read(self, row: int, start: int, count: int) -> list:
+        """Examples ``start .. start+count-1`` of row ``row``'s stream (fewer at the end).
+
+        Each is ``(inputs [s], targets [t])`` int32 with EOS, or None when longer than
+        max_length (the pair's index is recorded in ``stats.dropped_train_ids``).
+        """
+        positions = range(row + start * self.batch_size,
+                          min(row + (start + count) * self.batch_size, self.end),
+                          self.batch_size)
+        indices = [int(self.order[p]) for p in positions]
+        if not indices:
+            return []
+        pairs = self.source.__getitems__(indices)
+        ids = self.tokenizer.encode([s for s, _ in pairs] + [t for _, t in pairs])
+        out = []
+        dropped = []
+        for i, index in enumerate(indices):
+            src, tgt = ids[i] + [EOS_ID], ids[len(indices) + i] + [EOS_ID]
+            if max(len(src), len(tgt)) > self.max_length:
+                out.append(None)
+                dropped.append(index)
+            else:
+                out.append((np.asarray(src, np.int32), np.asarray(tgt, np.int32)))
+        if dropped:
+            with self.stats._lock:
+                self.stats.dropped_train_ids.update(dropped)
+        return out
+
+
+def _layout(examples: Sequence[np.ndarray], length: int) -> tuple[np.ndarray, ...]:
+    """Examples packed left to right -> (tokens [L], segmentation [L], positions [L])."""
+    tokens, seg, pos = (np.zeros(length, np.int32) for _ in range(3))
+    at = 0
+    for k, ex in enumerate(examples, start=1):
+        n = len(ex)
+        tokens[at : at + n] = ex
+        seg[at : at + n] = k
+        pos[at : at + n] = np.arange(n, dtype=np.int32)
+        at += n
+    return tokens, seg, pos
+
+
+def _make_row(examples: list, length: int) -> dict[str, np.ndarray]:
+    out = {}
+    for side, key in enumerate(("inputs", "targets")):
+        tokens, seg, pos = _layout([ex[side] for ex in examples], length)
+        out.update({key: tokens, f"{key}_segmentation": seg, f"{key}_position": pos})
+    return out
+
+
+class RowStream:
+    """Row ``row`` of every global batch (see the module docstring)."""
+
+    def __init__(self, spec: StreamSpec, row: int):
+        self.spec, self.row = spec, row
+        self.window_start, self.emitted = 0, 0
+        self._window: list | None = None  # packed rows of the current window
+        self._window_end = 0
+        self._buffer: list = []  # examples [buffer_start, buffer_start + len)
+        self._buffer_start = 0
+
+    @property
+    def position(self) -> tuple[int, int]:
+        return self.window_start, self.emitted
+
+    def set_position(self, window_start: int, emitted: int) -> None:
+        self.window_start, self.emitted = int(window_start), int(emitted)
+        self._window = None
+
+    def _example(self, k: int):
+        """Example k of this stream; None when dropped; raises IndexError past the end."""
+        if not self._buffer_start <= k < self._buffer_start + len(self._buffer):
+            self._buffer_start = k
+            self._buffer = self.spec.read(self.row, k, _READ_CHUNK)
+        if k - self._buffer_start >= len(self._buffer):
+            raise IndexError(k)
+        return self._buffer[k - self._buffer_start]
+
+    def _fits(self, used: list[int], example) -> bool:
+        if not self.spec.packing:
+            return used[0] == 0 and used[1] == 0
+        return all(u + len(x) <= self.spec.max_length for u, x in zip(used, example, strict=True))
+
+    def _pack_window(self) -> None:
+        bins: list[list] = [[] for _ in range(self.spec.bins)]
+        used = [[0, 0] for _ in range(self.spec.bins)]
+        k = self.window_start
+        while True:
+            try:
+                example = self._example(k)
+            except IndexError:  # finite epochs: the stream ended
+                break
+            if example is not None:
+                b = next((b for b in range(len(bins)) if self._fits(used[b], example)), None)
+                if b is None:
+                    break  # closes the window; this example starts the next one
+                bins[b].append(example)
+                used[b] = [u + len(x) for u, x in zip(used[b], example, strict=True)]
+            k += 1
+        self._window = [_make_row(b, self.spec.max_length) for b in bins if b]
+        self._window_end = k
+
+    def next_row(self) -> dict[str, np.ndarray] | None:
+        """The next packed row, or None once a finite stream is exhausted."""
+        if self._window is None:
+            self._pack_window()
+        if self.emitted >= len(self._window):  # only an exhausted (finite) stream
+            return None
+        row = self._window[self.emitted]
+        self.emitted += 1
+        if self.emitted == len(self._window):
+            self.window_start, self.emitted, self._window = self._window_end, 0, None
+        return row
+
+
+def merge_states(local_states: Sequence[dict]) -> dict:
+    """One global state from the ``local_state()`` of every process (any order)."""
+    first = local_states[0]
+    positions: dict[int, list[int]] = {}
+    for local in local_states:
+        if local["identity"] != first["identity"]:
+            raise ValueError("local states come from iterators with different settings: "
+                             f"{local['identity']} vs {first['identity']}.")
+        for row, pos in zip(local["rows"], local["positions"], strict=True):
+            positions[int(row)] = [int(p) for p in pos]
+    batch_size = first["identity"]["batch_size"]
+    if sorted(positions) != list(range(batch_size)):
+        raise ValueError(f"local states cover rows {sorted(positions)}, not all of "
+                         f"0..{batch_size - 1}; pass the local state of every process.")
+    return {"format": STATE_FORMAT, **first["identity"],
+            "positions": [positions[r] for r in range(batch_size)]}
+
+
+def allgather_states(local: dict) -> list[dict]:
+    """Every process's ``local_state()`` (a collective: all processes call it together)."""
+    rows = np.asarray([[r, *p] for r, p in zip(local["rows"], local["positions"], strict=True)],
+                      np.int64)  # [R, 3]: row, window_start, emitted
+    if rows.max(initial=0) >= 2**31:
+        raise OverflowError("row stream position beyond 2**31 cannot be gathered as int32.")
+    gathered = np.asarray(multihost_utils.process_allgather(rows.astype(np.int32)))  # [P, R, 3]
+    return [{"identity": local["identity"], "rows": g[:, 0].tolist(),
+             "positions": g[:, 1:].tolist()} for g in gathered]
+
+
+class TrainBatches:
+    """This process's rows ``[lo, hi)`` of each global batch, with global state.
+
+    Args:
+      spec: the streams' definition.
+      lo, hi: the global rows this process materialises.
+      gather: ``local_state -> list of every process's local_state`` (a collective when there
+        are several processes; None for one process).
+      prefetch: batches prepared ahead in a background thread (0: none).
+    """
+
+    def __init__(self, spec: StreamSpec, lo: int, hi: int, *,
+                 gather: Callable[[dict], list[dict]] | None, prefetch: int = 0):
+        self.spec = spec
+        self._rows = list(range(lo, hi))
+        self._streams = [RowStream(spec, r) for r in self._rows]
+        self._gather = gather
+        self._prefetch = prefetch
+        self._consumed = [s.position for s in self._streams]
+        self._queue: queue.Queue | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # ------------------------------------------------------------------ batches
+    def _produce(self):
+        """(batch, positions after it) or None when every local stream has ended."""
+        rows = [s.next_row() for s in self._streams]
+        if all(r is None for r in rows):
+            return None
+        filler = {k: np.zeros(self.spec.max_length, np.int32) for k in BATCH_KEYS}
+        batch = {k: np.stack([(r if r is not None else filler)[k] for r in rows])
+                 for k in BATCH_KEYS}  # [rows, L] each
+        return batch, [s.position for s in self._streams]
+
+    def _put(self, item) -> None:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def _worker(self) -> None:
+        try:
+            item = ()
+            while item is not None and not self._stop.is_set():
+                item = self._produce()
+                self._put(item)
+        except Exception as error:  # handed to the consumer
+            self._put(error)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        if self._prefetch <= 0:
+            item = self._produce()
+        else:
+            if self._thread is None:
+                self._queue = queue.Queue(maxsize=self._prefetch)
+                self._stop.clear()
+                self._thread = threading.Thread(target=self._worker, daemon=True,
+                                                name="row-stream-prefetch")
+                self._thread.start()
+            item = self._queue.get()
+            if item is None or isinstance(item, BaseException):
+                self._queue.put_nowait(item)  # the thread has finished: answer the same again
+            if isinstance(item, BaseException):
+                raise item
+        if item is None:
+            raise StopIteration
+        batch, self._consumed = item
+        return batch
+
+    def close(self) -> None:
+        """Stops the prefetch thread (batches already prepared are discarded)."""
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            self._thread = None
+            for stream, pos in zip(self._streams, self._consumed, strict=True):
+                stream.set_position(*pos)
+
+    # ------------------------------------------------------------------ state
+    def local_state(self) -> dict:
+        """Positions of this process's rows after the batches consumed so far."""
+        return {"identity": self.spec.identity(), "rows": list(self._rows),
+                "positions": [list(p) for p in self._consumed]}
+
+    def get_state(self) -> dict:
+        """The global, JSON-serialisable state (equal on every process).
+
+        With several processes this gathers every process's rows: all processes must call it
+        together (as they do when saving a checkpoint).
+        """
+        local = self.local_state()
+        return merge_states(self._gather(local) if self._gather else [local])
+
+    def set_state(self, state: dict) -> None:
+        """Continue after the batches ``state`` was taken at, under any process count."""
+        if state.get("format") != STATE_FORMAT:
+            raise ValueError(
+                f"training data state has format {state.get('format')!r}, expected "
+                f"{STATE_FORMAT!r} (it was written by another version of the input pipeline); "
+                "start from a fresh --workdir.")
+        for key, want in self.spec.identity().items():
+            if state.get(key) != want:
+                raise ValueError(
+                    f"training data state was saved with {key}={state.get(key)!r} but this run "
+                    f"uses {key}={want!r}; resume with the same setting (the global batch order "
+                    "depends on it) or start from a fresh --workdir.")
+        positions = state["positions"]
+        self.close()
+        self._consumed = [tuple(int(p) for p in positions[r]) for r in self._rows]
+        for stream, pos in zip(self._streams, self._consumed, strict=True):
+            stream.set_position(*pos)
+
