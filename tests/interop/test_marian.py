@@ -11,6 +11,7 @@ from tests.interop.marian_helpers import (
     hf_generate,
     hf_logits,
     make_marian,
+    torch,
     transformers,
     write_tokenizer,
 )
@@ -43,12 +44,8 @@ def test_logits_match_transformers(tmp_path, overrides):
 
 def test_reads_pytorch_bin_with_weights_only(tmp_path):
     hf = make_marian(str(tmp_path), seed=3)
-    hf.save_pretrained(str(tmp_path), safe_serialization=False) if "safe_serialization" in (
-        hf.save_pretrained.__code__.co_varnames) else None
-    state = {k: v for k, v in hf.state_dict().items() if "embed_positions" not in k}
-    import torch
-
     (tmp_path / "model.safetensors").unlink()
+    state = {k: v for k, v in hf.state_dict().items() if "embed_positions" not in k}
     torch.save(state, tmp_path / "pytorch_model.bin")
     model = marian.from_pretrained(str(tmp_path)).model
     np.testing.assert_allclose(np.asarray(model(SRC, TGT_IN)), hf_logits(hf, SRC, TGT_IN),

@@ -1,253 +1,233 @@
 """Hugging Face MarianMT / OPUS-MT models: load, translate, write work directories, export.
 
-In Python::
+In Python (Marian's own ids; see ``marian_hf``)::
 
     model, config, tokenizer = from_pretrained("opus-mt-en-de")   # a local HF directory
-    logits = model(src_ids, tgt_in_ids)     # == MarianMTModel(...).logits, Marian's ids
+    logits = model(src_ids, tgt_in_ids)     # == MarianMTModel(...).logits
     ids = generate(model, tokenizer.batch(["Hello world"]), num_beams=4)   # == generate()
     tokenizer.decode(ids)
 
-On the command line (exit status 2 with one sentence on stderr for unusable input)::
+On the command line (errors: one sentence on stderr, exit status 2)::
 
     python -m transformer_jax.interop.marian import opus-mt-en-de --workdir runs/en-de
     python -m transformer_jax.translate --workdir runs/en-de < input.txt
+    python train.py --config configs/finetune_marian.py:runs/en-de --workdir runs/en-de ...
     python -m transformer_jax.interop.marian export runs/en-de --to exported/
 
 A work directory uses this library's id convention (pad 0, EOS 1, unk 2): ``import`` moves
 Marian's ``<pad>``, ``</s>`` and ``<unk>`` rows to the front of the vocabulary (the other
-tokens keep their order) and ``export`` moves them back; see ``marian_workdir``.
+tokens keep their order; the order is stored in ``marian/id_order.json``) and ``export``
+moves them back. Its layout is a training run's: ``checkpoints/0`` (params-only, marked
+``params_only`` in its metadata so that ``train.py`` fine-tunes from it), ``tokenizer/spm.model``
+(one SentencePiece model, see ``MarianTokenizer.joint_model_proto``) and ``marian/`` (the
+original config and tokenizer files, ``model_config.json`` for the fine-tuning config).
 """
 
 from __future__ import annotations
 
-import functools
+import argparse
+import hashlib
 import json
 import os
-from typing import NamedTuple
+import shutil
+import sys
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from flax import nnx
-from safetensors.numpy import load_file, save_file
 
-from transformer_jax import decoding
 from transformer_jax.config import ModelConfig
-from transformer_jax.interop.marian_tokenizer import MarianTokenizer, TokenizerFilesError
-from transformer_jax.interop.marian_weights import (
-    ConversionError,
-    hf_config_from_model,
-    model_config_from_hf,
-    params_from_state_dict,
-    prune_like,
-    state_dict_from_params,
-    tables_shared,
+from transformer_jax.data.pipeline import TOKENIZER_FILE
+from transformer_jax.interop.marian_hf import (
+    EXTRA_FILES,
+    Pretrained,
+    build_model,
+    from_pretrained,
+    generate,
+    read_pretrained,
+    read_state_dict,
+    save_pretrained,
 )
-from transformer_jax.nn import Transformer
+from transformer_jax.interop.marian_tokenizer import MarianTokenizer, TokenizerFilesError
+from transformer_jax.interop.marian_weights import ConversionError
+from transformer_jax.training.checkpoint import (
+    CHECKPOINT_DIR,
+    load_params,
+    read_meta,
+    save_params,
+)
 
 __all__ = [
     "ConversionError",
+    "MarianTokenizer",
     "Pretrained",
-    "TokenizerFilesError",
     "build_model",
+    "export_workdir",
     "from_pretrained",
     "generate",
-    "read_hf_config",
+    "import_workdir",
+    "main",
     "read_state_dict",
     "save_pretrained",
 ]
 
-SAFETENSORS, TORCH_BIN, CONFIG = "model.safetensors", "pytorch_model.bin", "config.json"
-# Files of a Marian directory copied as they are (besides weights, config and tokenizer).
-EXTRA_FILES = ("generation_config.json", "tokenizer_config.json", "special_tokens_map.json")
+MARIAN_DIR = "marian"  # inside a work directory: original config + tokenizer files
+ORDER_FILE, MODEL_CONFIG_FILE = "id_order.json", "model_config.json"
 
 
-class Pretrained(NamedTuple):
-    """What :func:`from_pretrained` returns; unpacks as ``(model, config, tokenizer)`` and,
-    called, runs the model (``pretrained(src_ids, tgt_in_ids)`` -> logits)."""
+def permute_vocab(params, order) -> dict:
+    """Params with vocabulary entry ``k`` taken from entry ``order[k]`` (token tables, output
+    kernel columns and the logits bias); other leaves unchanged (numpy copies)."""
+    idx = np.asarray(order)
+    params = jax.tree_util.tree_map(np.asarray, jax.device_get(params))
+    for side in ("encoder", "decoder"):
+        if "embedding" in params[side]:
+            table = params[side]["embedding"]["tokens"]["embed"]
+            table["embedding"] = table["embedding"][idx]
+    output = params["decoder"]["output"]
+    output["logits_bias"] = output["logits_bias"][idx]
+    if "dense" in output:
+        output["dense"]["kernel"] = output["dense"]["kernel"][:, idx]
+    return params
 
-    model: Transformer
-    config: ModelConfig
-    tokenizer: MarianTokenizer | None
 
-    def __call__(self, *args, **kwargs):
-        return self.model(*args, **kwargs)
-
-
-# ----------------------------------------------------------------------------- reading
-def read_hf_config(path: str) -> dict:
-    """``config.json`` of a Marian directory as a dict."""
-    if not os.path.isdir(path):
-        raise ConversionError(f"no directory at {path}; pass a local Marian model directory.")
-    file = os.path.join(path, CONFIG)
-    try:
-        with open(file, encoding="utf-8") as f:
-            return json.load(f)
-    except FileNotFoundError:
+def _check_new_workdir(workdir: str) -> None:
+    if os.path.exists(workdir) and (not os.path.isdir(workdir) or os.listdir(workdir)):
         raise ConversionError(
-            f"{path} has no {CONFIG}; is it a Hugging Face model directory?") from None
-    except json.JSONDecodeError as err:
-        raise ConversionError(f"{file} is not valid JSON ({err}).") from None
+            f"{workdir} already exists and is not empty; choose a new --workdir."
+        )
 
 
-def _strip(state: dict) -> dict[str, np.ndarray]:
-    return {(k[len("model."):] if k.startswith("model.") else k): v for k, v in state.items()}
+def _id_order(tokenizer: MarianTokenizer) -> list[int]:
+    special = [tokenizer.pad_id, tokenizer.eos_id, tokenizer.unk_id]
+    return special + [i for i in range(tokenizer.vocab_size) if i not in special]
 
 
-def read_state_dict(path: str) -> dict[str, np.ndarray]:
-    """Float32 numpy weights of a Marian directory, ``model.`` prefixes removed.
-
-    ``model.safetensors`` is preferred; a ``pytorch_model.bin`` is read with
-    ``torch.load(weights_only=True)`` (no arbitrary pickled objects) and needs torch.
-    """
-    safetensors_file = os.path.join(path, SAFETENSORS)
-    if os.path.isfile(safetensors_file):
-        try:
-            return _strip(load_file(safetensors_file))
-        except Exception as err:  # noqa: BLE001 - any reader error means unusable weights
-            raise ConversionError(f"cannot read {safetensors_file}: {err}.") from None
-    bin_file = os.path.join(path, TORCH_BIN)
-    if not os.path.isfile(bin_file):
-        raise ConversionError(f"{path} has neither {SAFETENSORS} nor {TORCH_BIN}.")
-    try:  # torch is optional (the `interop` extra); only this legacy format needs it
-        import torch
-    except ImportError:
+def import_workdir(path: str, workdir: str) -> str:
+    """Writes the Marian directory ``path`` as a work directory ``workdir`` (must be new or
+    empty); see the module docstring. Everything is written to a temporary sibling first and
+    renamed at the end, so a failure leaves nothing behind. Returns the absolute workdir."""
+    path, workdir = os.path.abspath(path), os.path.abspath(workdir)
+    _check_new_workdir(workdir)
+    hf, config, params = read_pretrained(path)
+    tokenizer = MarianTokenizer.from_directory(path)
+    if tokenizer.vocab_size != config.vocab_size or tokenizer.pad_id != config.pad_id:
         raise ConversionError(
-            f"{bin_file} needs torch to read; install it (pip install 'transformer-jax"
-            "[interop]') or convert the directory to model.safetensors."
-        ) from None
-    try:
-        state = torch.load(bin_file, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001
-        raise ConversionError(
-            f"cannot read {bin_file} safely (weights_only=True): {err}.") from None
-    return _strip({k: v.float().numpy() for k, v in state.items()})
-
-
-def build_model(config: ModelConfig, params) -> Transformer:
-    """``Transformer(config)`` holding ``params`` (no random initialisation is run)."""
-    abstract = nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0)))
-    graphdef, state, rest = nnx.split(abstract, nnx.Param, ...)
-    expected = nnx.to_pure_dict(state)
-    params = prune_like(params, expected)
-    for (path, want), got in zip(jax.tree_util.tree_leaves_with_path(expected),
-                                 jax.tree_util.tree_leaves(params), strict=True):
-        if tuple(want.shape) != tuple(np.shape(got)):
+            f"vocab.json has {tokenizer.vocab_size} entries and pad id {tokenizer.pad_id} but "
+            f"config.json says vocab_size={config.vocab_size}, pad_token_id={config.pad_id}."
+        )
+    for key, want in (("decoder_start_token_id", tokenizer.pad_id),
+                      ("eos_token_id", tokenizer.eos_id)):
+        if hf.get(key, want) != want:
             raise ConversionError(
-                f"weight {jax.tree_util.keystr(path)} has shape {tuple(np.shape(got))} but the "
-                f"config needs {tuple(want.shape)}; the weights do not match config.json."
+                f"config.json has {key}={hf[key]} but a work directory needs {want} (the "
+                "vocabulary's pad / EOS); such a model can only be used with from_pretrained."
             )
-    nnx.replace_by_pure_dict(state, jax.tree_util.tree_map(jnp.asarray, params))
-    return nnx.merge(graphdef, state, rest)
+    order = _id_order(tokenizer)
+    config = config.replace(pad_id=0)
+    tmp = f"{workdir}.importing-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        _write_workdir(tmp, workdir, path, config, permute_vocab(params, order), tokenizer,
+                       order)
+        if os.path.isdir(workdir):
+            os.rmdir(workdir)  # empty (checked above)
+        os.replace(tmp, workdir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return workdir
 
 
-def from_pretrained(path: str, *, with_tokenizer: bool | None = None) -> Pretrained:
-    """Loads a local Hugging Face Marian directory (e.g. a downloaded Helsinki-NLP/opus-mt-*).
-
-    Args:
-      path: directory with ``config.json``, ``model.safetensors`` (or ``pytorch_model.bin``)
-        and, for the tokenizer, ``source.spm``, ``target.spm`` and ``vocab.json``.
-      with_tokenizer: True requires the tokenizer files, False skips them; None (default)
-        loads them when present.
-
-    Returns:
-      ``Pretrained(model, config, tokenizer)``: ``model(src_ids, tgt_in_ids)`` gives the
-      logits of ``MarianMTModel(input_ids=src_ids, attention_mask=src_ids != pad,
-      decoder_input_ids=tgt_in_ids)`` in Marian's own ids (source padding = ``config.pad_id``).
-    """
-    hf = read_hf_config(path)
-    config = model_config_from_hf(hf)
-    state = read_state_dict(path)
-    if config.share_embeddings and not tables_shared(state):
-        config = config.replace(share_embeddings=False)
-    model = build_model(config, params_from_state_dict(state, config))
-    tokenizer = None
-    if with_tokenizer or (with_tokenizer is None and os.path.isfile(
-            os.path.join(path, "vocab.json"))):
-        tokenizer = MarianTokenizer.from_directory(path)
-    return Pretrained(model, config, tokenizer)
+def _write_workdir(tmp, workdir, path, config, params, tokenizer, order) -> None:
+    proto = tokenizer.joint_model_proto(order)
+    os.makedirs(os.path.join(tmp, os.path.dirname(TOKENIZER_FILE)))
+    with open(os.path.join(tmp, TOKENIZER_FILE), "wb") as f:
+        f.write(proto)
+    marian_dir = os.path.join(tmp, MARIAN_DIR)
+    tokenizer.save(marian_dir)
+    for name in ("config.json",) + EXTRA_FILES:
+        if os.path.isfile(os.path.join(path, name)):
+            shutil.copyfile(os.path.join(path, name), os.path.join(marian_dir, name))
+    for name, blob in ((ORDER_FILE, order), (MODEL_CONFIG_FILE, config.to_dict())):
+        with open(os.path.join(marian_dir, name), "w", encoding="utf-8") as f:
+            json.dump(blob, f, indent=1)
+    meta = {
+        "step": 0,
+        "params_only": True,  # train.py starts a fine-tuning run from these weights
+        "imported_from": path,
+        "config": {"model": config.to_dict(), "model_kind": "encoder_decoder"},
+        "tokenizer": {"path": os.path.join(workdir, TOKENIZER_FILE),
+                      "sha256": hashlib.sha256(proto).hexdigest()},
+    }
+    save_params(os.path.join(tmp, CHECKPOINT_DIR), 0, params, meta)
 
 
-# ----------------------------------------------------------------------------- writing
-def save_pretrained(path: str, config: ModelConfig, params, *, tokenizer=None,
-                    hf_config: dict | None = None, extra_dir: str | None = None) -> None:
-    """Writes a directory that ``MarianMTModel.from_pretrained(path)`` loads.
-
-    Args:
-      path: output directory (created; existing files of the same names are replaced).
-      config: the model config (Marian ids: ``pad_id`` is Marian's pad).
-      params: ``nnx.to_pure_dict`` params of ``Transformer(config)``.
-      tokenizer: optional ``MarianTokenizer`` written next to the weights.
-      hf_config: the original ``config.json`` (its other keys are kept).
-      extra_dir: directory whose ``EXTRA_FILES`` are copied when present.
-    """
-    state = state_dict_from_params(jax.device_get(params), config)
-    out = hf_config_from_model(config, hf_config)
-    os.makedirs(path, exist_ok=True)
-    save_file(state, os.path.join(path, SAFETENSORS), metadata={"format": "pt"})
-    with open(os.path.join(path, CONFIG), "w", encoding="utf-8") as f:
-        json.dump(out, f, indent=2)
-    if tokenizer is not None:
-        tokenizer.save(path)
-    for name in EXTRA_FILES if extra_dir else ():
-        src = os.path.join(extra_dir, name)
-        if os.path.isfile(src):
-            with open(src, "rb") as f_in, open(os.path.join(path, name), "wb") as f_out:
-                f_out.write(f_in.read())
-
-
-# ----------------------------------------------------------------------------- decoding
-def generate(model: Transformer, src_ids, *, num_beams: int = 1, length_penalty: float = 1.0,
-             max_length: int = 20, eos_id: int = 0, decoder_start_id: int | None = None,
-             forbid_pad: bool = True) -> np.ndarray:
-    """Greedy / beam search as transformers' ``MarianMTModel.generate()``.
-
-    Matches ``generate(input_ids, attention_mask=src != pad, num_beams, length_penalty,
-    max_length, early_stopping=False, forced_eos_token_id=eos_id, bad_words_ids=[[pad]])``:
-    ``max_length`` counts the decoder start token, so at most ``max_length - 1`` tokens come
-    out and the last one is forced to EOS.
-
-    Args:
-      model: a ``Transformer`` (e.g. from :func:`from_pretrained`).
-      src_ids: ``[B, S]`` source ids padded with ``model.config.pad_id``.
-      num_beams, length_penalty, max_length: as in ``generate()``.
-      eos_id: EOS id (Marian: 0).
-      decoder_start_id: first decoder input (default: the pad id, as Marian).
-      forbid_pad: never produce the pad id (``bad_words_ids=[[pad]]`` of OPUS-MT configs).
-
-    Returns:
-      ``[B, max_length - 1]`` int32 ids: tokens, EOS, then pad.
-    """
-    if max_length < 2:
-        raise ValueError(f"max_length={max_length} must be at least 2 (start token + EOS).")
-    pad = model.config.pad_id
-    src_ids = jnp.asarray(src_ids, jnp.int32)
-    start = pad if decoder_start_id is None else decoder_start_id
-    graphdef, state = nnx.split(model)
-    out = _search(graphdef, state, src_ids, num_beams=int(num_beams),
-                  alpha=float(length_penalty), steps=int(max_length) - 1, eos=int(eos_id),
-                  start=int(start), forbid=(pad,) if forbid_pad else ())
-    return np.asarray(out)
+def export_workdir(workdir: str, to: str, *, step: int | None = None) -> str:
+    """Writes the newest (or ``step``) checkpoint of an imported — possibly fine-tuned — work
+    directory as a Hugging Face Marian directory ``to`` (must be new or empty)."""
+    workdir, to = os.path.abspath(workdir), os.path.abspath(to)
+    marian_dir = os.path.join(workdir, MARIAN_DIR)
+    if not os.path.isfile(os.path.join(marian_dir, ORDER_FILE)):
+        raise ConversionError(
+            f"{workdir} was not written by 'python -m transformer_jax.interop.marian import' "
+            f"(no {MARIAN_DIR}/{ORDER_FILE}); only imported models can be exported."
+        )
+    if os.path.exists(to) and (not os.path.isdir(to) or os.listdir(to)):
+        raise ConversionError(f"{to} already exists and is not empty; choose a new --to.")
+    try:
+        meta = read_meta(workdir, step)
+    except FileNotFoundError as err:
+        raise ConversionError(str(err)) from None
+    config = ModelConfig.from_dict(meta["config"]["model"])
+    with open(os.path.join(marian_dir, ORDER_FILE), encoding="utf-8") as f:
+        order = json.load(f)
+    tokenizer = MarianTokenizer.from_directory(marian_dir)
+    params = permute_vocab(load_params(workdir, meta["step"]), np.argsort(order))
+    with open(os.path.join(marian_dir, "config.json"), encoding="utf-8") as f:
+        hf = json.load(f)
+    tmp = f"{to}.exporting-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        save_pretrained(tmp, config.replace(pad_id=tokenizer.pad_id), params,
+                        tokenizer=tokenizer, hf_config=hf, extra_dir=marian_dir)
+        if os.path.isdir(to):
+            os.rmdir(to)
+        os.replace(tmp, to)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return to
 
 
-@functools.partial(jax.jit, static_argnums=0, static_argnames=(
-    "num_beams", "alpha", "steps", "eos", "start", "forbid"))
-def _search(graphdef, state, src_ids, *, num_beams, alpha, steps, eos, start, forbid):
-    model = nnx.merge(graphdef, state)
-    pad = model.config.pad_id
-    batch = src_ids.shape[0]
-    encoded = model.encode(src_ids)  # [B, S, D]
-    cache = model.init_cache(batch, steps, encoded=encoded, src_ids=src_ids)
+# ----------------------------------------------------------------------------- command line
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m transformer_jax.interop.marian",
+        description="Convert Hugging Face Marian (OPUS-MT) models to and from work directories.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    imp = sub.add_parser("import", help="Marian directory -> new work directory")
+    imp.add_argument("path", help="local Hugging Face Marian model directory")
+    imp.add_argument("--workdir", required=True, help="work directory to create")
+    exp = sub.add_parser("export", help="work directory -> new Marian directory")
+    exp.add_argument("workdir", help="a work directory written by import (maybe fine-tuned)")
+    exp.add_argument("--to", required=True, help="Marian directory to create")
+    exp.add_argument("--step", type=int, default=None, help="checkpoint step (default newest)")
+    return parser
 
-    def tokens_to_logits(ids, cache):  # ids [B', 1]
-        logits, cache = model.decode(None, None, ids, cache=cache)  # [B', 1, V]
-        return logits[:, 0, :], cache
 
-    start_ids = jnp.full((batch,), start, jnp.int32)
-    common = dict(batch_size=batch, max_len=steps, eos_id=eos, pad_id=pad, start_ids=start_ids,
-                  forbid_ids=forbid)
-    if num_beams == 1:
-        return decoding.greedy_search(cache, tokens_to_logits, **common)
-    return decoding.beam_search(cache, tokens_to_logits, beam_size=num_beams, alpha=alpha,
-                                convention="huggingface", **common)[0][:, 0]
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "import":
+            out = import_workdir(args.path, args.workdir)
+            print(f"imported {os.path.abspath(args.path)} into {out}; translate with: python -m "
+                  f"transformer_jax.translate --workdir {out}")
+        else:
+            out = export_workdir(args.workdir, args.to, step=args.step)
+            print(f"exported {os.path.abspath(args.workdir)} to {out}")
+    except (ConversionError, TokenizerFilesError) as err:
+        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
+        return 2
+    return 0
 
+
+if __name__ == "__main__":
+    sys.exit(main())
