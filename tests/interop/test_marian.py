@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
-from tests.interop.marian_helpers import (
+from marian_helpers import (
     V,
     cut,
     hf_generate,
@@ -15,6 +14,7 @@ from tests.interop.marian_helpers import (
     transformers,
     write_tokenizer,
 )
+
 from transformer_jax.interop import marian
 
 PAD = V - 1

@@ -7,8 +7,7 @@ import os
 
 import numpy as np
 import pytest
-
-from tests.interop.marian_helpers import (
+from marian_helpers import (
     SENTENCES,
     cut,
     hf_generate,
@@ -17,6 +16,7 @@ from tests.interop.marian_helpers import (
     transformers,
     write_tokenizer,
 )
+
 from transformer_jax.evaluation import Translator
 from transformer_jax.interop import marian
 from transformer_jax.training import train_and_evaluate
