@@ -17,6 +17,7 @@ from marian_helpers import (
     write_tokenizer,
 )
 
+from transformer_jax import translate
 from transformer_jax.evaluation import Translator
 from transformer_jax.interop import marian
 from transformer_jax.training import train_and_evaluate
@@ -44,7 +45,7 @@ def to_ours(ids, pad: int) -> list[int]:
     return [order.index(i) for i in ids]
 
 
-def test_translate_equals_generate(imported):
+def test_translate_equals_generate(imported, tmp_path, capfd):
     hf, hf_tok, _, workdir = imported
     pad = hf.config.pad_token_id
     translator = Translator.from_workdir(str(workdir))
@@ -56,8 +57,13 @@ def test_translate_equals_generate(imported):
     src = hf_tok(TEXTS, padding=True, return_tensors="np")["input_ids"]
     want = hf_generate(hf, src, num_beams=1, max_length=60)
     assert [cut(r, 1) for r in got] == [to_ours(w, pad) for w in want]
-    assert translator.translate(TEXTS, beam_size=1) == hf_tok.batch_decode(
-        [w for w in want], skip_special_tokens=True)
+    texts = translator.translate(TEXTS, beam_size=1)
+    assert texts == hf_tok.batch_decode(want, skip_special_tokens=True)
+    # the command line reads the same work directory unchanged
+    (tmp_path / "in.txt").write_text("\n".join(TEXTS) + "\n", encoding="utf-8")
+    args = ["--workdir", str(workdir), "--beam", "1", "--input", str(tmp_path / "in.txt")]
+    assert translate.main(args) == 0
+    assert capfd.readouterr().out.splitlines() == texts
 
 
 def test_export_round_trip(imported, tmp_path):
