@@ -77,6 +77,9 @@ class ModelConfig:
       never_predict_pad: decoding searches (``Translator``) never choose ``pad_id``, as
         transformers' ``bad_words_ids=[[pad]]`` for Marian models, whose pad logit is 0 and
         would otherwise win where every real token scores below it. Training is unaffected.
+      num_decoder_heads: heads of the decoder's attention layers (None -> ``num_heads``,
+        which is then the encoder's only).
+      decoder_d_ff: feed-forward width of the decoder layers (None -> ``d_ff``).
     """
 
     vocab_size: int = 32000
@@ -104,6 +107,8 @@ class ModelConfig:
     scale_embedding: bool = True
     final_logits_bias: bool = False
     never_predict_pad: bool = False
+    num_decoder_heads: int | None = None
+    decoder_d_ff: int | None = None
 
     def __post_init__(self):
         positive = ["vocab_size", "d_model", "num_heads", "num_layers", "d_ff", "max_len"]
@@ -111,6 +116,20 @@ class ModelConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"{name}={value!r} must be a positive integer.")
+        for name in ("num_decoder_heads", "decoder_d_ff"):
+            value = getattr(self, name)
+            if value is not None and (
+                not isinstance(value, int) or isinstance(value, bool) or value <= 0
+            ):
+                raise ValueError(f"{name}={value!r} must be a positive integer or None.")
+        if self.num_decoder_heads is not None and self.d_model % self.num_decoder_heads:
+            raise ValueError(
+                f"d_model={self.d_model} is not divisible by num_decoder_heads="
+                f"{self.num_decoder_heads}; choose a head count that divides d_model."
+            )
+        if self.positional == "rope" and (self.d_model // self.decoder_side().num_heads) % 2:
+            raise ValueError("positional='rope' needs an even decoder head dim; change "
+                             "d_model or num_decoder_heads.")
         for name in ("num_encoder_layers", "num_decoder_layers"):
             value = getattr(self, name)
             if value is not None and (
@@ -194,6 +213,15 @@ class ModelConfig:
     def decoder_layers(self) -> int:
         """Number of decoder layers (``num_decoder_layers`` or ``num_layers``)."""
         return self.num_layers if self.num_decoder_layers is None else self.num_decoder_layers
+
+    def decoder_side(self) -> ModelConfig:
+        """This config with the decoder's ``num_heads`` and ``d_ff`` (itself when the decoder
+        has no sizes of its own)."""
+        if self.num_decoder_heads is None and self.decoder_d_ff is None:
+            return self
+        return dataclasses.replace(
+            self, num_heads=self.num_decoder_heads or self.num_heads,
+            d_ff=self.decoder_d_ff or self.d_ff, num_decoder_heads=None, decoder_d_ff=None)
 
     @property
     def compute_dtype(self) -> jnp.dtype:
@@ -302,9 +330,11 @@ def count_params(config: ModelConfig, *, decoder_only: bool = False) -> int:
         output += v - (v if bias and not config.tie_output else 0)
     final_norm = norm if config.pre_norm else 0
 
-    decoder_layer_cross = 2 * attention + ffn + 3 * norm
+    dec_f = config.decoder_side().d_ff
+    dec_ffn = 2 * d * dec_f + ((dec_f + d) if bias else 0)
+    decoder_layer_cross = 2 * attention + dec_ffn + 3 * norm
     if decoder_only:
-        layer = attention + ffn + 2 * norm
+        layer = attention + dec_ffn + 2 * norm
         return v * d + position_table + config.decoder_layers * layer + final_norm + output
 
     encoder_layer = attention + ffn + 2 * norm

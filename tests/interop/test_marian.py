@@ -28,9 +28,9 @@ TGT_IN = np.array([[PAD, 3, 4, 14, 15], [PAD, 16, 17, 2, 0], [PAD, 18, 0, PAD, P
     dict(activation_function="swish", tie_word_embeddings=False, encoder_layers=1,
          decoder_layers=2),
     dict(activation_function="gelu_new", d_model=24, encoder_attention_heads=3,
-         decoder_attention_heads=3, encoder_ffn_dim=40, decoder_ffn_dim=40,
+         decoder_attention_heads=2, encoder_ffn_dim=40, decoder_ffn_dim=20,
          share_encoder_decoder_embeddings=False, tie_word_embeddings=False),
-], ids=["gelu", "relu-unshared", "swish-untied", "gelu_new-h3"])
+], ids=["gelu", "relu-unshared", "swish-untied", "gelu_new-heads3+2"])
 def test_logits_match_transformers(tmp_path, overrides):
     hf = make_marian(str(tmp_path), **overrides)
     model, config, tokenizer = marian.from_pretrained(str(tmp_path))
@@ -66,8 +66,11 @@ def test_generate_matches_transformers(tmp_path, num_beams, length_penalty):
 def test_errors_are_one_sentence(tmp_path):
     with pytest.raises(marian.ConversionError, match="no directory"):
         marian.from_pretrained(str(tmp_path / "missing"))
-    make_marian(str(tmp_path), encoder_ffn_dim=24, decoder_ffn_dim=32)
-    with pytest.raises(marian.ConversionError, match="encoder_ffn_dim=24 differs"):
+    make_marian(str(tmp_path), decoder_vocab_size=V + 4)
+    with pytest.raises(marian.ConversionError, match="decoder_vocab_size=64 differs"):
+        marian.from_pretrained(str(tmp_path))
+    make_marian(str(tmp_path), activation_function="linear")
+    with pytest.raises(marian.ConversionError, match="activation_function='linear' is not"):
         marian.from_pretrained(str(tmp_path))
 
 

@@ -127,3 +127,17 @@ def test_huggingface_length_penalty():
     with pytest.raises(ValueError, match="convention='x' is unknown"):
         decoding.beam_search({}, lambda i, c: (jnp.zeros((2, 3)), c), batch_size=1,
                              beam_size=2, max_len=2, convention="x")
+
+
+def test_decoder_heads_and_width_of_its_own():
+    cfg = CFG.replace(num_decoder_heads=4, decoder_d_ff=12)
+    model = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
+    enc, dec = model.encoder.layers[0], model.decoder.layers[0]
+    assert enc.self_attention.query.shape == (8, 2, 4)  # [D, N, H]
+    assert enc.feed_forward.wi.kernel.shape == (8, 16)
+    assert dec.cross_attention.query.shape == (8, 4, 2)
+    assert dec.feed_forward.wi.kernel.shape == (8, 12)
+    leaves = jax.tree_util.tree_leaves(nnx.state(model, nnx.Param))
+    assert count_params(cfg) == sum(int(np.prod(x.shape)) for x in leaves)
+    with pytest.raises(ValueError, match="not divisible by num_decoder_heads=3"):
+        CFG.replace(num_decoder_heads=3)

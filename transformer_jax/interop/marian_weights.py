@@ -38,16 +38,6 @@ class ConversionError(ValueError):
     """A Marian model or work directory that cannot be converted (one sentence)."""
 
 
-def _same(hf: Mapping, enc: str, dec: str, what: str):
-    a, b = hf.get(enc), hf.get(dec)
-    if b is not None and a != b:
-        raise ConversionError(
-            f"{enc}={a} differs from {dec}={b}; this library uses one {what} for the encoder "
-            "and the decoder, so such a Marian model cannot be converted."
-        )
-    return a
-
-
 def model_config_from_hf(hf: Mapping) -> ModelConfig:
     """``ModelConfig`` that computes what ``MarianMTModel(MarianConfig(**hf))`` computes."""
     if hf.get("model_type", "marian") != "marian":
@@ -69,18 +59,21 @@ def model_config_from_hf(hf: Mapping) -> ModelConfig:
             f"activation_function={activation!r} is not supported; supported: "
             f"{', '.join(sorted(_ACTIVATIONS))}."
         )
-    heads = _same(hf, "encoder_attention_heads", "decoder_attention_heads", "head count")
-    d_ff = _same(hf, "encoder_ffn_dim", "decoder_ffn_dim", "feed-forward width")
+    heads, d_ff = int(hf.get("encoder_attention_heads", 16)), int(hf.get("encoder_ffn_dim", 4096))
+    dec_heads = int(hf.get("decoder_attention_heads", heads))
+    dec_d_ff = int(hf.get("decoder_ffn_dim", d_ff))
     share = bool(hf.get("share_encoder_decoder_embeddings", True))
     try:
         return ModelConfig(
             vocab_size=vocab,
             d_model=int(hf.get("d_model", 1024)),
-            num_heads=int(heads or 16),
+            num_heads=heads,
+            num_decoder_heads=None if dec_heads == heads else dec_heads,
             num_layers=int(hf.get("encoder_layers", 12)),
             num_encoder_layers=int(hf.get("encoder_layers", 12)),
             num_decoder_layers=int(hf.get("decoder_layers", 12)),
-            d_ff=int(d_ff or 4096),
+            d_ff=d_ff,
+            decoder_d_ff=None if dec_d_ff == d_ff else dec_d_ff,
             dropout_rate=float(hf.get("dropout", 0.1)),
             attention_dropout_rate=float(hf.get("attention_dropout", 0.0)),
             ff_dropout_rate=float(hf.get("activation_dropout", 0.0)),
@@ -111,8 +104,9 @@ def hf_config_from_model(config: ModelConfig, base: Mapping | None = None) -> di
         vocab_size=config.vocab_size, decoder_vocab_size=config.vocab_size,
         d_model=config.d_model, max_position_embeddings=config.max_len,
         encoder_layers=config.encoder_layers, decoder_layers=config.decoder_layers,
-        encoder_attention_heads=config.num_heads, decoder_attention_heads=config.num_heads,
-        encoder_ffn_dim=config.d_ff, decoder_ffn_dim=config.d_ff,
+        encoder_attention_heads=config.num_heads,
+        decoder_attention_heads=config.decoder_side().num_heads,
+        encoder_ffn_dim=config.d_ff, decoder_ffn_dim=config.decoder_side().d_ff,
         activation_function=_TO_HF_ACTIVATION[config.activation],
         dropout=config.dropout_rate, attention_dropout=config.attention_dropout_rate,
         activation_dropout=config.ff_dropout_rate, scale_embedding=config.scale_embedding,
@@ -185,12 +179,13 @@ def params_from_state_dict(state: Mapping[str, np.ndarray], config: ModelConfig)
     """Our params from a Marian state dict (``model.`` prefix removed; missing tied tensors
     are taken from their source). Both stacks get a token table; with shared embeddings keep
     the one that ``nnx.to_pure_dict`` of ``Transformer(config)`` has (see ``prune_like``)."""
-    n, h = config.num_heads, config.head_dim
     params: dict = {"encoder": {"layers": {}}, "decoder": {"layers": {}}}
     for side in ("encoder", "decoder"):
         table = _table(state, side)
         params[side]["embedding"] = {"tokens": {"embed": {"embedding": table}}}
     for path, prefix, cross in _layers(config):
+        side = config.decoder_side() if cross else config
+        n, h = side.num_heads, side.head_dim
         layer = params[path[0]]["layers"].setdefault(path[2], {})
         for ours, (hf, kind) in _layer_names(prefix, cross).items():
             if kind == "norm":
@@ -206,7 +201,9 @@ def params_from_state_dict(state: Mapping[str, np.ndarray], config: ModelConfig)
                 leaf["out"] = _get(state, f"{hf}.out_proj.weight").T.reshape(n, h, -1)
                 leaf["out_bias"] = _get(state, f"{hf}.out_proj.bias")
             _put(layer, ours, leaf)
-    output = {"logits_bias": _get(state, "final_logits_bias").reshape(-1)}
+    bias = (_get(state, "final_logits_bias").reshape(-1) if "final_logits_bias" in state
+            else np.zeros((config.vocab_size,), np.float32))  # transformers' initial value
+    output = {"logits_bias": bias}
     if not config.tie_output:
         output["dense"] = {"kernel": _get(state, "lm_head.weight").T}
     params["decoder"]["output"] = output
