@@ -52,7 +52,7 @@ def test_reads_pytorch_bin_with_weights_only(tmp_path):
                                atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("num_beams,length_penalty", [(1, 1.0), (3, 1.0), (4, 0.6), (2, 2.0)])
+@pytest.mark.parametrize("num_beams,length_penalty", [(1, 1.0), (4, 0.6), (2, 2.0)])
 def test_generate_matches_transformers(tmp_path, num_beams, length_penalty):
     hf = make_marian(str(tmp_path), seed=1, activation_function="relu", eos_bias=2.5)
     model = marian.from_pretrained(str(tmp_path)).model
