@@ -127,9 +127,6 @@ class ModelConfig:
                 f"d_model={self.d_model} is not divisible by num_decoder_heads="
                 f"{self.num_decoder_heads}; choose a head count that divides d_model."
             )
-        if self.positional == "rope" and (self.d_model // self.decoder_side().num_heads) % 2:
-            raise ValueError("positional='rope' needs an even decoder head dim; change "
-                             "d_model or num_decoder_heads.")
         for name in ("num_encoder_layers", "num_decoder_layers"):
             value = getattr(self, name)
             if value is not None and (
@@ -175,6 +172,12 @@ class ModelConfig:
             raise ValueError(
                 f"positional='rope' needs an even head dim, but d_model={self.d_model} / "
                 f"num_heads={self.num_heads} = {self.head_dim}; change d_model or num_heads."
+            )
+        if (self.positional == "rope" and self.num_decoder_heads
+                and (self.d_model // self.num_decoder_heads) % 2):
+            raise ValueError(
+                f"positional='rope' needs an even decoder head dim, but d_model={self.d_model} "
+                f"/ num_decoder_heads={self.num_decoder_heads} is odd; change either."
             )
         if self.positional.startswith("sinusoidal") and self.d_model % 2:
             raise ValueError(

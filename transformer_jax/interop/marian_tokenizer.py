@@ -148,8 +148,10 @@ class MarianTokenizer:
     def decode(self, ids) -> list[str]:
         """Text of each row: cut at the first EOS, pad and special pieces dropped, pieces
         joined by the source model (as transformers does for a shared vocabulary)."""
-        rows = np.asarray(ids).reshape(len(ids), -1).tolist() if not isinstance(
-            ids, list | tuple) else [[int(i) for i in row] for row in ids]
+        if isinstance(ids, list | tuple):
+            rows = [[int(i) for i in row] for row in ids]
+        else:  # numpy or jax array [B, T]
+            rows = np.asarray(ids).reshape(len(ids), -1).tolist()
         out = []
         for row in rows:
             if self.eos_id in row:
