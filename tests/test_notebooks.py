@@ -63,6 +63,7 @@ NOTEBOOKS = {
         ["jacobian_structure.png", "positional_loss_curves.png", "attention_memory.png"],
         {"NB_TRAIN_STEPS": "30", "NB_NUM_LAYERS": "1", "NB_MEM_LENGTHS": "512,1024,2048"},
     ),
+    "04_marian_interop.ipynb": (["marian_cross_attention.png"], {"NB_WORKDIR": "{tmp}/marian"}),
 }
 
 

@@ -17,9 +17,20 @@ from typing import Any
 
 import jax.numpy as jnp
 
-__all__ = ["ModelConfig", "count_params", "POSITIONAL_KINDS", "ATTENTION_IMPLS", "DTYPES"]
+__all__ = [
+    "ACTIVATIONS",
+    "ATTENTION_IMPLS",
+    "DTYPES",
+    "ModelConfig",
+    "POSITIONAL_KINDS",
+    "count_params",
+]
 
-POSITIONAL_KINDS = ("sinusoidal", "learned", "rope", "alibi")
+POSITIONAL_KINDS = ("sinusoidal", "sinusoidal_split", "learned", "rope", "alibi")
+# Feed-forward activations (implemented in ``nn.layers``): "gelu" is the exact (erf) GELU,
+# "gelu_tanh" its tanh approximation, "quick_gelu" ``x * sigmoid(1.702 x)``, "silu" = swish.
+ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "quick_gelu", "silu", "tanh", "sigmoid", "mish",
+               "relu6")
 ATTENTION_IMPLS = ("xla", "chunked", "jax")
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -40,8 +51,10 @@ class ModelConfig:
       attention_dropout_rate: dropout on the attention weights.
       max_len: longest sequence the learned position table covers (also an upper bound for
         decode caches built by callers).
-      positional: "sinusoidal" (paper) | "learned" (a [max_len, D] table) | "rope" (rotate
-        q/k in self-attention) | "alibi" (linear distance bias in self-attention).
+      positional: "sinusoidal" (paper: sine and cosine interleaved) | "sinusoidal_split" (the
+        same frequencies with all sines in the first half of the features and all cosines in
+        the second, as Marian / OPUS-MT models) | "learned" (a [max_len, D] table) | "rope"
+        (rotate q/k in self-attention) | "alibi" (linear distance bias in self-attention).
       pre_norm: False = post-LN as in the paper (LN(x + Sublayer(x))); True = pre-LN
         (x + Sublayer(LN(x))) with a final LayerNorm after the encoder and the decoder stacks.
       share_embeddings: one token table for source and target (paper, section 3.4).
@@ -56,6 +69,17 @@ class ModelConfig:
       pad_id: token id of padding (also the decoder BOS, see ``nn.shift_right``).
       ff_dropout_rate: extra field (not in the paper): dropout on the ReLU activations inside
         the feed-forward network (tensor2tensor's ``relu_dropout``); 0 disables it.
+      activation: feed-forward activation, one of ``ACTIVATIONS`` (paper: "relu").
+      scale_embedding: multiply token embeddings by sqrt(D) (paper, section 3.4); False adds
+        the position encodings to the raw table rows.
+      final_logits_bias: add a learned [V] bias to the output logits (Marian's
+        ``final_logits_bias``); an untied output layer then has no bias of its own.
+      never_predict_pad: decoding searches (``Translator``) never choose ``pad_id``, as
+        transformers' ``bad_words_ids=[[pad]]`` for Marian models, whose pad logit is 0 and
+        would otherwise win where every real token scores below it. Training is unaffected.
+      num_decoder_heads: heads of the decoder's attention layers (None -> ``num_heads``,
+        which is then the encoder's only).
+      decoder_d_ff: feed-forward width of the decoder layers (None -> ``d_ff``).
     """
 
     vocab_size: int = 32000
@@ -79,6 +103,12 @@ class ModelConfig:
     attention_impl: str = "xla"
     pad_id: int = 0
     ff_dropout_rate: float = 0.0
+    activation: str = "relu"
+    scale_embedding: bool = True
+    final_logits_bias: bool = False
+    never_predict_pad: bool = False
+    num_decoder_heads: int | None = None
+    decoder_d_ff: int | None = None
 
     def __post_init__(self):
         positive = ["vocab_size", "d_model", "num_heads", "num_layers", "d_ff", "max_len"]
@@ -86,6 +116,17 @@ class ModelConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"{name}={value!r} must be a positive integer.")
+        for name in ("num_decoder_heads", "decoder_d_ff"):
+            value = getattr(self, name)
+            if value is not None and (
+                not isinstance(value, int) or isinstance(value, bool) or value <= 0
+            ):
+                raise ValueError(f"{name}={value!r} must be a positive integer or None.")
+        if self.num_decoder_heads is not None and self.d_model % self.num_decoder_heads:
+            raise ValueError(
+                f"d_model={self.d_model} is not divisible by num_decoder_heads="
+                f"{self.num_decoder_heads}; choose a head count that divides d_model."
+            )
         for name in ("num_encoder_layers", "num_decoder_layers"):
             value = getattr(self, name)
             if value is not None and (
@@ -132,10 +173,24 @@ class ModelConfig:
                 f"positional='rope' needs an even head dim, but d_model={self.d_model} / "
                 f"num_heads={self.num_heads} = {self.head_dim}; change d_model or num_heads."
             )
-        if self.positional == "sinusoidal" and self.d_model % 2:
+        if (self.positional == "rope" and self.num_decoder_heads
+                and (self.d_model // self.num_decoder_heads) % 2):
             raise ValueError(
-                f"positional='sinusoidal' needs an even d_model; got d_model={self.d_model}."
+                f"positional='rope' needs an even decoder head dim, but d_model={self.d_model} "
+                f"/ num_decoder_heads={self.num_decoder_heads} is odd; change either."
             )
+        if self.positional.startswith("sinusoidal") and self.d_model % 2:
+            raise ValueError(
+                f"positional={self.positional!r} needs an even d_model; got "
+                f"d_model={self.d_model}."
+            )
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(
+                f"activation={self.activation!r} is unknown; use one of {ACTIVATIONS}."
+            )
+        for name in ("scale_embedding", "final_logits_bias", "never_predict_pad"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}={getattr(self, name)!r} must be True or False.")
         if not self.layer_norm_epsilon > 0:
             raise ValueError(
                 f"layer_norm_epsilon={self.layer_norm_epsilon!r} must be a positive number."
@@ -161,6 +216,15 @@ class ModelConfig:
     def decoder_layers(self) -> int:
         """Number of decoder layers (``num_decoder_layers`` or ``num_layers``)."""
         return self.num_layers if self.num_decoder_layers is None else self.num_decoder_layers
+
+    def decoder_side(self) -> ModelConfig:
+        """This config with the decoder's ``num_heads`` and ``d_ff`` (itself when the decoder
+        has no sizes of its own)."""
+        if self.num_decoder_heads is None and self.decoder_d_ff is None:
+            return self
+        return dataclasses.replace(
+            self, num_heads=self.num_decoder_heads or self.num_heads,
+            d_ff=self.decoder_d_ff or self.d_ff, num_decoder_heads=None, decoder_d_ff=None)
 
     @property
     def compute_dtype(self) -> jnp.dtype:
@@ -255,7 +319,8 @@ def count_params(config: ModelConfig, *, decoder_only: bool = False) -> int:
     ``positional == "learned"``, per attention block 4 D*D weights (+ 4 D biases), per
     feed-forward 2 D*F (+ F + D biases), 2 D per LayerNorm (2 per encoder layer, 3 per decoder
     layer, 2 per decoder-only layer, + one final LayerNorm per stack when ``pre_norm``), and the
-    untied output layer D*V (+ V bias).
+    untied output layer D*V (+ V bias, unless ``final_logits_bias``), and V for
+    ``final_logits_bias``.
     """
     d, f, v = config.d_model, config.d_ff, config.vocab_size
     bias = config.use_bias
@@ -264,11 +329,15 @@ def count_params(config: ModelConfig, *, decoder_only: bool = False) -> int:
     norm = 2 * d
     position_table = config.max_len * d if config.positional == "learned" else 0
     output = 0 if config.tie_output else d * v + (v if bias else 0)
+    if config.final_logits_bias:
+        output += v - (v if bias and not config.tie_output else 0)
     final_norm = norm if config.pre_norm else 0
 
-    decoder_layer_cross = 2 * attention + ffn + 3 * norm
+    dec_f = config.decoder_side().d_ff
+    dec_ffn = 2 * d * dec_f + ((dec_f + d) if bias else 0)
+    decoder_layer_cross = 2 * attention + dec_ffn + 3 * norm
     if decoder_only:
-        layer = attention + ffn + 2 * norm
+        layer = attention + dec_ffn + 2 * norm
         return v * d + position_table + config.decoder_layers * layer + final_norm + output
 
     encoder_layer = attention + ffn + 2 * norm

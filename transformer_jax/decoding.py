@@ -16,12 +16,17 @@ Conventions shared by all searches:
   EOS included: at position ``max_lengths[b] - 1`` only EOS may be chosen (as fairseq does),
   so every output ends with EOS. The paper's limit is "input length + 50".
 * The loop stops early once every example has finished.
+* ``forbid_ids`` lists token ids that are never chosen (their log-probabilities are set to
+  ``NEG_INF`` after normalisation), e.g. the pad id of Marian models.
+* ``beam_search(convention="huggingface")`` reproduces transformers' ``generate()`` (see there);
+  the default "gnmt" is the paper's.
 * Cache leaves with a leading batch axis are expanded/reordered for beams; scalar leaves (the
   per-layer ``index``) are shared by all rows because all rows decode in lockstep.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -45,9 +50,16 @@ NEG_INF = -1.0e7  # large but finite, so that NEG_INF + log p never becomes NaN
 TokensToLogits = Callable[[jax.Array, Any], tuple[jax.Array, Any]]
 
 
-def length_penalty(length, alpha: float) -> jax.Array:
-    """GNMT length penalty ``((5 + length) / 6) ** alpha`` (Wu et al. 2016)."""
-    return ((5.0 + jnp.asarray(length, jnp.float32)) / 6.0) ** alpha
+CONVENTIONS = ("gnmt", "huggingface")
+
+
+def length_penalty(length, alpha: float, convention: str = "gnmt") -> jax.Array:
+    """GNMT length penalty ``((5 + length) / 6) ** alpha`` (Wu et al. 2016), or
+    ``length ** alpha`` for ``convention="huggingface"`` (transformers, fairseq)."""
+    length = jnp.asarray(length, jnp.float32)
+    if convention == "huggingface":
+        return length**alpha
+    return ((5.0 + length) / 6.0) ** alpha
 
 
 
@@ -74,10 +86,17 @@ def _start_ids(start_ids, batch_size: int, bos_id: int) -> jax.Array:
     return start_ids
 
 
-def _force_eos(logits, step, max_lengths, eos_id: int) -> jax.Array:
-    """Rows at their last allowed position may only choose EOS.  logits [B, V]."""
+def _force_eos(logits, step, max_lengths, eos_id: int, forbid_ids=(),
+               eos_value=None) -> jax.Array:
+    """Rows at their last allowed position may only choose EOS (scored ``eos_value`` when
+    given); ``forbid_ids`` are never chosen.  logits [B, V]."""
     last = (step >= max_lengths - 1)[:, None]  # [B, 1]
-    not_eos = jnp.arange(logits.shape[-1]) != eos_id  # [V]
+    vocab = jnp.arange(logits.shape[-1])  # [V]
+    not_eos = vocab != eos_id
+    if forbid_ids:
+        logits = jnp.where(jnp.isin(vocab, jnp.asarray(forbid_ids)), NEG_INF, logits)
+    if eos_value is not None:
+        logits = jnp.where(last & ~not_eos, eos_value, logits)
     return jnp.where(last & not_eos, NEG_INF, logits)
 
 
@@ -102,7 +121,8 @@ def _check_logits(logits, rows: int) -> None:
 
 
 def _decode_loop(cache, tokens_to_logits: TokensToLogits, choose, rng, *, batch_size: int,
-                 max_len: int, eos_id: int, bos_id: int, pad_id: int, max_lengths, start_ids):
+                 max_len: int, eos_id: int, bos_id: int, pad_id: int, max_lengths, start_ids,
+                 forbid_ids=()):
     """One token per example and step; ``choose(logits [B, V], rng) -> ids [B]``."""
     max_lengths = _max_lengths(max_lengths, batch_size, max_len)
     first = _start_ids(start_ids, batch_size, bos_id)
@@ -116,7 +136,7 @@ def _decode_loop(cache, tokens_to_logits: TokensToLogits, choose, rng, *, batch_
         rng, step_rng = jax.random.split(rng)
         logits, cache = tokens_to_logits(last[:, None], cache)  # [B, V]
         _check_logits(logits, batch_size)
-        logits = _force_eos(logits.astype(jnp.float32), step, max_lengths, eos_id)
+        logits = _force_eos(logits.astype(jnp.float32), step, max_lengths, eos_id, forbid_ids)
         token = choose(logits, step_rng).astype(jnp.int32)  # [B]
         token = jnp.where(finished, pad_id, token)
         out = lax.dynamic_update_slice(out, token[:, None], (0, step))
@@ -130,7 +150,7 @@ def _decode_loop(cache, tokens_to_logits: TokensToLogits, choose, rng, *, batch_
 
 def greedy_search(cache, tokens_to_logits: TokensToLogits, *, batch_size: int, max_len: int,
                   eos_id: int = 1, bos_id: int = 0, pad_id: int = 0, max_lengths=None,
-                  start_ids=None) -> jax.Array:
+                  start_ids=None, forbid_ids=()) -> jax.Array:
     """Argmax decoding.
 
     Args:
@@ -141,6 +161,7 @@ def greedy_search(cache, tokens_to_logits: TokensToLogits, *, batch_size: int, m
       eos_id, bos_id, pad_id: special ids.
       max_lengths: optional ``[B]`` per-example caps (EOS included).
       start_ids: optional ``[B]`` first decoder inputs (default ``bos_id``).
+      forbid_ids: token ids never chosen (e.g. ``(pad_id,)``).
 
     Returns:
       ``[B, max_len]`` int32 ids: tokens, EOS, then ``pad_id``.
@@ -148,7 +169,8 @@ def greedy_search(cache, tokens_to_logits: TokensToLogits, *, batch_size: int, m
     return _decode_loop(
         cache, tokens_to_logits, lambda logits, _: jnp.argmax(logits, axis=-1),
         jax.random.key(0), batch_size=batch_size, max_len=max_len, eos_id=eos_id,
-        bos_id=bos_id, pad_id=pad_id, max_lengths=max_lengths, start_ids=start_ids)
+        bos_id=bos_id, pad_id=pad_id, max_lengths=max_lengths, start_ids=start_ids,
+        forbid_ids=tuple(forbid_ids))
 
 
 def _filter_logits(logits, temperature: float, top_k: int, top_p: float) -> jax.Array:
@@ -257,6 +279,7 @@ class BeamState(NamedTuple):
     cache: Any  # decoding cache of B*K rows
     fin_scores: jax.Array  # float32 [B, K], length-penalised scores (NEG_INF: empty slot)
     fin_seqs: jax.Array  # int32 [B, K, L], finished hypotheses, EOS then pad
+    done: jax.Array  # bool [B], example finished (used by the huggingface convention only)
 
     @classmethod
     def start(cls, first, cache, batch_size: int, beam_size: int, max_len: int,
@@ -267,12 +290,13 @@ class BeamState(NamedTuple):
         return cls(step=jnp.int32(0), live_seqs=seqs,
                    live_logp=jnp.tile(live_logp, (batch_size, 1)), last=first, cache=cache,
                    fin_scores=jnp.full((batch_size, beam_size), NEG_INF, jnp.float32),
-                   fin_seqs=seqs)
+                   fin_seqs=seqs, done=jnp.zeros((batch_size,), bool))
 
 
 def beam_search(cache, tokens_to_logits: TokensToLogits, *, batch_size: int, beam_size: int,
                 max_len: int, eos_id: int = 1, bos_id: int = 0, pad_id: int = 0,
-                alpha: float = 0.6, max_lengths=None, start_ids=None):
+                alpha: float = 0.6, max_lengths=None, start_ids=None, forbid_ids=(),
+                convention: str = "gnmt"):
     """Beam search with the GNMT length penalty (paper: beam 4, alpha 0.6).
 
     A finished hypothesis of ``n`` tokens (EOS included) with log-probability ``logp`` scores
@@ -294,7 +318,14 @@ def beam_search(cache, tokens_to_logits: TokensToLogits, *, batch_size: int, bea
       tokens_to_logits: ``(ids [B*K, 1], cache) -> (logits [B*K, V], cache)``.
       batch_size, beam_size, max_len: B, K and the output length.
       alpha: length-penalty exponent (0 = plain log-probability).
-      eos_id, bos_id, pad_id, max_lengths, start_ids: as in :func:`greedy_search`.
+      eos_id, bos_id, pad_id, max_lengths, start_ids, forbid_ids: as in
+        :func:`greedy_search`.
+      convention: "gnmt" (above) or "huggingface", the search of transformers' ``generate()``
+        with ``num_beams=K, length_penalty=alpha, early_stopping=False,
+        forced_eos_token_id=eos_id``: finished hypotheses score ``logp / n ** alpha``, the
+        EOS forced at the last position adds log-probability 0, and an example stops (and
+        takes no more hypotheses) once it has K finished ones and its best live beam
+        ``logp / n ** alpha`` at the current length ``n`` does not beat the worst of them.
 
     Returns:
       ``(sequences [B, K, max_len] int32, scores [B, K] float32)``, best first. Sequences are
@@ -303,21 +334,29 @@ def beam_search(cache, tokens_to_logits: TokensToLogits, *, batch_size: int, bea
     """
     if beam_size < 1:
         raise ValueError(f"beam_size must be >= 1; got {beam_size}.")
+    if convention not in CONVENTIONS:
+        raise ValueError(f"convention={convention!r} is unknown; use one of {CONVENTIONS}.")
+    hf = convention == "huggingface"
     B, K = batch_size, beam_size
     _check_cache(cache, B)
     max_lengths = _max_lengths(max_lengths, B, max_len)
     first = jnp.repeat(_start_ids(start_ids, B, bos_id), K)  # [B*K]
     cache = expand_for_beam(cache, K)
+    penalty = functools.partial(length_penalty, alpha=alpha, convention=convention)
 
     def best_live_possible(step, live_logp):  # [B]
-        # finishing lengths still open: step + 1 .. max_lengths; the penalty is largest at
-        # the longest for alpha >= 0 and at the shortest for alpha < 0
-        length = max_lengths if alpha >= 0 else step + 1
-        return live_logp[:, 0] / length_penalty(length, alpha)
+        # gnmt: finishing lengths still open are step + 1 .. max_lengths; the penalty is
+        # largest at the longest for alpha >= 0 and at the shortest for alpha < 0.
+        # huggingface: transformers' heuristic, the current length.
+        length = step if hf else (max_lengths if alpha >= 0 else step + 1)
+        return live_logp[:, 0] / penalty(length)
+
+    def is_done(step, live_logp, fin_scores):  # [B]
+        worst_finished = jnp.min(fin_scores, axis=1)  # [B]; NEG_INF until K have finished
+        return worst_finished >= best_live_possible(step, live_logp)
 
     def cond(state: BeamState):
-        worst_finished = jnp.min(state.fin_scores, axis=1)  # [B]; NEG_INF until K finished
-        done = worst_finished >= best_live_possible(state.step, state.live_logp)
+        done = state.done if hf else is_done(state.step, state.live_logp, state.fin_scores)
         return (state.step < max_len) & ~jnp.all(done)
 
     def body(state: BeamState) -> BeamState:
@@ -327,7 +366,8 @@ def beam_search(cache, tokens_to_logits: TokensToLogits, *, batch_size: int, bea
         _check_logits(logits, B * K)
         vocab = logits.shape[-1]
         logprobs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-        logprobs = _force_eos(logprobs, step, jnp.repeat(max_lengths, K), eos_id)
+        logprobs = _force_eos(logprobs, step, jnp.repeat(max_lengths, K), eos_id, forbid_ids,
+                              eos_value=0.0 if hf else None)
         cand = (live_logp[:, :, None] + logprobs.reshape(B, K, vocab)).reshape(B, K * vocab)
         top_logp, top_idx = lax.top_k(cand, min(2 * K, K * vocab))  # [B, 2K] descending
         top_beam, top_token = top_idx // vocab, (top_idx % vocab).astype(jnp.int32)
@@ -339,8 +379,8 @@ def beam_search(cache, tokens_to_logits: TokensToLogits, *, batch_size: int, bea
         in_top_k = jnp.arange(top_logp.shape[1]) < K  # [2K]
 
         # Finished: merge the K old ones with the new EOS candidates, keep the best K.
-        finishes = is_eos & possible & in_top_k
-        new_scores = jnp.where(finishes, top_logp / length_penalty(step + 1, alpha), NEG_INF)
+        finishes = is_eos & possible & in_top_k & ~done[:, None]
+        new_scores = jnp.where(finishes, top_logp / penalty(step + 1), NEG_INF)
         all_scores = jnp.concatenate([fin_scores, new_scores], axis=1)  # [B, 3K]
         all_seqs = jnp.concatenate([fin_seqs, top_seqs], axis=1)  # [B, 3K, L]
         fin_scores, keep = lax.top_k(all_scores, K)
@@ -352,7 +392,11 @@ def beam_search(cache, tokens_to_logits: TokensToLogits, *, batch_size: int, bea
         beams = jnp.take_along_axis(top_beam, keep, axis=1)  # [B, K] rows to follow
         cache = _reorder_cache(old_cache, cache, beams, B, K)
         last = jnp.take_along_axis(top_token, keep, axis=1).reshape(B * K)
-        return BeamState(step + 1, live_seqs, live_logp, last, cache, fin_scores, fin_seqs)
+        done = state.done
+        if hf:  # a finished example stays finished (transformers' sticky early stop)
+            done = done | is_done(step + 1, live_logp, fin_scores)
+        return BeamState(step + 1, live_seqs, live_logp, last, cache, fin_scores, fin_seqs,
+                         done)
 
     final = lax.while_loop(cond, body, BeamState.start(first, cache, B, K, max_len, pad_id))
     live_seqs, live_logp = final.live_seqs, final.live_logp
@@ -362,5 +406,5 @@ def beam_search(cache, tokens_to_logits: TokensToLogits, *, batch_size: int, bea
     any_finished = (fin_scores[:, :1] > NEG_INF / 2)[:, :, None]  # [B, 1, 1]
     sequences = jnp.where(any_finished, fin_seqs, live_seqs)
     scores = jnp.where(any_finished[:, :, 0], fin_scores,
-                       live_logp / length_penalty(max_lengths, alpha)[:, None])
+                       live_logp / penalty(max_lengths)[:, None])
     return sequences, scores

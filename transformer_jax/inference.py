@@ -156,13 +156,15 @@ def _translate_program(graphdef, max_length, beam_size, length_penalty, extra_le
             logits, cache = model.decode(ids, cache=cache)  # [B', 1, V]
             return logits[:, 0, :], cache
 
+        forbid = (pad_id,) if model.config.never_predict_pad else ()
         if beam_size == 1:
             return decoding.greedy_search(
                 cache, tokens_to_logits, batch_size=batch, max_len=max_length, eos_id=EOS_ID,
-                max_lengths=max_lengths)
+                max_lengths=max_lengths, forbid_ids=forbid)
         return decoding.beam_search(
             cache, tokens_to_logits, batch_size=batch, beam_size=beam_size,
             max_len=max_length, eos_id=EOS_ID, alpha=length_penalty, max_lengths=max_lengths,
+            forbid_ids=forbid,
         )[0][:, 0]
 
     return jax.jit(translate)

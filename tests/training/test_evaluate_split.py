@@ -1,5 +1,6 @@
 """Eval decoding split over processes and devices gives the sentences of a plain loop."""
 
+import importlib.util
 import json
 import os
 import signal
@@ -10,7 +11,6 @@ import sys
 import jax
 import numpy as np
 import pytest
-from eval_mp_worker import LIMIT, TRAIN_BATCHES, data_config, tiny_model
 
 from transformer_jax import data
 from transformer_jax.inference import make_translate_fn
@@ -18,6 +18,13 @@ from transformer_jax.training.evaluate import Evaluator, assemble_translations, 
 from transformer_jax.training.parallel import DataParallel
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "eval_mp_worker.py")
+# The worker script is also the home of the set-up both sides share (tests run in importlib
+# mode, where a sibling file is not importable by name).
+_spec = importlib.util.spec_from_file_location("eval_mp_worker", WORKER)
+_worker = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_worker)
+LIMIT, TRAIN_BATCHES = _worker.LIMIT, _worker.TRAIN_BATCHES
+data_config, tiny_model = _worker.data_config, _worker.tiny_model
 TIMEOUT_S = 300  # generous: the machine is shared
 
 

@@ -1,8 +1,9 @@
 """Token embeddings (scaled by sqrt(D)), additive position encodings and the output layer.
 
-Positional kinds (``config.positional``): "sinusoidal" adds ``ops.sinusoidal_encoding``,
-"learned" adds rows of a ``[max_len, D]`` table; "rope" and "alibi" add nothing here (they act
-inside self-attention, see ``nn.attention`` and ``nn.transformer``).
+Positional kinds (``config.positional``): "sinusoidal" adds ``ops.sinusoidal_encoding``
+("sinusoidal_split": the same with ``split=True``, Marian's layout), "learned" adds rows of a
+``[max_len, D]`` table; "rope" and "alibi" add nothing here (they act inside self-attention,
+see ``nn.attention`` and ``nn.transformer``).
 """
 
 from __future__ import annotations
@@ -23,10 +24,12 @@ __all__ = ["TokenEmbedding", "InputEmbedding", "OutputProjection"]
 
 class TokenEmbedding(nnx.Module):
     """Token table ``[V, D]`` initialised with N(0, 1/D) so that ``E[ids] * sqrt(D)`` has unit
-    scale; ``attend`` gives tied output logits ``x E^T``."""
+    scale; ``attend`` gives tied output logits ``x E^T``. ``config.scale_embedding=False``
+    looks rows up without the sqrt(D) factor."""
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         self.d_model = config.d_model
+        self.scale = math.sqrt(config.d_model) if config.scale_embedding else None
         self.vocab_size = config.vocab_size
         self.dtype = config.compute_dtype
         self.embed = nnx.Embed(
@@ -42,7 +45,8 @@ class TokenEmbedding(nnx.Module):
     def __call__(self, ids) -> jax.Array:
         """``ids [B, T]`` int -> ``[B, T, D]`` (compute dtype), multiplied by sqrt(D)."""
         table = self.embed.embedding[...].astype(self.dtype)  # [V, D]
-        return jnp.take(table, ids, axis=0) * jnp.asarray(math.sqrt(self.d_model), self.dtype)
+        rows = jnp.take(table, ids, axis=0)  # [B, T, D]
+        return rows if self.scale is None else rows * jnp.asarray(self.scale, self.dtype)
 
     def attend(self, x) -> jax.Array:
         """Tied output projection ``[B, T, D]`` -> float32 logits ``[B, T, V]``."""
@@ -76,8 +80,10 @@ class InputEmbedding(nnx.Module):
     def __call__(self, ids, positions, *, dropout_rng=None) -> jax.Array:
         """``ids [B, T]``, ``positions [B, T]`` -> ``[B, T, D]``."""
         x = self.tokens(ids)  # [B, T, D]
-        if self.positional == "sinusoidal":
-            x = x + ops.sinusoidal_encoding(positions, self.d_model).astype(self.dtype)
+        if self.positional in ("sinusoidal", "sinusoidal_split"):
+            pe = ops.sinusoidal_encoding(positions, self.d_model,
+                                         split=self.positional == "sinusoidal_split")
+            x = x + pe.astype(self.dtype)
         elif self.positional == "learned":
             table = self.position_table[...].astype(self.dtype)  # [max_len, D]
             x = x + jnp.take(table, positions, axis=0)
@@ -85,18 +91,21 @@ class InputEmbedding(nnx.Module):
 
 
 class OutputProjection(nnx.Module):
-    """Final ``[B, T, D]`` -> float32 logits ``[B, T, V]``: tied to ``tokens`` or a Dense layer."""
+    """Final ``[B, T, D]`` -> float32 logits ``[B, T, V]``: tied to ``tokens`` or a Dense layer,
+    plus a ``[V]`` ``logits_bias`` when ``config.final_logits_bias`` (initialised to zeros)."""
 
     def __init__(self, config: ModelConfig, tokens: TokenEmbedding, *, rngs: nnx.Rngs):
         self.tie = config.tie_output
         self.dtype = config.compute_dtype
+        if config.final_logits_bias:
+            self.logits_bias = nnx.Param(jnp.zeros((config.vocab_size,), config.params_dtype))
         if self.tie:
             self.tokens = tokens
         else:
             self.dense = nnx.Linear(
                 config.d_model,
                 config.vocab_size,
-                use_bias=config.use_bias,
+                use_bias=config.use_bias and not config.final_logits_bias,
                 dtype=config.compute_dtype,
                 param_dtype=config.params_dtype,
                 kernel_init=logical_init(
@@ -106,8 +115,12 @@ class OutputProjection(nnx.Module):
             )
 
     def __call__(self, x) -> jax.Array:
-        if self.tie:
-            return self.tokens.attend(x)
+        logits = self.tokens.attend(x) if self.tie else self._dense(x)  # [B, T, V]
+        if hasattr(self, "logits_bias"):
+            logits = logits + self.logits_bias[...].astype(jnp.float32)
+        return logits
+
+    def _dense(self, x) -> jax.Array:
         kernel = self.dense.kernel[...].astype(self.dtype)  # [D, V]
         logits = jnp.einsum(
             "BTD,DV->BTV", x.astype(self.dtype), kernel, preferred_element_type=jnp.float32

@@ -23,6 +23,7 @@ from transformer_jax.nn.attention import MultiHeadAttention
 from transformer_jax.nn.partitioning import logical_init
 
 __all__ = [
+    "ACTIVATION_FNS",
     "dropout",
     "LayerNorm",
     "FeedForward",
@@ -33,6 +34,19 @@ __all__ = [
 ]
 
 _dense_init = jax.nn.initializers.xavier_uniform()
+
+# ``config.ACTIVATIONS`` name -> elementwise function.
+ACTIVATION_FNS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "relu": jax.nn.relu,
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+    "silu": jax.nn.silu,
+    "tanh": jnp.tanh,
+    "sigmoid": jax.nn.sigmoid,
+    "mish": lambda x: x * jnp.tanh(jax.nn.softplus(x)),
+    "relu6": jax.nn.relu6,
+}
 
 
 def dropout(x: jax.Array, rate: float, rng) -> jax.Array:
@@ -69,7 +83,8 @@ class LayerNorm(nnx.Module):
 class FeedForward(nnx.Module):
     """Position-wise feed-forward network ``max(0, x W1 + b1) W2 + b2`` (D -> F -> D).
 
-    ``config.ff_dropout_rate`` > 0 adds dropout on the ReLU activations (off in the paper).
+    ``config.activation`` replaces the ReLU ``max(0, .)`` (e.g. "gelu", "silu");
+    ``config.ff_dropout_rate`` > 0 adds dropout on the activations (off in the paper).
     """
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
@@ -81,6 +96,7 @@ class FeedForward(nnx.Module):
         )
         zeros = nnx.initializers.zeros_init()
         self.dropout_rate = config.ff_dropout_rate
+        self.activation = config.activation
         self.wi = nnx.Linear(config.d_model, config.d_ff,  # logical axes: nn.partitioning
                              kernel_init=logical_init(_dense_init, ("embed", "mlp")),
                              bias_init=logical_init(zeros, ("mlp",)), **kwargs)
@@ -90,7 +106,7 @@ class FeedForward(nnx.Module):
 
     def __call__(self, x: jax.Array, *, dropout_rng=None) -> jax.Array:
         """``[B, T, D]`` -> ``[B, T, D]``."""
-        hidden = jax.nn.relu(self.wi(x))  # [B, T, F]
+        hidden = ACTIVATION_FNS[self.activation](self.wi(x))  # [B, T, F]
         hidden = dropout(hidden, self.dropout_rate, dropout_rng)
         return self.wo(hidden)  # [B, T, D]
 

@@ -160,6 +160,7 @@ class Decoder(nnx.Module):
     ):
         if config.decoder_layers < 1:
             raise ValueError("A decoder needs num_decoder_layers >= 1 (or num_layers >= 1).")
+        config = config.decoder_side()  # num_decoder_heads / decoder_d_ff, when set
         self.config = config
         self.cross_attention = cross_attention
         self.embedding = InputEmbedding(config, tokens, rngs=rngs)

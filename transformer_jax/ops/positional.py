@@ -13,18 +13,24 @@ import numpy as np
 __all__ = ["sinusoidal_encoding", "apply_rope", "alibi_slopes", "alibi_bias"]
 
 
-def sinusoidal_encoding(positions, d_model: int, max_wavelength: float = 10000.0) -> jnp.ndarray:
+def sinusoidal_encoding(positions, d_model: int, max_wavelength: float = 10000.0, *,
+                        split: bool = False) -> jnp.ndarray:
     """Sinusoidal position encoding of Vaswani et al. (2017), section 3.5.
 
     ``PE[pos, 2i] = sin(pos / max_wavelength**(2i/d_model))`` and
     ``PE[pos, 2i+1] = cos(pos / max_wavelength**(2i/d_model))`` — sine on even feature indices,
     cosine on odd ones (interleaved, exactly as the paper writes it).
 
+    ``split=True`` gives the same values in another feature order, the one of tensor2tensor
+    and Marian (OPUS-MT): ``PE[pos, i] = sin(pos * w_i)`` and ``PE[pos, D/2 + i] =
+    cos(pos * w_i)`` for ``i < D/2``, with ``w_i = max_wavelength**(-2i/d_model)``.
+
     Args:
       positions: ``[..., T]`` integer (or float) positions, e.g. ``jnp.arange(T)`` or packed
         per-segment positions ``[B, T]``.
       d_model: feature size D; must be even.
       max_wavelength: the 10000 of the paper.
+      split: all sines first, then all cosines (instead of interleaved).
 
     Returns:
       ``[..., T, D]`` float32.
@@ -35,6 +41,8 @@ def sinusoidal_encoding(positions, d_model: int, max_wavelength: float = 10000.0
     two_i = jnp.arange(0, d_model, 2, dtype=jnp.float32)  # [D/2]
     inv_freq = jnp.power(jnp.float32(max_wavelength), -two_i / d_model)  # [D/2]
     angle = pos * inv_freq  # [..., T, D/2]
+    if split:
+        return jnp.concatenate([jnp.sin(angle), jnp.cos(angle)], axis=-1)  # [..., T, D]
     pe = jnp.stack([jnp.sin(angle), jnp.cos(angle)], axis=-1)  # [..., T, D/2, 2]
     return pe.reshape(*angle.shape[:-1], d_model)  # [..., T, D] sin, cos, sin, cos, ...
 

@@ -216,7 +216,12 @@ def train_and_evaluate(config, workdir: str) -> dict:
     train_it = data_lib.train_iterator(prepared, config.batch_size, config.seed)
     tokenizer_ref = _tokenizer_ref(prepared)
     # The newest checkpoint that can be read; damaged newer ones are set aside with a warning.
-    restored = checkpointer.restore_latest(state, config=config_dict)
+    # A params-only checkpoint (a model imported by interop.marian) starts a fine-tuning run.
+    if latest is not None and latest[1].get("params_only"):
+        state = create_train_state(load_params(workdir, latest[0]), tx)
+        restored = None
+    else:
+        restored = checkpointer.restore_latest(state, config=config_dict)
     resumed_step = 0
     if restored is not None:
         state, rng = restored["state"], restored["rng"]
