@@ -46,6 +46,8 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
     std_logging.getLogger("absl").setLevel(std_logging.ERROR)  # TFDS/orbax chatter, not ours
     from transformer_jax.training import TrainingDivergedError, train_and_evaluate
+    from transformer_jax.training.checkpoint import CheckpointReadError
+    from transformer_jax.training.distributed import DistributedError
     from transformer_jax.training.distributed import initialize as initialize_distributed
 
     try:
@@ -53,8 +55,8 @@ def main(argv):
         # environment); a single process skips this.
         initialize_distributed(_CONFIG.value.get("distributed"))
         summary = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-    except TrainingDivergedError as err:
-        print(f"error: {err}", file=sys.stderr)
+    except (TrainingDivergedError, DistributedError, CheckpointReadError) as err:
+        print(f"error: {err}", file=sys.stderr)  # every process says why it stopped
         return 1
     except (ValueError, OSError) as err:
         print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
