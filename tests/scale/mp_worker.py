@@ -3,7 +3,8 @@
 usage: python mp_worker.py PROCESS_ID PORT WORKDIR MODE[,MODE...]
 
 Each process owns 2 CPU devices. For each parallelism MODE ("shard_map": replicated params;
-"sharded": data 2 x fsdp 2, so parameters are split across the two processes) the processes
+"sharded": data 2 x fsdp 2, so parameters are split across the two processes; "tensor":
+tensor 4, so the tensor axis spans the processes and both load every row) the processes
 train a tiny Transformer for STEPS steps on a fixed global batch (each feeds its half of the
 rows), save one orbax checkpoint collectively into WORKDIR/MODE, and process 0 writes the
 losses to WORKDIR/MODE/losses.json.
@@ -30,8 +31,26 @@ def main(process_id: int, port: int, workdir: str, modes: str) -> None:
                                   "num_processes": 2, "process_id": process_id,
                                   "initialization_timeout": 60})
     assert how == "config" and jax.process_count() == 2 and jax.device_count() == 4, how
+    check_interleaved_mesh_is_refused()
     for mode in modes.split(","):
         train(process_id, os.path.join(workdir, mode), mode)
+
+
+def check_interleaved_mesh_is_refused() -> None:
+    """A mesh giving each process every other batch block cannot take contiguous rows."""
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    from transformer_jax.training.distributed import process_rows
+    from transformer_jax.training.errors import ConfigError
+
+    p0, p1 = ([d for d in jax.devices() if d.process_index == i] for i in range(2))
+    mesh = Mesh(np.array([p0[0], p1[0], p0[1], p1[1]]), ("data",))
+    try:
+        process_rows(NamedSharding(mesh, PartitionSpec("data")), 4)
+    except ConfigError as err:
+        assert "not one aligned run" in str(err), err
+    else:
+        raise AssertionError("an interleaved mesh was accepted")
 
 
 def train(process_id: int, workdir: str, parallelism: str) -> None:
@@ -45,19 +64,22 @@ def train(process_id: int, workdir: str, parallelism: str) -> None:
 
     cfg = tiny_config()
     model = Transformer(cfg, rngs=nnx.Rngs(0))
-    dp = make_parallel({"parallelism": parallelism,
-                        "sharding": {"data": 2, "fsdp": 2, "tensor": 1,
-                                     "rules": {"embed": "fsdp", "mlp": "fsdp"}}})
-    if dp.mode == "sharded":
-        dp.bind(model)
+    mesh = ({"data": 1, "fsdp": 1, "tensor": 4, "rules": {"heads": "tensor", "mlp": "tensor"}}
+            if parallelism == "tensor" else
+            {"data": 2, "fsdp": 2, "tensor": 1, "rules": {"embed": "fsdp", "mlp": "fsdp"}})
+    dp = make_parallel({"parallelism": "sharded" if parallelism == "tensor" else parallelism,
+                        "sharding": mesh})
+    dp.prepare(model)
     model_def, params = split_model(model)
     tx, per_device = adam_step(model_def)
     state = dp.put_state(fresh_state(params, tx))
     step = dp.train_step(per_device)
     rng = dp.put_rng(jax.random.key(0))
     rows = dp.check_batch_size(ROWS)
+    index, count = dp.data_shard()
+    assert (index, count) == ((0, 1) if parallelism == "tensor" else (process_id, 2))
     glob = packed_batch(ROWS, LENGTH, seed=5)
-    local = {k: v[process_id * rows:(process_id + 1) * rows] for k, v in glob.items()}
+    local = {k: v[index * rows:(index + 1) * rows] for k, v in glob.items()}
     losses = []
     for _ in range(STEPS):
         state, metrics = step(state, dp.put_batch(local), rng)

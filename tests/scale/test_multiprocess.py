@@ -21,9 +21,10 @@ from transformer_jax.training.step import split_model
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "mp_worker.py")
 # "sharded" (data 2 x fsdp 2): the batch, parameters and optimizer state are split across the
 # two processes and replicated leaves (step, RNG, layer norms) take the cross-process
-# placement path of "shard_map" too; `python tests/scale/mp_worker.py ... shard_map,sharded`
-# runs both by hand (README "Scaling up").
-MODES = ("sharded",)
+# placement path of "shard_map" too; "tensor" (tensor 4): the tensor axis spans the processes,
+# so both load all rows of the global batch (global shape given explicitly).
+# `python tests/scale/mp_worker.py ... shard_map,sharded,tensor` runs them by hand.
+MODES = ("sharded", "tensor")
 TIMEOUT_S = 240  # generous: the CI machine is shared; a healthy run takes ~60 s
 
 
