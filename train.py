@@ -4,8 +4,15 @@ Any config value can be overridden, e.g. ``--config.model.num_layers=2
 --config.optimizer.learning_rate=2.0``. Running again with the same --workdir resumes from
 its newest checkpoint. SIGTERM/Ctrl-C saves a checkpoint and exits 0.
 
-Exit codes: 0 done (or interrupted and saved), 1 training diverged (NaN/inf loss),
-2 a problem with the config, the data or the work directory (one-line message on stderr).
+Several processes (hosts): run the same command on each, with
+``--config.distributed.coordinator_address=HOST:PORT --config.distributed.num_processes=N
+--config.distributed.process_id=I`` or under a launcher that JAX detects (SLURM, mpirun,
+Cloud TPU, ``JAX_COORDINATOR_ADDRESS``); see docs/multi_host.md. SIGTERM to any one process
+stops all of them after the same update, with one checkpoint.
+
+Exit codes: 0 done (or interrupted and saved), 1 training diverged (NaN/inf loss), another
+process failed or a checkpoint could not be read for a reason other than damage, 2 a problem
+with the config, the data or the work directory (one-line message on stderr).
 """
 
 import logging as std_logging

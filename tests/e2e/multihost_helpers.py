@@ -56,18 +56,27 @@ def environment(devices: int) -> dict:
 class Job:
     """``num_processes`` train.py processes; always killed (their own process groups) on exit."""
 
-    def __init__(self, workdir, *args: str, num_processes: int = 2, devices: int = 2):
+    def __init__(self, workdir, *args: str, num_processes: int = 2, devices: int = 2,
+                 via_environment: bool = False):
+        """``via_environment``: ranks in ``JAX_COORDINATOR_ADDRESS`` / ``JAX_NUM_PROCESSES``
+        / ``JAX_PROCESS_ID`` (as a launcher sets them) instead of ``--config.distributed.*``."""
         self.workdir = str(workdir)
         os.makedirs(self.workdir, exist_ok=True)
         port = free_port()
         self.logs = [os.path.join(self.workdir, f"process{i}.log") for i in range(num_processes)]
         self.procs = []
         for i in range(num_processes):
+            env = environment(devices)
+            if via_environment:
+                env.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+                           JAX_NUM_PROCESSES=str(num_processes), JAX_PROCESS_ID=str(i))
+                cmd = command(workdir, *args)
+            else:
+                cmd = command(workdir, *args, process_id=i, num_processes=num_processes,
+                              port=port)
             with open(self.logs[i], "w") as log:
                 self.procs.append(subprocess.Popen(
-                    command(workdir, *args, process_id=i, num_processes=num_processes,
-                            port=port),
-                    cwd=ROOT, env=environment(devices), stdout=log, stderr=subprocess.STDOUT,
+                    cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
                     start_new_session=True))
 
     def __enter__(self):

@@ -32,6 +32,7 @@ def main(process_id: int, port: int, workdir: str, modes: str) -> None:
                                   "initialization_timeout": 60})
     assert how == "config" and jax.process_count() == 2 and jax.device_count() == 4, how
     check_interleaved_mesh_is_refused()
+    check_chief_failure_reaches_everyone(process_id)
     for mode in modes.split(","):
         train(process_id, os.path.join(workdir, mode), mode)
 
@@ -51,6 +52,35 @@ def check_interleaved_mesh_is_refused() -> None:
         assert "not one aligned run" in str(err), err
     else:
         raise AssertionError("an interleaved mesh was accepted")
+
+
+def check_chief_failure_reaches_everyone(process_id: int) -> None:
+    """chief_first: process 0 fails -> process 1 raises with its message, no hang; a value
+    process 0 never sends -> a timeout error."""
+    from transformer_jax.training.distributed import DistributedError, chief_first, from_chief
+
+    def prepare():
+        if process_id == 0:
+            raise ValueError("data.path has no train.en")
+        return "prepared"
+
+    try:
+        chief_first(prepare, "prepare", timeout_s=120)
+    except DistributedError as err:
+        assert process_id == 1 and "process 0 failed in" in str(err), err
+        assert "data.path has no train.en" in str(err), err
+    except ValueError:
+        assert process_id == 0
+    else:
+        raise AssertionError("chief_first returned although process 0 failed")
+    assert chief_first(lambda: process_id, "ok", timeout_s=120) == process_id
+    if process_id == 1:
+        try:
+            from_chief("never-sent", lambda: 0, timeout_s=2)
+        except DistributedError as err:
+            assert "waited 2 s for process 0" in str(err), err
+        else:
+            raise AssertionError("from_chief did not time out")
 
 
 def train(process_id: int, workdir: str, parallelism: str) -> None:

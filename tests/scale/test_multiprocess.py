@@ -103,6 +103,10 @@ def test_launcher_detection_reads_the_environment():
     assert distributed.launcher_detected({"TPU_WORKER_HOSTNAMES": "a,b"}) == "TPU_WORKER_HOSTNAMES"
     env = {"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234"}
     assert distributed.launcher_detected(env) == "JAX_COORDINATOR_ADDRESS"
+    ranks = {"JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "1"}
+    assert distributed._ranks_from(ranks) == {"num_processes": 2, "process_id": 1}
+    with pytest.raises(ValueError, match="JAX_PROCESS_ID='x' must be a non-negative integer"):
+        distributed._ranks_from({"JAX_PROCESS_ID": "x"})
     # no launcher, no address: a single process, nothing initialised
     assert distributed.initialize({}, environ={}) == "single"
 

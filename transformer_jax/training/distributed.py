@@ -12,11 +12,21 @@ computation each process calls :func:`initialize`, which connects it to the othe
 * otherwise nothing happens: a single process.
 
 After that every process sees all devices (``jax.devices()``) and its own
-(``jax.local_devices()``); the data pipeline reads shard ``jax.process_index()`` of
-``jax.process_count()``, ``DataParallel`` assembles the global batch with
-``jax.make_array_from_process_local_data`` and orbax writes one checkpoint collectively.
-Work that must happen once per shared directory (training the tokenizer, preparing the TFDS
-data) runs on process 0 first: :func:`chief_first`.
+(``jax.local_devices()``). Devices are used process-major (:func:`process_major`), so each
+process loads one contiguous block of every global batch (:func:`process_rows`) and the
+drivers assemble the global batch with its global shape (:func:`global_batch`); orbax writes
+one checkpoint collectively.
+
+Decisions that change control flow are agreed by all processes, never taken by one alone:
+
+* :func:`chief_first` (process 0 prepares the tokenizer/data first), :func:`from_chief`
+  (a value computed by process 0) and :func:`barrier` wait on the coordination service's
+  key-value store with a timeout (``distributed.barrier_timeout``): a failed or lost chief is
+  an error on every process, never a hang in a device collective;
+* :class:`StopVote` all-reduces the SIGTERM/Ctrl-C flag each update, so every process stops
+  after the same one; :func:`agree` gathers one int per process (checkpoint outcomes);
+* a process that dies stops sending heartbeats: after ``distributed.heartbeat_timeout``
+  seconds JAX's coordination service ends every other process (non-zero exit, naming it).
 """
 
 from __future__ import annotations
@@ -106,7 +116,7 @@ def check_distributed_config(c: Mapping) -> None:
 
 # Variables that launchers set for multi-process jobs; JAX's cluster detection reads them.
 LAUNCHER_ENV = (
-    "JAX_COORDINATOR_ADDRESS",  # any launcher: with JAX_NUM_PROCESSES / JAX_PROCESS_ID
+    "JAX_COORDINATOR_ADDRESS",  # any launcher: with JAX_NUM_PROCESSES / JAX_PROCESS_ID (ours)
     "SLURM_NTASKS",  # srun with > 1 task
     "OMPI_COMM_WORLD_SIZE",  # mpirun with > 1 rank
     "TPU_WORKER_HOSTNAMES",  # Cloud TPU VM slice with > 1 host
@@ -130,6 +140,19 @@ def launcher_detected(environ: Mapping[str, str] | None = None) -> str | None:
         else:
             return name
     return None
+
+
+def _ranks_from(env: Mapping[str, str]) -> dict:
+    """``JAX_NUM_PROCESSES`` / ``JAX_PROCESS_ID`` (next to ``JAX_COORDINATOR_ADDRESS``, which
+    JAX reads itself) as ``jax.distributed.initialize`` arguments."""
+    out = {}
+    for arg, name in (("num_processes", "JAX_NUM_PROCESSES"), ("process_id", "JAX_PROCESS_ID")):
+        value = env.get(name, "").strip()
+        if value:
+            if not value.isdigit():
+                raise ConfigError(f"{name}={value!r} must be a non-negative integer.")
+            out[arg] = int(value)
+    return out
 
 
 def initialize(config: Mapping | None = None, environ: Mapping[str, str] | None = None) -> str:
@@ -156,7 +179,8 @@ def initialize(config: Mapping | None = None, environ: Mapping[str, str] | None 
     elif (name := launcher_detected(environ)) is not None:
         log.info("multi-process launcher detected (%s); calling jax.distributed.initialize()",
                  name)
-        jax.distributed.initialize(**timeouts)
+        jax.distributed.initialize(**_ranks_from(os.environ if environ is None else environ),
+                                   **timeouts)
         how = "environment"
     else:
         return "single"
