@@ -42,9 +42,13 @@ def test_two_processes_match_one_process(mode, single_process, tmp_path):
 
 
 def test_sigterm_to_one_process_saves_on_all(tmp_path):
-    """SIGTERM to process 1 only: both stop after the same update, save it and exit 0."""
+    """SIGTERM to process 1 only: both stop after the same update, save it and exit 0.
+
+    Started as a launcher would (``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES``,
+    ``JAX_PROCESS_ID``)."""
     with Job(tmp_path / "run", "--config.num_train_steps=100000",
-             "--config.checkpoint_every_steps=100000", "--config.parallelism=pmap") as job:
+             "--config.checkpoint_every_steps=100000", "--config.parallelism=pmap",
+             via_environment=True) as job:
         job.wait_for("train:", TIMEOUT_S)  # both are training (collectives need both)
         job.wait_for("loss=", TIMEOUT_S)
         job.procs[1].send_signal(signal.SIGTERM)
@@ -54,6 +58,14 @@ def test_sigterm_to_one_process_saves_on_all(tmp_path):
     assert len(steps) == 1, steps
     for i in range(2):
         assert f"interrupted at step {steps[0]}; checkpoint saved" in job.log(i), job.tails()
+    # both resume from it (restored into the step's placement on each process) and finish
+    end = int(steps[0]) + 1
+    with Job(tmp_path / "run", f"--config.num_train_steps={end}", "--config.parallelism=pmap",
+             via_environment=True) as job:
+        assert job.wait(TIMEOUT_S) == [0, 0], job.tails()
+    for i in range(2):
+        assert f"resuming from step {steps[0]}" in job.log(i), job.tails()
+    assert f"done: step {end}" in job.log(0)
 
 
 def test_killed_process_ends_the_others(tmp_path):

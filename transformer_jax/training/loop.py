@@ -57,14 +57,20 @@ log = logging.getLogger(__name__)
 
 
 class _StopFlag:
-    """Set by SIGTERM/SIGINT while training; restores the old handlers on exit."""
+    """Set by SIGTERM/SIGINT while set up or training; restores the old handlers on exit.
+
+    Re-entrant: entered by ``Trainer.run`` around set-up and training (a signal that arrives
+    while compiling is acted on at the first update) and by ``Trainer.train`` alone.
+    """
 
     def __init__(self):
         self.signum: int | None = None
         self._old = {}
+        self._depth = 0
 
     def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
+        self._depth += 1
+        if self._depth == 1 and threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
                 self._old[sig] = signal.signal(sig, self._handle)
         return self
@@ -76,8 +82,11 @@ class _StopFlag:
         log.warning("received signal %d: finishing this update, then saving", signum)
 
     def __exit__(self, *exc):
-        for sig, handler in self._old.items():
-            signal.signal(sig, handler)
+        self._depth -= 1
+        if self._depth == 0:
+            for sig, handler in self._old.items():
+                signal.signal(sig, handler)
+            self._old = {}
         return False
 
 
@@ -232,10 +241,12 @@ class Trainer:
         self.last_train: dict[str, float] = {}
         self.last_eval: tuple[int, dict] | None = None
         self.throughput = _Throughput()
+        self.signals = _StopFlag()
 
     def run(self) -> dict:
-        self.setup()
-        self.train()
+        with self.signals:
+            self.setup()
+            self.train()
         return self.finish()
 
     # ------------------------------------------------------------------------ setup
@@ -338,7 +349,7 @@ class Trainer:
                         disable=not self.is_chief, dynamic_ncols=True)
         vote = StopVote(self.dp.devices)
         try:
-            with _StopFlag() as signals:
+            with self.signals as signals:
                 while self.step < total:
                     batch = self.dp.put_batch(next(self.train_it))
                     self.state, metrics = self.step_fn(self.state, batch, self.rng_dev)
