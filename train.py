@@ -4,8 +4,15 @@ Any config value can be overridden, e.g. ``--config.model.num_layers=2
 --config.optimizer.learning_rate=2.0``. Running again with the same --workdir resumes from
 its newest checkpoint. SIGTERM/Ctrl-C saves a checkpoint and exits 0.
 
-Exit codes: 0 done (or interrupted and saved), 1 training diverged (NaN/inf loss),
-2 a problem with the config, the data or the work directory (one-line message on stderr).
+Several processes (hosts): run the same command on each, with
+``--config.distributed.coordinator_address=HOST:PORT --config.distributed.num_processes=N
+--config.distributed.process_id=I`` or under a launcher that JAX detects (SLURM, mpirun,
+Cloud TPU, ``JAX_COORDINATOR_ADDRESS``); see docs/multi_host.md. SIGTERM to any one process
+stops all of them after the same update, with one checkpoint.
+
+Exit codes: 0 done (or interrupted and saved), 1 training diverged (NaN/inf loss), another
+process failed or a checkpoint could not be read for a reason other than damage, 2 a problem
+with the config, the data or the work directory (one-line message on stderr).
 """
 
 import logging as std_logging
@@ -17,6 +24,8 @@ from ml_collections import config_flags
 
 from transformer_jax.errors import ConfigError, TrainingDivergedError
 from transformer_jax.training import train_and_evaluate, validate_config
+from transformer_jax.training.checkpoint import CheckpointReadError
+from transformer_jax.training.distributed import DistributedError
 from transformer_jax.training.distributed import initialize as initialize_distributed
 
 _FLAG_ERRORS = (flags.Error, AttributeError, KeyError, TypeError, ValueError)
@@ -80,8 +89,8 @@ def main(argv):
         # environment); a single process skips this.
         initialize_distributed(config.distributed)
         summary = train_and_evaluate(config, _WORKDIR.value)
-    except TrainingDivergedError as err:
-        print(f"error: {err}", file=sys.stderr)
+    except (TrainingDivergedError, DistributedError, CheckpointReadError) as err:
+        print(f"error: {err}", file=sys.stderr)  # every process says why it stopped
         return 1
     except (ValueError, OSError) as err:
         print(f"error: {' '.join(str(err).split())}", file=sys.stderr)

@@ -3,7 +3,8 @@
 usage: python mp_worker.py PROCESS_ID PORT WORKDIR MODE[,MODE...]
 
 Each process owns 2 CPU devices. For each parallelism MODE ("shard_map": replicated params;
-"sharded": data 2 x fsdp 2, so parameters are split across the two processes) the processes
+"sharded": data 2 x fsdp 2, so parameters are split across the two processes; "tensor":
+tensor 4, so the tensor axis spans the processes and both load every row) the processes
 train a tiny Transformer for MP_STEPS steps on a fixed global batch (each feeds its half of the
 rows), save one orbax checkpoint collectively into WORKDIR/MODE, and process 0 writes the
 losses to WORKDIR/MODE/losses.json.
@@ -19,6 +20,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # helpers
 
 
+
 def main(process_id: int, port: int, workdir: str, modes: str) -> None:
     from transformer_jax.training import distributed
 
@@ -26,8 +28,56 @@ def main(process_id: int, port: int, workdir: str, modes: str) -> None:
                                   "num_processes": 2, "process_id": process_id,
                                   "initialization_timeout": 60})
     assert how == "config" and jax.process_count() == 2 and jax.device_count() == 4, how
+    check_interleaved_mesh_is_refused()
+    check_chief_failure_reaches_everyone(process_id)
     for mode in modes.split(","):
         train(process_id, os.path.join(workdir, mode), mode)
+
+
+def check_interleaved_mesh_is_refused() -> None:
+    """A mesh giving each process every other batch block cannot take contiguous rows."""
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    from transformer_jax.training.distributed import process_rows
+    from transformer_jax.training.errors import ConfigError
+
+    p0, p1 = ([d for d in jax.devices() if d.process_index == i] for i in range(2))
+    mesh = Mesh(np.array([p0[0], p1[0], p0[1], p1[1]]), ("data",))
+    try:
+        process_rows(NamedSharding(mesh, PartitionSpec("data")), 4)
+    except ConfigError as err:
+        assert "not one aligned run" in str(err), err
+    else:
+        raise AssertionError("an interleaved mesh was accepted")
+
+
+def check_chief_failure_reaches_everyone(process_id: int) -> None:
+    """chief_first: process 0 fails -> process 1 raises with its message, no hang; a value
+    process 0 never sends -> a timeout error."""
+    from transformer_jax.training.distributed import DistributedError, chief_first, from_chief
+
+    def prepare():
+        if process_id == 0:
+            raise ValueError("data.path has no train.en")
+        return "prepared"
+
+    try:
+        chief_first(prepare, "prepare", timeout_s=120)
+    except DistributedError as err:
+        assert process_id == 1 and "process 0 failed in" in str(err), err
+        assert "data.path has no train.en" in str(err), err
+    except ValueError:
+        assert process_id == 0
+    else:
+        raise AssertionError("chief_first returned although process 0 failed")
+    assert chief_first(lambda: process_id, "ok", timeout_s=120) == process_id
+    if process_id == 1:
+        try:
+            from_chief("never-sent", lambda: 0, timeout_s=2)
+        except DistributedError as err:
+            assert "waited 2 s for process 0" in str(err), err
+        else:
+            raise AssertionError("from_chief did not time out")
 
 
 def train(process_id: int, workdir: str, parallelism: str) -> None:
@@ -41,19 +91,22 @@ def train(process_id: int, workdir: str, parallelism: str) -> None:
 
     cfg = tiny_config()
     model = Transformer(cfg, rngs=nnx.Rngs(0))
-    dp = make_parallel({"parallelism": parallelism,
-                        "sharding": {"data": 2, "fsdp": 2, "tensor": 1,
-                                     "rules": {"embed": "fsdp", "mlp": "fsdp"}}})
-    if dp.mode == "sharded":
-        dp.bind(model)
+    mesh = ({"data": 1, "fsdp": 1, "tensor": 4, "rules": {"heads": "tensor", "mlp": "tensor"}}
+            if parallelism == "tensor" else
+            {"data": 2, "fsdp": 2, "tensor": 1, "rules": {"embed": "fsdp", "mlp": "fsdp"}})
+    dp = make_parallel({"parallelism": "sharded" if parallelism == "tensor" else parallelism,
+                        "sharding": mesh})
+    dp.prepare(model)
     model_def, params = split_model(model)
     tx, per_device = adam_step(model_def)
     state = dp.put_state(create_train_state(params, tx))
     step = dp.train_step(per_device)
     rng = dp.put_rng(jax.random.key(0))
     rows = dp.check_batch_size(MP_ROWS)
+    index, count = dp.data_shard()
+    assert (index, count) == ((0, 1) if parallelism == "tensor" else (process_id, 2))
     glob = packed_batch(MP_ROWS, MP_LENGTH, seed=5)
-    local = {k: v[process_id * rows:(process_id + 1) * rows] for k, v in glob.items()}
+    local = {k: v[index * rows:(index + 1) * rows] for k, v in glob.items()}
     losses = []
     for _ in range(MP_STEPS):
         state, metrics = step(state, dp.put_batch(local), rng)

@@ -28,9 +28,10 @@ from transformer_jax.training.step import split_model
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "mp_worker.py")
 # "sharded" (data 2 x fsdp 2): the batch, parameters and optimizer state are split across the
 # two processes and replicated leaves (step, RNG, layer norms) take the cross-process
-# placement path of "shard_map" too; `python tests/e2e/mp_worker.py ... shard_map,sharded`
-# runs both by hand (docs/scaling.md).
-MODES = ("sharded",)
+# placement path of "shard_map" too; "tensor" (tensor 4): the tensor axis spans the processes,
+# so both load all rows of the global batch (global shape given explicitly).
+# `python tests/e2e/mp_worker.py ... shard_map,sharded,tensor` runs them by hand.
+MODES = ("sharded", "tensor")
 TIMEOUT_S = 240  # generous: the CI machine is shared; a healthy run takes ~60 s
 
 
@@ -109,6 +110,10 @@ def test_launcher_detection_reads_the_environment():
     assert distributed.launcher_detected({"TPU_WORKER_HOSTNAMES": "a,b"}) == "TPU_WORKER_HOSTNAMES"
     env = {"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234"}
     assert distributed.launcher_detected(env) == "JAX_COORDINATOR_ADDRESS"
+    ranks = {"JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "1"}
+    assert distributed._ranks_from(ranks) == {"num_processes": 2, "process_id": 1}
+    with pytest.raises(ValueError, match="JAX_PROCESS_ID='x' must be a non-negative integer"):
+        distributed._ranks_from({"JAX_PROCESS_ID": "x"})
     # no launcher, no address: a single process, nothing initialised
     assert distributed.initialize({}, environ={}) == "single"
 

@@ -193,10 +193,15 @@ def _local_rows(batch_size: int, process_count: int) -> int:
 
 
 def _gather_for(process_count: int):
-    """How ``get_state`` collects every process's rows (None: this process has them all)."""
+    """How ``get_state`` collects every process's rows (None: this process has them all).
+
+    Several jax processes may share a row block (``process_count`` < ``jax.process_count()``,
+    e.g. a tensor-parallel axis across processes): the gather then sees each block more than
+    once, which ``merge_states`` accepts.
+    """
     if process_count == 1:
         return None
-    if process_count == jax.process_count():
+    if jax.process_count() > 1 and process_count <= jax.process_count():
         return streams.allgather_states
 
     def refuse(local):

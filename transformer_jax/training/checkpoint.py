@@ -25,6 +25,7 @@ each with a one-line warning.
 from __future__ import annotations
 
 import base64
+import json
 import logging
 import os
 import shutil
@@ -45,16 +46,18 @@ from transformer_jax.checkpoints import (
     load_params,
     read_meta,
 )
-from transformer_jax.checkpoints import host_abstract as _host_abstract
 from transformer_jax.checkpoints import one_line as _one_line
 from transformer_jax.checkpoints import open_manager as _manager
 from transformer_jax.errors import CheckpointMismatchError
+from transformer_jax.training.distributed import agree, barrier, from_chief
 
 __all__ = [
     "ARCHITECTURE_KEYS",
     "AVERAGED_DIR",
     "CHECKPOINT_DIR",
+    "CheckpointReadError",
     "Checkpointer",
+    "CorruptCheckpointError",
     "OPTIMIZER_KEYS",
     "average_checkpoints",
     "check_compatible",
@@ -68,6 +71,14 @@ CORRUPT_DIR = "corrupt_checkpoints"
 INCOMPLETE_MARK = ".orbax-checkpoint-tmp"  # orbax's name for a save still in progress
 
 log = logging.getLogger(__name__)
+
+
+class CorruptCheckpointError(ValueError):
+    """A checkpoint's files are missing, short or cannot be decoded."""
+
+
+class CheckpointReadError(RuntimeError):
+    """A checkpoint could not be read for a reason other than damage (left in place)."""
 
 
 # --------------------------------------------------------------------------- JSON helpers
@@ -108,6 +119,58 @@ def _key_from_json(blob: Mapping) -> jax.Array:
 
 
 # --------------------------------------------------------------------------- manager
+def _abstract(tree, shardings):
+    """ShapeDtypeStructs of ``tree`` with ``shardings`` (default: the first local device)."""
+    if shardings is None:
+        one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        shardings = jax.tree_util.tree_map(lambda _: one, tree)
+    return jax.tree_util.tree_map(
+        lambda x, s: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=s), tree, shardings
+    )
+
+
+# Outcomes of trying one checkpoint, ordered: the processes act on the largest.
+_OK, _CORRUPT, _MISMATCH, _FATAL = range(4)
+# tensorstore / orbax status codes of files that are missing or cannot be decoded
+_DAMAGE_CODES = ("DATA_LOSS", "NOT_FOUND", "OUT_OF_RANGE")
+
+
+def _is_corruption(err: BaseException) -> bool:
+    """Missing, short or undecodable files (not: memory, permissions, other I/O errors)."""
+    while err is not None:
+        if isinstance(err, CorruptCheckpointError | FileNotFoundError | NotADirectoryError
+                      | json.JSONDecodeError | UnicodeDecodeError):
+            return True
+        if isinstance(err, ValueError) and any(c in str(err) for c in _DAMAGE_CODES):
+            return True
+        err = err.__cause__
+    return False
+
+
+def _outcome(err: BaseException | None) -> int:
+    if err is None:
+        return _OK
+    if _is_corruption(err):
+        return _CORRUPT
+    return _MISMATCH if isinstance(err, CheckpointMismatchError) else _FATAL
+
+
+def _stop_error(step: int, err, outcomes: list[int], directory: str) -> Exception:
+    """The error every process raises when a checkpoint fails for a reason other than damage."""
+    if err is not None and _outcome(err) == max(outcomes):
+        if isinstance(err, CheckpointMismatchError):
+            return err
+        return CheckpointReadError(
+            f"checkpoint step {step} in {directory} could not be read ({type(err).__name__}: "
+            f"{_one_line(err)}); it is not damaged, so it was left in place: fix the cause "
+            "(memory, file system) and run again."
+        )
+    return CheckpointReadError(
+        f"checkpoint step {step} in {directory} could not be read on process "
+        f"{outcomes.index(max(outcomes))} (see its log); the checkpoints were left in place."
+    )
+
+
 class Checkpointer:
     """Saves and restores the training state of one work directory.
 
@@ -142,46 +205,56 @@ class Checkpointer:
                 continue
         return None
 
-    def restore_latest(self, template_state, *, config: Mapping | None = None):
+    def restore_latest(self, template_state, *, config: Mapping | None = None,
+                       shardings=None):
         """Restore the newest readable checkpoint (see :meth:`restore`); None when there is none.
 
-        Call it before the first save of a run: it first deletes the temporary directories of
-        saves that a crash interrupted (one warning line each). A checkpoint that cannot be read
-        while an older one can is moved to ``<workdir>/corrupt_checkpoints`` with a one-line
-        warning. A config mismatch is never skipped: it raises
-        :class:`CheckpointMismatchError`. When no checkpoint can be read, the newest one's error
-        is raised as a one-line ``CheckpointMismatchError``.
+        Call it before the first save of a run, on every process: it first deletes the
+        temporary directories of saves that a crash interrupted (one warning line each). The
+        processes try the chief's list of steps, newest first, and agree after each try: a
+        checkpoint that is damaged (missing, short or undecodable files) on any process while
+        an older one can be read is moved to ``<workdir>/corrupt_checkpoints`` with a one-line
+        warning. Any other error (memory, a file system error, a config mismatch) stops every
+        process and leaves the checkpoints alone. When none can be read, the newest one's
+        error is raised as a one-line ``CheckpointMismatchError``.
         """
         self._remove_incomplete()
+        steps = from_chief("checkpoint-steps", lambda: sorted(self.all_steps(), reverse=True))
         failed: list[tuple[int, Exception]] = []
-        for step in sorted(self.all_steps(), reverse=True):
-            try:
-                meta = read_meta(self.directory, step)
-            except Exception as err:  # noqa: BLE001 - any damage makes the step unusable
-                failed.append((step, err))
+        for step in steps:
+            restored, err = self._try_restore(template_state, step, config, shardings)
+            outcomes = agree(_outcome(err))  # one per process: every process decides alike
+            worst = max(outcomes)
+            if worst == _CORRUPT:
+                failed.append((step, err or RuntimeError(
+                    f"damaged as seen by process {outcomes.index(_CORRUPT)}")))
                 continue
-            if config is not None:
-                check_compatible(meta.get("config", {}), config, self.workdir)
-            try:
-                restored = self.restore(template_state, step)
-            except Exception as err:  # noqa: BLE001
-                failed.append((step, err))
-                continue
-            for bad, err in failed:
-                self._set_aside(bad, err, step)
+            if worst != _OK:
+                raise _stop_error(step, err, outcomes, self.directory)
+            for bad, bad_err in failed:
+                self._set_aside(bad, bad_err, step)
             if failed:
+                barrier("checkpoints-set-aside")  # the chief has moved them: list again
                 self._manager.close()
                 self._manager = _manager(self.directory, **self._options)
             return restored
         if failed:
             step, err = failed[0]
-            if isinstance(err, CheckpointMismatchError):
-                raise err
             raise CheckpointMismatchError(
                 f"no checkpoint in {self.directory} can be read (step {step}: {_one_line(err)});"
                 " move the damaged step directories away or use a fresh --workdir."
             )
         return None
+
+    def _try_restore(self, template_state, step, config, shardings):
+        """``(restored, None)`` or ``(None, error)``; never raises for a bad checkpoint."""
+        try:
+            meta = read_meta(self.directory, step)
+            if config is not None:
+                check_compatible(meta.get("config", {}), config, self.workdir)
+            return self.restore(template_state, step, shardings=shardings), None
+        except Exception as err:  # noqa: BLE001 - classified by _outcome, then agreed on
+            return None, err
 
     def _set_aside(self, step: int, err: Exception, resume_step: int) -> None:
         src = os.path.join(self.directory, str(step))
@@ -220,17 +293,25 @@ class Checkpointer:
         )
         return self._manager.save(step, args=args, force=True)
 
-    def restore(self, template_state, step: int | None = None, *, config: Mapping | None = None):
+    def restore(self, template_state, step: int | None = None, *,
+                config: Mapping | None = None, shardings=None):
         """Restore checkpoint ``step`` (default: latest).
 
         Args:
           template_state: a TrainState (concrete or abstract) giving the pytree structure.
           step: which checkpoint; None for the latest.
           config: this run's config dict; checked against the saved one first.
+          shardings: shardings of ``template_state`` (a matching pytree): every process
+            reads only the pieces its devices hold, straight into place (default: all of it
+            on this process's first device).
 
         Returns:
-          dict with ``state`` (TrainState, arrays on the first local device), ``rng`` (key),
-          ``data_state`` (iterator state or None), ``meta`` (the saved JSON).
+          dict with ``state`` (TrainState), ``rng`` (key), ``data_state`` (iterator state or
+          None), ``meta`` (the saved JSON).
+
+        Raises:
+          CorruptCheckpointError: files missing, short or undecodable.
+          CheckpointMismatchError: the checkpoint does not fit the model or optimizer.
         """
         step = self.latest_step() if step is None else step
         if step is None:
@@ -238,7 +319,7 @@ class Checkpointer:
         meta = read_meta(self.directory, step)
         if config is not None:
             check_compatible(meta.get("config", {}), config, self.workdir)
-        abstract = _host_abstract(template_state)
+        abstract = _abstract(template_state, shardings)
         try:
             restored = self._manager.restore(
                 step,
@@ -248,7 +329,13 @@ class Checkpointer:
                     data=ocp.args.JsonRestore(),
                 ),
             )
-        except (ValueError, KeyError, TypeError) as err:
+        except Exception as err:
+            if _is_corruption(err):
+                raise CorruptCheckpointError(
+                    f"checkpoint step {step} in {self.workdir} is damaged ({_one_line(err)})"
+                ) from err
+            if not isinstance(err, ValueError | KeyError | TypeError):
+                raise
             raise CheckpointMismatchError(
                 f"checkpoint step {step} in {self.workdir} does not match the model or optimizer "
                 f"of this config ({_one_line(err)}); use a fresh --workdir or "
@@ -275,7 +362,6 @@ class Checkpointer:
         self._manager.close()
 
 
-# --------------------------------------------------------------------------- params only
 def save_params(directory: str, step: int, params, meta: Mapping) -> None:
     """Write a params-only checkpoint (replacing an existing one at ``step``)."""
     manager = _manager(directory, async_save=False)

@@ -6,15 +6,19 @@ checkpoint in ``workdir`` if there is one, then train with periodic logging, eva
 checkpoints. At the end: final evaluation (eval and test split), optional checkpoint
 averaging, ``summary.json`` and ``learning_curve.png`` in the work directory.
 
-SIGTERM / SIGINT: the current update finishes, a checkpoint is written and the function
-returns normally (``summary["interrupted"] = True``). A NaN/inf loss raises
-:class:`TrainingDivergedError`; the checkpoints written before stay valid.
+The work is done by a :class:`Trainer` (``setup`` -> ``train`` -> ``finish``) that drives any
+``parallel.Parallel`` (none / pmap / shard_map / sharded) the same way.
+
+SIGTERM / SIGINT to any process: every process finishes the same update, a checkpoint is
+written and the function returns normally (``summary["interrupted"] = True``). A NaN/inf loss
+raises :class:`TrainingDivergedError`; the checkpoints written before stay valid.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import logging
 import math
 import os
@@ -35,29 +39,36 @@ from transformer_jax import data as data_lib
 from transformer_jax.checkpoints import check_compatible, load_params
 from transformer_jax.config import ModelConfig
 from transformer_jax.errors import ConfigError, TrainingDivergedError, WorkdirError
-from transformer_jax.nn import DecoderOnlyLM, Transformer, split_model
+from transformer_jax.nn import build_model, split_model
 from transformer_jax.training.average import average_into_workdir
 from transformer_jax.training.checkpoint import Checkpointer
 from transformer_jax.training.defaults import parse_metrics, validate_config
-from transformer_jax.training.distributed import chief_first
+from transformer_jax.training.distributed import StopVote, chief_first
 from transformer_jax.training.optim import make_optimizer
-from transformer_jax.training.sharding import Sharded, make_parallel
+from transformer_jax.training.parallel import Parallel
+from transformer_jax.training.sharding import make_parallel
 from transformer_jax.training.step import create_train_state, train_step
 
-__all__ = ["train_and_evaluate"]
+__all__ = ["Trainer", "train_and_evaluate"]
 
 log = logging.getLogger(__name__)
 
 
 class _StopFlag:
-    """Set by SIGTERM/SIGINT while training; restores the old handlers on exit."""
+    """Set by SIGTERM/SIGINT while set up or training; restores the old handlers on exit.
+
+    Re-entrant: entered by ``Trainer.run`` around set-up and training (a signal that arrives
+    while compiling is acted on at the first update) and by ``Trainer.train`` alone.
+    """
 
     def __init__(self):
         self.signum: int | None = None
         self._old = {}
+        self._depth = 0
 
     def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
+        self._depth += 1
+        if self._depth == 1 and threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
                 self._old[sig] = signal.signal(sig, self._handle)
         return self
@@ -69,8 +80,11 @@ class _StopFlag:
         log.warning("received signal %d: finishing this update, then saving", signum)
 
     def __exit__(self, *exc):
-        for sig, handler in self._old.items():
-            signal.signal(sig, handler)
+        self._depth -= 1
+        if self._depth == 0:
+            for sig, handler in self._old.items():
+                signal.signal(sig, handler)
+            self._old = {}
         return False
 
 
@@ -107,11 +121,16 @@ def _make_workdir(workdir: str) -> bool:
 
 
 def _tokenizer_ref(prepared) -> dict:
-    import hashlib
-
     with open(prepared.tokenizer_path, "rb") as f:
         digest = hashlib.sha256(f.read()).hexdigest()
     return {"path": os.path.abspath(prepared.tokenizer_path), "sha256": digest}
+
+
+def _local_int(x) -> int:
+    """A replicated scalar (host value or jax.Array, also one spanning processes) as int."""
+    if isinstance(x, jax.Array):
+        x = x.addressable_shards[0].data
+    return int(jax.device_get(x))
 
 
 @functools.partial(jax.jit)
@@ -162,6 +181,280 @@ def _mean_metrics(rows: list[dict[str, float]]) -> dict[str, float]:
     return out
 
 
+class _Keys:
+    """An iterator of batches that keeps the keys starting with ``prefix`` (None: all)."""
+
+    def __init__(self, iterator, prefix: str | None):
+        self._it, self._prefix = iterator, prefix
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        batch = next(self._it)
+        if self._prefix is None:
+            return batch
+        return {k: v for k, v in batch.items() if k.startswith(self._prefix)}
+
+    def get_state(self):
+        return self._it.get_state()
+
+    def set_state(self, state) -> None:
+        self._it.set_state(state)
+
+
+def train_batches(prepared, config, dp: Parallel) -> _Keys:
+    """The training batches of this process (the one place the loop builds its iterator).
+
+    This process materialises row block ``index`` of ``count`` (``Parallel.data_shard``) of
+    every global batch; the global batch sequence, and the iterator state saved with each
+    checkpoint, depend only on the data, the seed and the global batch size
+    (``data/streams.py``), so a run resumes on any number of processes or devices.
+    """
+    index, count = dp.data_shard()
+    iterator = data_lib.train_iterator(prepared, config.batch_size, config.seed,
+                                       process_index=index, process_count=count)
+    prefix = "targets" if config.model_kind == "decoder_only" else None  # an LM reads targets
+    return _Keys(iterator, prefix)
+
+
+class Trainer:
+    """One training run: ``setup()`` -> ``train()`` -> ``finish()`` (``run()`` does all three).
+
+    Args:
+      config: ConfigDict/dict of training keys (see ``transformer_jax.training.defaults``).
+      workdir: run directory (created); holds tokenizer, checkpoints, logs and summary.
+    """
+
+    def __init__(self, config, workdir: str):
+        self.wall_start = time.perf_counter()
+        self.config = validate_config(config)
+        self.workdir = os.path.abspath(workdir)
+        self.is_chief = jax.process_index() == 0
+        self.metric_names = parse_metrics(self.config.eval_metrics)
+        self.step = 0
+        self.interrupted = False
+        self.last_train: dict[str, float] = {}
+        self.last_eval: tuple[int, dict] | None = None
+        self.throughput = _Throughput()
+        self.signals = _StopFlag()
+
+    def run(self) -> dict:
+        with self.signals:
+            self.setup()
+            self.train()
+        return self.finish()
+
+    # ------------------------------------------------------------------------ setup
+    def setup(self) -> None:
+        """Check the config, prepare data, build model and optimizer, resume, compile."""
+        config = self.config
+        self.dp = make_parallel(config)
+        self.dp.check_batch_size(config.batch_size)
+        self.eval_batch_size = config.eval_batch_size or config.batch_size
+        self.dp.check_batch_size(self.eval_batch_size)
+        _model_config(config, config.data.vocab_size)  # model errors before anything is written
+        self.prepared = self._prepare_data()
+        self.model_cfg = _model_config(config, self.prepared.vocab_size)
+        config.model.vocab_size = self.model_cfg.vocab_size
+        self.config_dict = config.to_dict()
+        self.checkpointer = Checkpointer(self.workdir, keep=config.keep_checkpoints)
+        latest = self.checkpointer.latest_meta()  # fail before touching anything if the run
+        if latest is not None:  # cannot continue
+            check_compatible(latest[1].get("config", {}), self.config_dict, self.workdir)
+        # A params-only checkpoint (a model imported by interop.marian) starts a fine-tuning run.
+        self.init_params_step = latest[0] if latest and latest[1].get("params_only") else None
+        if self.is_chief:
+            reporting.write_json(os.path.join(self.workdir, reporting.CONFIG_FILE),
+                                 self.config_dict)
+        self.train_it = train_batches(self.prepared, config, self.dp)
+        self.tokenizer_ref = _tokenizer_ref(self.prepared)
+        self._build_and_restore()
+        self._compile()
+
+    def _prepare_data(self):
+        created = _make_workdir(self.workdir)
+        try:
+            return chief_first(lambda: data_lib.prepare(self.config.data, self.workdir),
+                               "prepare", timeout_s=self.config.distributed.barrier_timeout)
+        except Exception:
+            if created and self.is_chief:  # bad data: no half-prepared work directory
+                shutil.rmtree(self.workdir, ignore_errors=True)
+            raise
+
+    def _build_and_restore(self) -> None:
+        """Model and optimizer; the state restored into its shardings, or initialised there."""
+        config, opt = self.config, self.config.optimizer
+
+        def make():
+            return build_model(config.model_kind, self.model_cfg, nnx.Rngs(config.seed))
+
+        abstract = nnx.eval_shape(make)  # nothing allocated
+        self.dp.prepare(abstract)  # parameter shardings from the logical axis names
+        self.model_def, abstract_params = split_model(abstract)
+        self.accum = int(opt.grad_accum_steps)
+        self.tx, self.schedule = make_optimizer(opt, d_model=self.model_cfg.d_model,
+                                                num_train_steps=config.num_train_steps)
+        template = jax.eval_shape(lambda p: create_train_state(p, self.tx), abstract_params)
+        shardings = self.dp.state_shardings(template)
+        # The newest checkpoint that can be read; damaged newer ones are set aside.
+        restored = None
+        if self.init_params_step is None:
+            restored = self.checkpointer.restore_latest(template, config=self.config_dict,
+                                                        shardings=shardings)
+        self.rng = jax.random.fold_in(jax.random.key(config.seed), 1)  # dropout stream
+        self.resumed_step = 0
+        if self.init_params_step is not None:
+            params = load_params(self.workdir, self.init_params_step)
+            state = jax.jit(lambda p: create_train_state(p, self.tx),
+                            out_shardings=shardings)(params)
+        elif restored is None:
+            state = jax.jit(lambda: create_train_state(split_model(make())[1], self.tx),
+                            out_shardings=shardings)()
+        else:
+            state, self.rng = restored["state"], restored["rng"]
+            if restored["data_state"] is not None:
+                self.train_it.set_state(restored["data_state"])
+            self.resumed_step = int(restored["meta"]["step"])
+            log.info("resuming from step %d", self.resumed_step)
+            print(f"resuming from step {self.resumed_step}", flush=True)
+        self.micro = _local_int(state.step)
+        self.state = self.dp.put_state(state)
+        del state, restored
+        self.rng_dev = self.dp.put_rng(self.rng)
+
+    def _compile(self) -> None:
+        config, opt, cfg = self.config, self.config.optimizer, self.model_cfg
+        per_device = functools.partial(
+            train_step, model_def=self.model_def, tx=self.tx, schedule=self.schedule,
+            label_smoothing=float(opt.label_smoothing),
+            dropout=cfg.dropout_rate > 0 or cfg.attention_dropout_rate > 0
+            or getattr(cfg, "ff_dropout_rate", 0.0) > 0,
+            grad_accum_steps=self.accum, pad_id=cfg.pad_id,
+        )
+        self.step_fn = self.dp.train_step(per_device)
+        self.evaluator = evaluate.Evaluator(
+            self.dp, self.model_def, self.prepared, label_smoothing=float(opt.label_smoothing),
+            batch_size=self.eval_batch_size, metric_names=self.metric_names,
+            beam_size=config.eval_beam_size, length_penalty=config.eval_length_penalty,
+            pad_id=cfg.pad_id,
+        )
+        self.history = reporting.History(self.workdir, self.resumed_step)
+        self.writer = reporting.MetricWriter(self.workdir, enabled=self.is_chief)
+
+    # ------------------------------------------------------------------------ train
+    def train(self) -> None:
+        """Run updates until ``num_train_steps`` or an agreed stop (signal to any process)."""
+        total = self.config.num_train_steps
+        self.step = self.first_step = self.micro // self.accum
+        self.pending: list = []
+        self.bar = tqdm(total=total, initial=self.step, desc="train",
+                        disable=not self.is_chief, dynamic_ncols=True)
+        vote = StopVote(self.dp.devices)
+        try:
+            with self.signals as signals:
+                while self.step < total:
+                    batch = self.dp.put_batch(next(self.train_it))
+                    self.state, metrics = self.step_fn(self.state, batch, self.rng_dev)
+                    self.pending.append(metrics)
+                    self.micro += 1
+                    if self.micro % self.accum:
+                        continue
+                    self.step = self.micro // self.accum
+                    self.bar.update(1)
+                    if self._after_update(stopping=vote.vote(signals.signum is not None)):
+                        self.interrupted = True
+                        break
+        finally:
+            self.bar.close()
+            self.checkpointer.wait()
+
+    def _after_update(self, stopping: bool) -> bool:
+        """Logging, checkpoint and evaluation due after this update; True to stop now."""
+        config, step = self.config, self.step
+        due_eval = bool(config.eval_every_steps) and step % config.eval_every_steps == 0
+        due_ckpt = step % config.checkpoint_every_steps == 0 or step == config.num_train_steps
+        if (step % config.log_every_steps == 0 or due_eval or due_ckpt or stopping
+                or step == self.first_step + 1):
+            self._log_train()
+        if due_ckpt or stopping:
+            self.save()
+        if stopping:
+            return True
+        if due_eval:
+            self.last_eval = (step, self.evaluate(config.data.eval_split,
+                                                  config.eval_num_sentences))
+            self.bar.write(f"step {step}: {_fmt(self.last_eval[1])}")
+        if due_ckpt or due_eval:
+            self.throughput.restart()
+        return False
+
+    def _log_train(self) -> None:
+        rows = [self.dp.metrics(m) for m in self.pending]  # waits for the device
+        self.pending.clear()
+        self.throughput.sync(sum(r["tokens"] + r["src_tokens"] for r in rows))
+        last = self.last_train = _mean_metrics(rows)
+        if not all(math.isfinite(last[k]) for k in ("loss", "grad_norm")):
+            self.checkpointer.wait()  # the same numbers on every process: all stop here
+            raise TrainingDivergedError(_diverged_message(
+                f"the loss ({last['loss']})", self.step, self.checkpointer))
+        last["tokens_per_s"] = self.throughput.rate
+        if self.is_chief:
+            self.history.add(self.step, "train", last)
+            self.writer.scalars(self.step, "train", last)
+        self.bar.set_postfix(loss=f"{last['loss']:.3f}", tok_s=f"{self.throughput.rate:.0f}",
+                             refresh=False)
+
+    def save(self) -> None:
+        """Checkpoint the current state (every process takes part)."""
+        view = self.dp.get_state(self.state)  # global arrays orbax saves from every process
+        if not bool(_all_finite(view.params)):
+            raise TrainingDivergedError(_diverged_message("parameters", self.step,
+                                                          self.checkpointer))
+        self.checkpointer.save(self.step, view, rng=self.rng, data_state=self.train_it.get_state(),
+                               config=self.config_dict, tokenizer=self.tokenizer_ref)
+
+    def evaluate(self, split: str, num_sentences: int, *, params=None, tag=None) -> dict:
+        params = self.dp.get_state(self.state).params if params is None else params
+        metrics = self.evaluator.evaluate(params, split, num_sentences)
+        tag = tag or ("eval" if split == self.config.data.eval_split else split)
+        if self.is_chief:
+            self.history.add(self.step, tag, metrics)
+            self.writer.scalars(self.step, tag, metrics)
+        return metrics
+
+    # ------------------------------------------------------------------------ finish
+    def finish(self) -> dict:
+        """Final evaluation (unless interrupted), ``summary.json`` and the learning curve."""
+        summary: dict = {
+            "workdir": self.workdir,
+            "step": self.step,
+            "interrupted": self.interrupted,
+            "train": self.last_train,
+            "train_tokens_per_s": self.throughput.rate,
+            "train_seconds": self.throughput.seconds,
+        }
+        try:
+            if not self.interrupted:
+                if self.last_eval is None or self.last_eval[0] != self.step:
+                    self.last_eval = (self.step, self.evaluate(self.config.data.eval_split,
+                                                               self.config.eval_num_sentences))
+                summary["eval"] = self.last_eval[1]
+                summary.update(_final_evaluation(self.config, self.workdir, self.evaluate,
+                                                 self.checkpointer))
+        finally:
+            self.checkpointer.close()
+            summary["wall_seconds"] = time.perf_counter() - self.wall_start
+            if self.is_chief:
+                reporting.write_json(os.path.join(self.workdir, reporting.SUMMARY_FILE), summary)
+                with contextlib.suppress(Exception):  # a plot must never fail a finished run
+                    reporting.plot_learning_curve(
+                        self.history, os.path.join(self.workdir, reporting.CURVE_FILE),
+                        self.metric_names)
+            self.writer.close()
+        return summary
+
+
 def train_and_evaluate(config, workdir: str) -> dict:
     """Train (or resume), evaluate and write the run's outputs into ``workdir``.
 
@@ -173,194 +466,21 @@ def train_and_evaluate(config, workdir: str) -> dict:
     Returns:
       The summary dict also written to ``<workdir>/summary.json``.
     """
-    wall_start = time.perf_counter()
-    config = validate_config(config)
-    metric_names = parse_metrics(config.eval_metrics)
-    workdir = os.path.abspath(workdir)
-    is_chief = jax.process_index() == 0
-    dp = make_parallel(config)
-    dp.check_batch_size(config.batch_size)
-    eval_batch_size = config.eval_batch_size or config.batch_size
-    dp.check_batch_size(eval_batch_size)
-    _model_config(config, config.data.vocab_size)  # model errors before anything is written
-    created = _make_workdir(workdir)
-    try:
-        prepared = chief_first(lambda: data_lib.prepare(config.data, workdir), "prepare")
-    except Exception:
-        if created and is_chief:  # bad data: leave no half-prepared work directory behind
-            shutil.rmtree(workdir, ignore_errors=True)
-        raise
-    model_cfg = _model_config(config, prepared.vocab_size)
-    config.model.vocab_size = model_cfg.vocab_size
-    config_dict = config.to_dict()
-    checkpointer = Checkpointer(workdir, keep=config.keep_checkpoints)
-    latest = checkpointer.latest_meta()  # (step, meta) of the newest readable checkpoint
-    if latest is not None:  # fail before touching anything if the run cannot continue
-        check_compatible(latest[1].get("config", {}), config_dict, workdir)
-    if is_chief:
-        reporting.write_json(os.path.join(workdir, reporting.CONFIG_FILE), config_dict)
-
-    decoder_only = config.model_kind == "decoder_only"
-    model_cls = DecoderOnlyLM if decoder_only else Transformer
-    model = model_cls(model_cfg, rngs=nnx.Rngs(config.seed))
-    if isinstance(dp, Sharded):
-        dp.bind(model)  # parameter shardings from the logical axis names
-    model_def, params = split_model(model)
-    del model
-    opt = config.optimizer
-    accum = int(opt.grad_accum_steps)
-    tx, schedule = make_optimizer(opt, d_model=model_cfg.d_model,
-                                  num_train_steps=config.num_train_steps)
-    state = create_train_state(params, tx)
-    rng = jax.random.fold_in(jax.random.key(config.seed), 1)  # dropout stream
-    train_it = data_lib.train_iterator(prepared, config.batch_size, config.seed)
-    tokenizer_ref = _tokenizer_ref(prepared)
-    # The newest checkpoint that can be read; damaged newer ones are set aside with a warning.
-    # A params-only checkpoint (a model imported by interop.marian) starts a fine-tuning run.
-    if latest is not None and latest[1].get("params_only"):
-        state = create_train_state(load_params(workdir, latest[0]), tx)
-        restored = None
-    else:
-        restored = checkpointer.restore_latest(state, config=config_dict)
-    resumed_step = 0
-    if restored is not None:
-        state, rng = restored["state"], restored["rng"]
-        if restored["data_state"] is not None:
-            train_it.set_state(restored["data_state"])
-        resumed_step = int(restored["meta"]["step"])
-        log.info("resuming from step %d", resumed_step)
-        print(f"resuming from step {resumed_step}", flush=True)
-    micro = int(state.step)
-    history = reporting.History(workdir, resumed_step)
-    writer = reporting.MetricWriter(workdir, enabled=is_chief)
-
-    per_device = functools.partial(
-        train_step, model_def=model_def, tx=tx, schedule=schedule,
-        label_smoothing=float(opt.label_smoothing),
-        dropout=model_cfg.dropout_rate > 0 or model_cfg.attention_dropout_rate > 0
-        or getattr(model_cfg, "ff_dropout_rate", 0.0) > 0,
-        grad_accum_steps=accum, pad_id=model_cfg.pad_id,
-    )
-    step_fn = dp.train_step(per_device)
-    evaluator = evaluate.Evaluator(
-        dp, model_def, prepared, label_smoothing=float(opt.label_smoothing),
-        batch_size=eval_batch_size, metric_names=metric_names,
-        beam_size=config.eval_beam_size, length_penalty=config.eval_length_penalty,
-        pad_id=model_cfg.pad_id,
-    )
-    state = dp.put_state(state)
-    rng_dev = dp.put_rng(rng)
-
-    def save(step: int) -> None:
-        host_state = dp.get_state(state)
-        if not bool(_all_finite(host_state.params)):
-            raise TrainingDivergedError(_diverged_message("parameters", step, checkpointer))
-        checkpointer.save(step, host_state, rng=rng, data_state=train_it.get_state(),
-                          config=config_dict, tokenizer=tokenizer_ref)
-
-    def run_eval(step: int, split: str, num_sentences: int, *, params=None, tag=None) -> dict:
-        params = dp.get_state(state).params if params is None else params
-        metrics = evaluator.evaluate(params, split, num_sentences)
-        tag = tag or ("eval" if split == config.data.eval_split else split)
-        if is_chief:
-            history.add(step, tag, metrics)
-            writer.scalars(step, tag, metrics)
-        return metrics
-
-    total_steps = config.num_train_steps
-    step = first_step = micro // accum
-    throughput = _Throughput()
-    pending: list = []
-    last_train: dict[str, float] = {}
-    last_eval: tuple[int, dict] | None = None
-    interrupted = False
-    bar = tqdm(total=total_steps, initial=step, desc="train", disable=not is_chief,
-               dynamic_ncols=True)
-    try:
-        with _StopFlag() as stop:
-            while step < total_steps:
-                batch = next(train_it)
-                if decoder_only:  # the LM reads the target side only
-                    batch = {k: v for k, v in batch.items() if k.startswith("targets")}
-                state, metrics = step_fn(state, dp.put_batch(batch), rng_dev)
-                pending.append(metrics)
-                micro += 1
-                if micro % accum:
-                    continue
-                step = micro // accum
-                bar.update(1)
-                due_eval = bool(config.eval_every_steps) and step % config.eval_every_steps == 0
-                due_ckpt = step % config.checkpoint_every_steps == 0 or step == total_steps
-                stopping = stop.signum is not None
-                if (step % config.log_every_steps == 0 or due_eval or due_ckpt or stopping
-                        or step == first_step + 1):
-                    rows = [dp.metrics(m) for m in pending]  # waits for the device
-                    pending.clear()
-                    throughput.sync(sum(r["tokens"] + r["src_tokens"] for r in rows))
-                    last_train = _mean_metrics(rows)
-                    if not all(math.isfinite(last_train[k]) for k in ("loss", "grad_norm")):
-                        checkpointer.wait()
-                        raise TrainingDivergedError(_diverged_message(
-                            f"the loss ({last_train['loss']})", step, checkpointer))
-                    last_train["tokens_per_s"] = throughput.rate
-                    if is_chief:
-                        history.add(step, "train", last_train)
-                        writer.scalars(step, "train", last_train)
-                    bar.set_postfix(loss=f"{last_train['loss']:.3f}",
-                                    tok_s=f"{throughput.rate:.0f}", refresh=False)
-                if due_ckpt or stopping:
-                    save(step)
-                if stopping:
-                    interrupted = True
-                    break
-                if due_eval:
-                    last_eval = (step, run_eval(step, config.data.eval_split,
-                                                config.eval_num_sentences))
-                    bar.write(f"step {step}: {_fmt(last_eval[1])}")
-                if due_ckpt or due_eval:
-                    throughput.restart()
-    finally:
-        bar.close()
-        checkpointer.wait()
-    summary: dict = {
-        "workdir": workdir,
-        "step": step,
-        "interrupted": interrupted,
-        "train": last_train,
-        "train_tokens_per_s": throughput.rate,
-        "train_seconds": throughput.seconds,
-    }
-    try:
-        if not interrupted:
-            if last_eval is None or last_eval[0] != step:
-                last_eval = (step, run_eval(step, config.data.eval_split,
-                                            config.eval_num_sentences))
-            summary["eval"] = last_eval[1]
-            summary.update(_final_evaluation(config, workdir, step, run_eval, checkpointer))
-    finally:
-        checkpointer.close()
-        summary["wall_seconds"] = time.perf_counter() - wall_start
-        if is_chief:
-            reporting.write_json(os.path.join(workdir, reporting.SUMMARY_FILE), summary)
-            with contextlib.suppress(Exception):  # a plot must never fail a finished run
-                reporting.plot_learning_curve(
-                    history, os.path.join(workdir, reporting.CURVE_FILE), metric_names)
-        writer.close()
-    return summary
+    return Trainer(config, workdir).run()
 
 
-def _final_evaluation(config, workdir, step, run_eval, checkpointer) -> dict:
+def _final_evaluation(config, workdir, run_eval, checkpointer) -> dict:
     """Test-split metrics on all its sentences; the same for averaged checkpoints."""
     out: dict = {}
     test_split = config.data.test_split
     if test_split:
-        out["test"] = run_eval(step, test_split, -1)
+        out["test"] = run_eval(test_split, -1)
     if config.average_last > 1 and len(checkpointer.all_steps()) > 1:
         path, steps = average_into_workdir(workdir, config.average_last)
         out["averaged"] = {"steps": steps, "path": path}
         if test_split:
             params = load_params(path)
-            out["averaged"]["test"] = run_eval(step, test_split, -1, params=params,
+            out["averaged"]["test"] = run_eval(test_split, -1, params=params,
                                                tag=f"{test_split}_averaged")
     return out
 

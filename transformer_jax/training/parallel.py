@@ -1,9 +1,11 @@
-"""Data parallelism: one per-device step, three drivers.
+"""Parallelism drivers: one per-device step, placed and compiled by a :class:`Parallel`.
 
 * ``"none"``: ``jax.jit`` on a single device.
-* ``"pmap"``: ``jax.pmap`` over the local devices; the state carries a leading device axis.
+* ``"pmap"``: ``jax.pmap`` over ALL devices of the job in process-major order (each process
+  feeds its local devices); the state carries a leading local-device axis.
 * ``"shard_map"``: ``jax.jit(jax.shard_map(...))`` over a 1-D mesh with axis ``"data"``;
   the state is replicated with a ``NamedSharding``, the batch split along its first axis.
+* ``"sharded"``: ``jax.jit`` over a ("data", "fsdp", "tensor") mesh (``sharding.Sharded``).
 
 The per-device functions (``step.train_step`` / ``step.eval_step`` with ``axis_name="data"``)
 sum gradients and counts explicitly with ``lax.psum``. ``shard_map`` runs with
@@ -11,14 +13,19 @@ sum gradients and counts explicitly with ``lax.psum``. ``shard_map`` runs with
 device's own gradient (with the default ``check_vma=True`` it would come back already summed
 over the axis and the explicit ``psum`` would count it ``n`` times).
 
-Callers only move data through :class:`DataParallel`: ``put_state`` / ``get_state`` for the
-train state, ``put_batch`` for a host batch, ``metrics`` for the step outputs.
+Devices are ordered process-major everywhere, so the global batch rows ``[i * B / P, (i + 1) *
+B / P)`` of process ``i`` (of ``P``) land on its own devices: :meth:`Parallel.data_shard` says
+which rows a process loads, and ``put_batch`` assembles the global batch with its global shape.
+
+Callers only move data through the driver: ``put_state`` / ``get_state`` for the train state
+(``get_state`` gives one global, replicated or sharded view that orbax can save from every
+process), ``put_batch`` for this process's host rows, ``metrics`` for the step outputs.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Protocol, runtime_checkable
 
 import jax
 import jax.numpy as jnp
@@ -26,12 +33,54 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from transformer_jax.training.distributed import put_global
+from transformer_jax.training.distributed import (
+    global_batch,
+    process_major,
+    process_rows,
+    put_global,
+)
+from transformer_jax.training.errors import ConfigError
 
-__all__ = ["AXIS", "MODES", "DataParallel", "resolve_mode"]
+__all__ = ["AXIS", "MODES", "DataParallel", "Parallel", "resolve_mode"]
 
 AXIS = "data"
 MODES = ("none", "pmap", "shard_map")
+
+
+@runtime_checkable
+class Parallel(Protocol):
+    """What the training loop and the evaluator need from a parallelism driver."""
+
+    mode: str
+    devices: list  # every device of the job that runs the step, process-major
+    num_devices: int
+
+    def prepare(self, model) -> None:
+        """Read what the driver needs from the model (parameter shardings) before placing."""
+
+    def check_batch_size(self, batch_size: int) -> int:
+        """Validate a global batch size; return the rows this process loads."""
+
+    def data_shard(self) -> tuple[int, int]:
+        """``(index, count)``: this process loads row block ``index`` of ``count`` equal
+        blocks of every global batch (processes that share a block load the same rows)."""
+
+    def state_shardings(self, tree):
+        """Shardings of :meth:`get_state`'s view of ``tree`` (targets for a restore)."""
+
+    def put_state(self, tree): ...
+
+    def get_state(self, tree): ...
+
+    def put_batch(self, batch: Mapping[str, np.ndarray]): ...
+
+    def put_rng(self, key): ...
+
+    def metrics(self, tree) -> dict[str, float]: ...
+
+    def train_step(self, per_device: Callable) -> Callable: ...
+
+    def eval_step(self, per_device: Callable) -> Callable: ...
 
 
 def resolve_mode(mode: str | None, num_devices: int) -> str:
@@ -45,108 +94,133 @@ def resolve_mode(mode: str | None, num_devices: int) -> str:
     return mode
 
 
+def check_divisible(batch_size: int, shards: int, what: str) -> int:
+    """Rows per process of a global batch split into ``shards`` equal parts."""
+    n = int(np.lcm(shards, jax.process_count()))
+    if batch_size < 1 or batch_size % n:
+        procs = f" and {jax.process_count()} processes" if jax.process_count() > 1 else ""
+        raise ConfigError(
+            f"batch_size={batch_size} is not divisible by {what}{procs}; use a multiple of {n}."
+        )
+    return batch_size // jax.process_count()
+
+
 class DataParallel:
-    """Places state and batches and compiles per-device steps for one parallelism mode.
+    """Places state and batches and compiles per-device steps for one data-parallel mode.
 
     Args:
       mode: ``"none"``, ``"pmap"``, ``"shard_map"`` or ``"auto"``.
-      devices: devices to use (default: all devices; ``"none"`` uses the first one, ``"pmap"``
-        the local ones).
+      devices: devices to use (default: every device of the job; ``"none"`` uses the first).
     """
 
     def __init__(self, mode: str | None = "auto", devices: Sequence[Any] | None = None):
-        devices = list(jax.devices() if devices is None else devices)
+        devices = process_major(jax.devices() if devices is None else devices)
         self.mode = resolve_mode(mode, len(devices))
         if self.mode == "none":
             if jax.process_count() > 1:
-                raise ValueError(
+                raise ConfigError(
                     "parallelism='none' runs on one device but this job has "
-                    f"{jax.process_count()} processes; use 'shard_map' or 'pmap'."
+                    f"{jax.process_count()} processes; use 'shard_map', 'pmap' or 'sharded'."
                 )
             devices = devices[:1]
-        elif self.mode == "pmap":
-            devices = [d for d in devices if d.process_index == jax.process_index()]
         self.devices = devices
-        self.num_devices = len(devices)  # devices in this process for pmap, global otherwise
-        self.mesh = jax.make_mesh(
-            (len(devices),), (AXIS,), axis_types=(jax.sharding.AxisType.Explicit,),
-            devices=devices,
-        )
+        self.num_devices = len(devices)
+        self.local_devices = [d for d in devices if d.process_index == jax.process_index()]
+        explicit = (jax.sharding.AxisType.Explicit,)
+        self.mesh = jax.make_mesh((len(devices),), (AXIS,), axis_types=explicit,
+                                  devices=devices)
         self._replicated = NamedSharding(self.mesh, P())
         self._split = NamedSharding(self.mesh, P(AXIS))
+        # pmap takes (and returns) arrays with a leading axis over this process's devices
+        self._local_mesh = jax.make_mesh((len(self.local_devices),), (AXIS,),
+                                         axis_types=explicit, devices=self.local_devices)
+        self._local_split = NamedSharding(self._local_mesh, P(AXIS))
+        self._data_shard = process_rows(self._split, self.num_devices)
 
-    # ----------------------------------------------------------------- batch size
     @property
     def global_devices(self) -> int:
         """Devices across all processes that share one global batch."""
-        if self.mode == "pmap":
-            return self.num_devices * jax.process_count()
         return self.num_devices
+
+    def prepare(self, model) -> None:
+        """Nothing to read from the model: parameters are replicated."""
 
     def check_batch_size(self, batch_size: int) -> int:
         """Validate the global batch and return the rows each process loads."""
-        n = self.global_devices
-        if batch_size < 1 or batch_size % n:
-            raise ValueError(
-                f"batch_size={batch_size} is not divisible by the {n} devices; "
-                f"use a multiple of {n}."
-            )
-        return batch_size // jax.process_count()
+        return check_divisible(batch_size, self.num_devices, f"the {self.num_devices} devices")
+
+    def data_shard(self) -> tuple[int, int]:
+        return self._data_shard
 
     # ----------------------------------------------------------------- placement
+    def state_shardings(self, tree):
+        one = (jax.sharding.SingleDeviceSharding(self.devices[0]) if self.mode == "none"
+               else self._replicated)
+        return jax.tree_util.tree_map(lambda _: one, tree)
+
     def put_state(self, tree):
-        """Host/any-placed pytree -> the placement the compiled step expects.
+        """Any-placed pytree (also :meth:`get_state`'s view) -> the step's placement.
 
         Always copies, so donating the result never deletes the caller's arrays.
         """
         if self.mode == "none":
             return jax.device_put(tree, self.devices[0], may_alias=False)
         if self.mode == "shard_map":
-            return put_global(tree, self._replicated)  # also across processes
-        n = self.num_devices
+            return put_global(tree, self._replicated)
+        n = len(self.local_devices)
 
         def stack(x):
-            x = jnp.asarray(x)
-            return jax.device_put(jnp.broadcast_to(x[None], (n, *x.shape)), self._split)
+            if isinstance(x, jax.Array) and not x.is_fully_addressable:
+                x = x.addressable_shards[0].data  # replicated: this process's copy
+            x = jax.device_put(x, self.local_devices[0], may_alias=False)
+            return jax.device_put(jnp.broadcast_to(x[None], (n, *x.shape)), self._local_split)
 
         return jax.tree_util.tree_map(stack, tree)
 
     def get_state(self, tree):
-        """Inverse of :meth:`put_state`: one copy per leaf (still jax arrays)."""
+        """Inverse of :meth:`put_state`: one global array per leaf, replicated over the job.
+
+        For pmap the per-device copies become one replicated ``jax.Array`` over all devices
+        (no copy), which every process can pass to orbax together.
+        """
         if self.mode != "pmap":
             return tree
 
-        def first(x):
-            shard = x.addressable_shards[0].data  # [1, ...]
-            return shard[0]
+        def unstack(x):
+            parts = [s.data.reshape(x.shape[1:]) for s in x.addressable_shards]
+            return jax.make_array_from_single_device_arrays(x.shape[1:], self._replicated, parts)
 
-        return jax.tree_util.tree_map(first, tree)
+        return jax.tree_util.tree_map(unstack, tree)
 
-    def put_batch(self, batch: dict[str, np.ndarray]):
-        """Process-local host batch ``[b, ...]`` -> device arrays split over devices."""
+    def put_batch(self, batch: Mapping[str, np.ndarray]):
+        """This process's rows ``[b, ...]`` of the global batch -> device arrays."""
         if self.mode == "none":
-            return jax.device_put(batch, self.devices[0])
+            return jax.device_put(dict(batch), self.devices[0])
         if self.mode == "shard_map":
-            return {
-                k: jax.make_array_from_process_local_data(self._split, np.asarray(v))
-                for k, v in batch.items()
-            }
-        n = self.num_devices
+            return global_batch(self._split, batch, self.data_shard()[1])
+        n = len(self.local_devices)
 
         def reshape(x):
             x = np.asarray(x)
             if x.shape[0] % n:
-                raise ValueError(
+                raise ConfigError(
                     f"a batch of {x.shape[0]} rows cannot be split over {n} local devices; "
                     f"use a multiple of {n}."
                 )
-            return jax.device_put(x.reshape(n, x.shape[0] // n, *x.shape[1:]), self._split)
+            return jax.device_put(x.reshape(n, x.shape[0] // n, *x.shape[1:]), self._local_split)
 
         return {k: reshape(v) for k, v in batch.items()}
 
+    def put_rng(self, key):
+        """Replicate a PRNG key the way the compiled step expects it."""
+        if self.mode == "shard_map":
+            return put_global(key, self._replicated)
+        return jax.device_put(key, self.local_devices[0])
+
     def metrics(self, tree) -> dict[str, float]:
         """Step outputs (already summed over devices) -> host floats."""
-        tree = self.get_state(tree)
+        if self.mode == "pmap":
+            tree = jax.tree_util.tree_map(lambda x: x.addressable_shards[0].data[0], tree)
         return {k: float(v) for k, v in jax.device_get(tree).items()}
 
     # ----------------------------------------------------------------- compile
@@ -163,7 +237,7 @@ class DataParallel:
                 axis_name=AXIS,
                 in_axes=(0, 0, None),
                 donate_argnums=(0,),
-                devices=self.devices,
+                devices=self.devices,  # all devices of the job: psum spans the processes
             )
         mapped = jax.shard_map(
             lambda s, b, r: per_device(s, b, r, axis_name=AXIS),
@@ -192,9 +266,3 @@ class DataParallel:
             check_vma=False,
         )
         return jax.jit(mapped)
-
-    def put_rng(self, key):
-        """Replicate a PRNG key the way the compiled step expects it."""
-        if self.mode == "shard_map":
-            return put_global(key, self._replicated)
-        return jax.device_put(key, self.devices[0])

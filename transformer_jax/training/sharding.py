@@ -16,8 +16,11 @@ devices, ``sharding.tensor = k`` Megatron-style splitting of heads / hidden unit
 ``sharding.data`` plain replication. A dimension that the mesh axes do not divide is left
 replicated (logged once), so odd vocabulary sizes still run.
 
-:class:`Sharded` has the interface of ``parallel.DataParallel`` (``put_state``, ``put_batch``,
-``train_step`` ...), so the training loop and evaluator drive both the same way.
+:class:`Sharded` implements ``parallel.Parallel`` like ``parallel.DataParallel``
+(``prepare``, ``put_state``, ``put_batch``, ``train_step`` ...), so the training loop and the
+evaluator drive every mode the same way. The mesh is laid out process-major; a process loads
+the rows its devices hold (``data_shard``: with a "tensor" axis spanning processes, several
+processes load the same rows) and the global batch is assembled with its global shape.
 """
 
 from __future__ import annotations
@@ -35,8 +38,14 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from transformer_jax.nn.partitioning import LOGICAL_AXES
-from transformer_jax.training.distributed import put_global
+from transformer_jax.training.distributed import (
+    global_batch,
+    process_major,
+    process_rows,
+    put_global,
+)
 from transformer_jax.training.errors import ConfigError
+from transformer_jax.training.parallel import DataParallel, check_divisible
 
 __all__ = [
     "BATCH_AXES",
@@ -116,7 +125,7 @@ def mesh_shape(c: Mapping, num_devices: int) -> tuple[int, int, int]:
 
 def make_mesh(c: Mapping, devices: Sequence[Any] | None = None) -> jax.sharding.Mesh:
     """A ("data", "fsdp", "tensor") mesh with Auto axes (XLA propagates the shardings)."""
-    devices = list(jax.devices() if devices is None else devices)
+    devices = process_major(jax.devices() if devices is None else devices)
     auto = jax.sharding.AxisType.Auto
     return jax.make_mesh(mesh_shape(c, len(devices)), MESH_AXES, axis_types=(auto,) * 3,
                          devices=devices)
@@ -165,7 +174,7 @@ class Sharded:
       config: the ``sharding`` config section.
       devices: devices of the mesh (default: all, across processes).
 
-    Call :meth:`bind` with the model before placing state.
+    Call :meth:`prepare` (or :meth:`bind`) with the model before placing state.
     """
 
     mode = "sharded"
@@ -177,6 +186,7 @@ class Sharded:
         self.num_devices = len(self.devices)
         self._replicated = NamedSharding(self.mesh, P())
         self._batch = NamedSharding(self.mesh, P(BATCH_AXES))
+        self._data_shard = process_rows(self._batch, self.global_devices)
         self.param_shardings = None
         self._param_treedef = None
 
@@ -186,15 +196,16 @@ class Sharded:
         return self.mesh.shape["data"] * self.mesh.shape["fsdp"]
 
     def check_batch_size(self, batch_size: int) -> int:
-        """Validate the global batch and return the rows each process loads."""
-        n = math.lcm(self.global_devices, jax.process_count())
-        if batch_size < 1 or batch_size % n:
-            raise ValueError(
-                f"batch_size={batch_size} cannot be split over the data x fsdp = "
-                f"{self.global_devices} batch shards and {jax.process_count()} processes; "
-                f"use a multiple of {n}."
-            )
-        return batch_size // jax.process_count()
+        """Validate the global batch and return the rows this process loads."""
+        check_divisible(batch_size, self.global_devices,
+                        f"the data x fsdp = {self.global_devices} batch shards")
+        return batch_size // self.data_shard()[1]
+
+    def data_shard(self) -> tuple[int, int]:
+        return self._data_shard
+
+    def prepare(self, model: nnx.Module) -> None:
+        self.bind(model)
 
     def bind(self, model: nnx.Module) -> None:
         """Derive the parameter shardings from the model's logical axis metadata."""
@@ -224,6 +235,9 @@ class Sharded:
 
         return jax.tree_util.tree_map(one, tree, is_leaf=params_like)
 
+    def state_shardings(self, tree):
+        return self.shardings_for(tree)
+
     def put_state(self, tree):
         """Any-placed pytree -> sharded copies (never aliases the input)."""
         return put_global(tree, self.shardings_for(tree))
@@ -232,9 +246,9 @@ class Sharded:
         return tree
 
     def put_batch(self, batch: Mapping[str, np.ndarray]):
-        """Process-local host batch -> global arrays split over ("data", "fsdp")."""
-        return {k: jax.make_array_from_process_local_data(self._batch, np.asarray(v))
-                for k, v in batch.items()}
+        """This process's rows (see :meth:`data_shard`) -> global arrays split over
+        ("data", "fsdp")."""
+        return global_batch(self._batch, batch, self.data_shard()[1])
 
     def put_rng(self, key):
         return put_global(key, self._replicated)
@@ -269,11 +283,9 @@ class Sharded:
 def make_parallel(config: Mapping):
     """The placement/compilation driver of a validated training config.
 
-    ``parallelism="sharded"`` -> :class:`Sharded` (call ``bind(model)`` before placing
-    state); anything else -> ``parallel.DataParallel``.
+    ``parallelism="sharded"`` -> :class:`Sharded`; anything else -> ``parallel.DataParallel``.
+    Call ``prepare(model)`` before placing state.
     """
     if config["parallelism"] == "sharded":
         return Sharded(config["sharding"])
-    from transformer_jax.training.parallel import DataParallel
-
     return DataParallel(config["parallelism"])

@@ -113,6 +113,13 @@ def _psum(tree, axis_name):
     return tree if axis_name is None else jax.lax.psum(tree, axis_name)
 
 
+def _row_keys(rng, step, rows: int, axis_name: str | None) -> jax.Array:
+    """Dropout keys ``[B]`` of this device's rows: ``fold_in(fold_in(rng, step), global row)``."""
+    base = jax.random.fold_in(rng, step)
+    first = 0 if axis_name is None else jax.lax.axis_index(axis_name) * rows
+    return jax.vmap(lambda r: jax.random.fold_in(base, r))(first + jnp.arange(rows))
+
+
 def _ratio(num, den):
     return num / jnp.maximum(den, 1.0)
 
@@ -138,8 +145,9 @@ def train_step(
       batch: int32 arrays ``inputs [B, S]``, ``targets [B, T]`` and optionally the
         ``*_segmentation`` / ``*_position`` arrays of packed rows. ``B`` is the per-device
         batch when ``axis_name`` is set.
-      rng: base PRNG key; dropout uses ``fold_in(rng, step)`` (and, across devices,
-        ``fold_in(., device_index)``), so a run is reproducible and resumable.
+      rng: base PRNG key; batch row ``r`` of the global batch draws its dropout masks from
+        ``fold_in(fold_in(rng, step), r)``, so a run is reproducible, resumable and the same
+        on any number of devices and processes (devices hold consecutive global rows).
       model_def, tx, schedule: static model definition, optimizer and its schedule.
       label_smoothing: eps of the smoothed cross entropy.
       dropout: False runs the model deterministically.
@@ -152,14 +160,14 @@ def train_step(
       ``nll``, ``accuracy``, ``grad_norm`` (of the token-averaged gradient, before clipping),
       ``learning_rate``, ``tokens`` (non-pad target tokens) and ``src_tokens``.
     """
-    dropout_rng = None
-    if dropout:
-        dropout_rng = jax.random.fold_in(rng, state.step)
-        if axis_name is not None:
-            dropout_rng = jax.random.fold_in(dropout_rng, jax.lax.axis_index(axis_name))
-
     def loss_fn(params):
-        logits = forward(model_def, params, batch, dropout_rng)  # [B, T, V]
+        if dropout:  # one key per global row: masks do not depend on the device count
+            keys = _row_keys(rng, state.step, batch["targets"].shape[0], axis_name)  # [B]
+            logits = jax.vmap(lambda row, key: forward(  # [B, T, V]
+                model_def, params, jax.tree_util.tree_map(lambda x: x[None], row), key)[0])(
+                    batch, keys)
+        else:
+            logits = forward(model_def, params, batch, None)  # [B, T, V]
         sums = _sums(logits, batch, label_smoothing, pad_id)
         return sums["loss_sum"], sums
 

@@ -1,0 +1,81 @@
+"""``train.py`` on several CPU processes (127.0.0.1, jax.distributed + gloo) against one process.
+
+Every process runs the same command with ``--config.distributed.*`` (coordinator, count, id);
+each owns 2 CPU devices (``JAX_NUM_CPU_DEVICES=2``).
+"""
+
+import json
+import os
+import signal
+
+import pytest
+from multihost_helpers import LR, Job, compare_params, run_single
+
+STEPS = 3
+TIMEOUT_S = 300  # generous: the CI machine is shared; a healthy 2-process run takes ~40 s
+
+
+@pytest.fixture(scope="module")
+def single_process(tmp_path_factory):
+    """The reference: one process, one device, dropout on."""
+    workdir = tmp_path_factory.mktemp("single") / "run"
+    proc = run_single(workdir, f"--config.num_train_steps={STEPS}", "--config.parallelism=none",
+                      "--config.model.dropout_rate=0.1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return workdir
+
+
+@pytest.mark.parametrize("mode", ["pmap", "sharded"])
+def test_two_processes_match_one_process(mode, single_process, tmp_path):
+    """2 processes x 2 devices == 1 process x 1 device (dropout on: masks follow global rows)."""
+    args = [f"--config.num_train_steps={STEPS}", f"--config.parallelism={mode}",
+            "--config.model.dropout_rate=0.1", f"--config.checkpoint_every_steps={STEPS}"]
+    if mode == "sharded":  # parameters split over fsdp across the processes
+        args += ["--config.sharding.data=2", "--config.sharding.fsdp=2"]
+    with Job(tmp_path / "run", *args) as job:
+        codes = job.wait(TIMEOUT_S)
+        assert codes == [0, 0], job.tails()
+    assert f"done: step {STEPS}" in job.log(0)
+    with open(tmp_path / "run" / "summary.json") as f:
+        assert json.load(f)["step"] == STEPS
+    assert compare_params(tmp_path / "run", single_process, LR, STEPS) <= 1e-5
+
+
+def test_sigterm_to_one_process_saves_on_all(tmp_path):
+    """SIGTERM to process 1 only: both stop after the same update, save it and exit 0.
+
+    Started as a launcher would (``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES``,
+    ``JAX_PROCESS_ID``)."""
+    with Job(tmp_path / "run", "--config.num_train_steps=100000",
+             "--config.checkpoint_every_steps=100000", "--config.parallelism=pmap",
+             via_environment=True) as job:
+        job.wait_for("train:", TIMEOUT_S)  # both are training (collectives need both)
+        job.wait_for("loss=", TIMEOUT_S)
+        job.procs[1].send_signal(signal.SIGTERM)
+        codes = job.wait(TIMEOUT_S)
+        assert codes == [0, 0], job.tails()
+    steps = os.listdir(tmp_path / "run" / "checkpoints")
+    assert len(steps) == 1, steps
+    for i in range(2):
+        assert f"interrupted at step {steps[0]}; checkpoint saved" in job.log(i), job.tails()
+    # both resume from it (restored into the step's placement on each process) and finish
+    end = int(steps[0]) + 1
+    with Job(tmp_path / "run", f"--config.num_train_steps={end}", "--config.parallelism=pmap",
+             via_environment=True) as job:
+        assert job.wait(TIMEOUT_S) == [0, 0], job.tails()
+    for i in range(2):
+        assert f"resuming from step {steps[0]}" in job.log(i), job.tails()
+    assert f"done: step {end}" in job.log(0)
+
+
+def test_killed_process_ends_the_others(tmp_path):
+    """kill -9 of process 1: process 0 exits non-zero within the heartbeat timeout, naming it."""
+    with Job(tmp_path / "run", "--config.num_train_steps=100000",
+             "--config.checkpoint_every_steps=100000", "--config.parallelism=shard_map",
+             "--config.distributed.heartbeat_timeout=5") as job:
+        job.wait_for("loss=", TIMEOUT_S)
+        job.procs[1].kill()
+        codes = job.wait(60)  # bounded: 5 s heartbeat timeout plus detection slack
+    assert codes[0] != 0
+    log = job.log(0)
+    assert "tasks are unhealthy (stopped sending heartbeats):\n1\n" in log, log[-3000:]

@@ -1,0 +1,74 @@
+"""Damaged checkpoints are set aside; other read errors stop and leave the checkpoint alone."""
+
+import errno
+import glob
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import optax
+import pytest
+
+from transformer_jax.training.checkpoint import (
+    Checkpointer,
+    CheckpointReadError,
+    CorruptCheckpointError,
+    _is_corruption,
+)
+from transformer_jax.training.errors import CheckpointMismatchError
+from transformer_jax.training.step import create_train_state
+
+
+@pytest.fixture
+def two_checkpoints(tmp_path):
+    state = create_train_state({"w": jnp.arange(64.0).reshape(8, 8)}, optax.adam(1e-3))
+    ckpt = Checkpointer(str(tmp_path), async_save=False)
+    for step in (1, 2):
+        ckpt.save(step, state, rng=jax.random.key(0))
+    ckpt.close()
+    return tmp_path, state
+
+
+def test_truncated_files_are_corruption(two_checkpoints):
+    workdir, state = two_checkpoints
+    for f in glob.glob(str(workdir / "checkpoints" / "2" / "params" / "**" / "*"), recursive=True):
+        if os.path.isfile(f) and "ocdbt" in f:
+            with open(f, "r+b") as fh:
+                fh.truncate(os.path.getsize(f) // 2)
+    ckpt = Checkpointer(str(workdir))
+    with pytest.raises(CorruptCheckpointError, match="checkpoint step 2 .* is damaged"):
+        ckpt.restore(state, 2)
+    assert int(ckpt.restore_latest(state)["meta"]["step"]) == 1
+    ckpt.close()
+    assert os.path.isdir(workdir / "corrupt_checkpoints" / "2")  # set aside
+
+
+@pytest.mark.parametrize("error", [
+    MemoryError(), OSError(errno.EIO, "Input/output error"), PermissionError(13, "denied")])
+def test_other_errors_stop_and_leave_the_checkpoint(two_checkpoints, monkeypatch, error):
+    workdir, state = two_checkpoints
+    ckpt = Checkpointer(str(workdir))
+
+    def fail(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(ckpt, "restore", fail)
+    with pytest.raises(CheckpointReadError, match=r"checkpoint step 2 .* could not be read "
+                       r"\(.*\); it is not damaged, so it was left in place"):
+        ckpt.restore_latest(state)
+    ckpt.close()
+    assert sorted(os.listdir(workdir / "checkpoints")) == ["1", "2"]
+    assert not os.path.exists(workdir / "corrupt_checkpoints")
+
+
+def test_corruption_is_told_apart():
+    assert _is_corruption(FileNotFoundError("meta/metadata"))
+    assert _is_corruption(json.JSONDecodeError("bad", "{", 1))
+    inner = ValueError('DATA_LOSS: Error reading "w/.zarray" in OCDBT database')
+    outer = CheckpointMismatchError("wrapped")
+    outer.__cause__ = inner
+    assert _is_corruption(outer)
+    assert not _is_corruption(MemoryError())
+    assert not _is_corruption(OSError(errno.EIO, "Input/output error"))
+    assert not _is_corruption(ValueError("shape (8, 8) does not match (4, 4)"))

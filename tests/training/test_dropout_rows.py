@@ -1,0 +1,40 @@
+"""Dropout masks follow the global batch row: 1 device == 8 devices with dropout on."""
+
+import functools
+
+import jax
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+from helpers import init_state, packed_batch, tiny_config
+
+from transformer_jax.nn import Transformer
+from transformer_jax.training.parallel import DataParallel
+from transformer_jax.training.step import split_model, train_step
+
+
+def _one_step(mode: str, dropout: bool):
+    model_def, params = split_model(Transformer(tiny_config(dropout_rate=0.3),
+                                                rngs=nnx.Rngs(0)))
+    tx = optax.sgd(0.5)  # plain SGD: no Adam rescaling of rounding noise
+    dp = DataParallel(mode)
+    step = dp.train_step(functools.partial(train_step, model_def=model_def, tx=tx,
+                                           schedule=lambda s: 0.5, dropout=dropout))
+    state, metrics = step(dp.put_state(init_state(params, tx)),
+                          dp.put_batch(packed_batch(16, 16, seed=3)), dp.put_rng(jax.random.key(4)))
+    return jax.device_get(dp.get_state(state).params), dp.metrics(metrics)["loss"]
+
+
+@pytest.mark.parametrize("mode", ["pmap", "shard_map"])
+def test_dropout_does_not_depend_on_the_device_count(mode):
+    if jax.device_count() < 8:
+        pytest.skip("needs 8 devices (tests/conftest.py sets 8 virtual CPU devices)")
+    want, want_loss = _one_step("none", dropout=True)
+    got, got_loss = _one_step(mode, dropout=True)
+    assert got_loss == pytest.approx(want_loss, rel=1e-5)
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+                           got, want)
+    # dropout really acted: without it the loss is another number
+    _, plain_loss = _one_step("none", dropout=False)
+    assert abs(plain_loss - want_loss) > 1e-3
