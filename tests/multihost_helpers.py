@@ -13,10 +13,10 @@ import time
 import jax
 import numpy as np
 
-from transformer_jax.training import load_params
+from transformer_jax.checkpoints import load_params
 
 LR = 0.003
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = [  # a tiny model, 300 training pairs, no decoding: seconds per run
     "--config.batch_size=8", "--config.log_every_steps=1",
     "--config.eval_metrics=", "--config.eval_num_sentences=0", "--config.eval_every_steps=0",
