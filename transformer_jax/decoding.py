@@ -362,6 +362,7 @@ def beam_search(cache, tokens_to_logits: TokensToLogits, *, batch_size: int, bea
     def body(state: BeamState) -> BeamState:
         step, live_seqs, live_logp = state.step, state.live_seqs, state.live_logp
         fin_scores, fin_seqs, old_cache = state.fin_scores, state.fin_seqs, state.cache
+        done = state.done
         logits, cache = tokens_to_logits(state.last[:, None], old_cache)  # [B*K, V]
         _check_logits(logits, B * K)
         vocab = logits.shape[-1]
@@ -392,7 +393,6 @@ def beam_search(cache, tokens_to_logits: TokensToLogits, *, batch_size: int, bea
         beams = jnp.take_along_axis(top_beam, keep, axis=1)  # [B, K] rows to follow
         cache = _reorder_cache(old_cache, cache, beams, B, K)
         last = jnp.take_along_axis(top_token, keep, axis=1).reshape(B * K)
-        done = state.done
         if hf:  # a finished example stays finished (transformers' sticky early stop)
             done = done | is_done(step + 1, live_logp, fin_scores)
         return BeamState(step + 1, live_seqs, live_logp, last, cache, fin_scores, fin_seqs,

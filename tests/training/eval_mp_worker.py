@@ -16,8 +16,7 @@ from flax import nnx
 
 from transformer_jax import data
 from transformer_jax.config import ModelConfig
-from transformer_jax.nn import Transformer
-from transformer_jax.nn import split_model
+from transformer_jax.nn import Transformer, split_model
 from transformer_jax.training.evaluate import Evaluator, corpus_scores
 from transformer_jax.training.parallel import DataParallel
 
