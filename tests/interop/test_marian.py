@@ -24,7 +24,8 @@ TGT_IN = np.array([[PAD, 3, 4, 14, 15], [PAD, 16, 17, 2, 0], [PAD, 18, 0, PAD, P
 
 @pytest.mark.parametrize("overrides", [
     dict(activation_function="gelu", scale_embedding=True),
-    dict(activation_function="relu", scale_embedding=False, share_encoder_decoder_embeddings=False),
+    dict(activation_function="relu", scale_embedding=False, share_encoder_decoder_embeddings=False,
+         normalize_before=True),  # an extra key transformers' Marian ignores (still post-LN)
     dict(activation_function="swish", tie_word_embeddings=False, encoder_layers=1,
          decoder_layers=2),
     dict(activation_function="gelu_new", d_model=24, encoder_attention_heads=3,

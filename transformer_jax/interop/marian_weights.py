@@ -45,8 +45,7 @@ def model_config_from_hf(hf: Mapping) -> ModelConfig:
             f"config.json has model_type={hf.get('model_type')!r}; only Marian (model_type "
             "'marian', e.g. Helsinki-NLP/opus-mt-*) models can be converted."
         )
-    if hf.get("normalize_before") or hf.get("add_final_layer_norm"):
-        raise ConversionError("pre-norm Marian variants (normalize_before) are not supported.")
+    # transformers' Marian is post-LN whatever ``normalize_before`` says; so is the conversion.
     vocab = int(hf.get("vocab_size", 58101))
     if hf.get("decoder_vocab_size") not in (None, vocab):
         raise ConversionError(
