@@ -46,7 +46,8 @@ AVERAGED_DIR = "averaged"
 ARCHITECTURE_KEYS = (
     "vocab_size", "d_model", "num_heads", "num_layers", "num_encoder_layers",
     "num_decoder_layers", "d_ff", "max_len", "positional", "pre_norm", "share_embeddings",
-    "tie_output", "use_bias", "param_dtype",
+    "tie_output", "use_bias", "param_dtype", "activation", "scale_embedding",
+    "final_logits_bias", "num_decoder_heads", "decoder_d_ff",
 )
 # Optimizer fields that change the optimizer-state structure.
 OPTIMIZER_KEYS = ("name", "grad_accum_steps")
