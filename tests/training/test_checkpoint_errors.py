@@ -69,6 +69,14 @@ def test_corruption_is_told_apart():
     outer = CheckpointMismatchError("wrapped")
     outer.__cause__ = inner
     assert _is_corruption(outer)
+    try:  # orbax re-raises tensorstore's error as a plain Exception while handling it
+        try:
+            raise ValueError('FAILED_PRECONDITION: Error reading "w/0.0" in OCDBT database: '
+                             "Truncated Zstd-compressed stream; at byte 0")
+        except ValueError:
+            raise Exception("Encountered error while reading array index") from None  # noqa: TRY002
+    except Exception as err:  # noqa: BLE001
+        assert _is_corruption(err)
     assert not _is_corruption(MemoryError())
     assert not _is_corruption(OSError(errno.EIO, "Input/output error"))
     assert not _is_corruption(ValueError("shape (8, 8) does not match (4, 4)"))

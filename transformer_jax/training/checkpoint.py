@@ -131,19 +131,26 @@ def _abstract(tree, shardings):
 
 # Outcomes of trying one checkpoint, ordered: the processes act on the largest.
 _OK, _CORRUPT, _MISMATCH, _FATAL = range(4)
-# tensorstore / orbax status codes of files that are missing or cannot be decoded
-_DAMAGE_CODES = ("DATA_LOSS", "NOT_FOUND", "OUT_OF_RANGE")
+# tensorstore status codes and messages of files that are missing, short or undecodable
+_DAMAGE_MARKS = ("DATA_LOSS", "NOT_FOUND", "OUT_OF_RANGE", "Truncated", "truncated",
+                 "Error decoding", "corrupt", "checksum")
 
 
-def _is_corruption(err: BaseException) -> bool:
-    """Missing, short or undecodable files (not: memory, permissions, other I/O errors)."""
-    while err is not None:
+def _is_corruption(err: BaseException | None) -> bool:
+    """Missing, short or undecodable files (not: memory, permissions, other I/O errors).
+
+    Follows the chain of causes: orbax re-raises tensorstore's ``ValueError`` as a plain
+    ``Exception`` while handling it.
+    """
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
         if isinstance(err, CorruptCheckpointError | FileNotFoundError | NotADirectoryError
                       | json.JSONDecodeError | UnicodeDecodeError):
             return True
-        if isinstance(err, ValueError) and any(c in str(err) for c in _DAMAGE_CODES):
+        if isinstance(err, ValueError) and any(m in str(err) for m in _DAMAGE_MARKS):
             return True
-        err = err.__cause__
+        err = err.__cause__ or err.__context__
     return False
 
 
