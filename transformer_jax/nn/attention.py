@@ -99,9 +99,10 @@ class MultiHeadAttention(nnx.Module):
 
     def _project(self, inputs, name: str) -> jax.Array:
         """``[B, T, D]`` -> ``[B, T, N, H]`` with the ``name`` projection."""
-        return ops.project_qkv(
-            inputs.astype(self.dtype), self._param(name), self._param(f"{name}_bias")
-        )
+        bias = self._param(f"{name}_bias")
+        if name == "key":
+            bias = ops.inert_key_bias(bias)  # no effect on outputs, so an exact zero gradient
+        return ops.project_qkv(inputs.astype(self.dtype), self._param(name), bias)
 
     # ------------------------------------------------------------------ caches
 

@@ -6,6 +6,7 @@ No Flax here; every function works under ``jax.jit``, ``jax.vmap`` and ``jax.gra
 from transformer_jax.ops.attention import (
     IMPLEMENTATIONS,
     dot_product_attention,
+    inert_key_bias,
     masked_softmax,
     multi_head_attention,
     project_out,
@@ -33,6 +34,7 @@ __all__ = [
     "multi_head_attention",
     "padding_mask",
     "project_out",
+    "inert_key_bias",
     "project_qkv",
     "segment_mask",
     "sinusoidal_encoding",

@@ -33,6 +33,7 @@ __all__ = [
     "IMPLEMENTATIONS",
     "dot_product_attention",
     "multi_head_attention",
+    "inert_key_bias",
     "project_qkv",
     "project_out",
     "masked_softmax",
@@ -282,6 +283,18 @@ def dot_product_attention(
     return _jax_attention(query, key, value, mask, bias, precision, jax_backend)
 
 
+def inert_key_bias(bias):
+    """The key projection's bias ``[N, H]`` with its gradient set to exactly zero (or None).
+
+    Adding ``b`` to every key adds the same ``q . b`` to all logits of a query row, which the
+    softmax cancels: outputs never depend on ``b`` and its true gradient is zero. Computed, the
+    gradient is rounding noise, and Adam (which divides by its own running scale) turns noise
+    into steps of the learning rate's size — different for every summation order, so one
+    device and several would train different key biases. ``stop_gradient`` gives the exact 0.
+    """
+    return None if bias is None else lax.stop_gradient(bias)
+
+
 def project_qkv(inputs, kernel, bias=None, *, precision=None) -> jnp.ndarray:
     """Projects ``[B, T, D]`` inputs to per-head ``[B, T, N, H]`` with a ``[D, N, H]`` kernel.
 
@@ -395,7 +408,8 @@ def multi_head_attention(
         )
     _check_params(params, inputs_q.shape[-1], inputs_kv.shape[-1])
     q = project_qkv(inputs_q, params["query"], params.get("query_bias"), precision=precision)
-    k = project_qkv(inputs_kv, params["key"], params.get("key_bias"), precision=precision)
+    k = project_qkv(inputs_kv, params["key"], inert_key_bias(params.get("key_bias")),
+                    precision=precision)
     v = project_qkv(inputs_kv, params["value"], params.get("value_bias"), precision=precision)
     result = dot_product_attention(
         q,
