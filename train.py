@@ -15,6 +15,8 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from transformer_jax.runtime import configure_malloc
+
 _FLAG_ERRORS = (flags.Error, AttributeError, KeyError, TypeError, ValueError)
 
 
@@ -87,4 +89,5 @@ def _parse_flags(argv):
 
 
 if __name__ == "__main__":
+    configure_malloc()  # keep XLA's per-step buffers mapped (transformer_jax/runtime.py)
     app.run(main, flags_parser=_parse_flags)

@@ -15,6 +15,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from transformer_jax.runtime import configure_malloc
+
 __all__ = ["main", "read_lines"]
 
 
@@ -128,4 +130,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    configure_malloc()  # before JAX allocates (transformer_jax/runtime.py)
     sys.exit(main())
