@@ -1,6 +1,7 @@
 """Training throughput: our jitted train step vs PyTorch ``torch.nn.Transformer``, and MFU.
 
-Both sides train the same encoder-decoder on the same random batch in one process:
+Both sides train the same encoder-decoder on the same random batch, each in its own process
+(this one runs ours; torch runs in a worker subprocess driven over a pipe):
 
 * ours: ``transformer_jax.training.train_step`` compiled the way ``training/loop.py`` does it
   (``DataParallel("none").train_step``: ``jax.jit`` on one device, the state donated), paper
@@ -11,8 +12,12 @@ Both sides train the same encoder-decoder on the same random batch in one proces
   0.98), eps=1e-9, fused=True)`` (falls back to ``foreach`` where fused is unavailable) and the
   same learning-rate schedule.
 
-Dropout 0.1 on residuals and embeddings in both (the paper's P_drop); no attention dropout.
-The two run alternately, A B A B, for ``--rounds`` rounds of ``--steps`` steps each after a
+Dropout 0.1 on residuals, embeddings and attention weights in both (``nn.Transformer`` drops
+attention weights; ours sets ``attention_dropout_rate``). Allocator: ours runs with what our
+entry points do by default (``transformer_jax.runtime.configure_malloc``: this script
+re-executes itself once with the glibc tunables); the torch worker gets glibc's defaults
+(``GLIBC_TUNABLES`` and ``LD_PRELOAD`` removed from its environment). The two run
+alternately, A B A B, for ``--rounds`` rounds of ``--steps`` steps each after a
 warm-up (compilation is not timed); the fp32 matmul peak (a jitted ``jnp.dot`` of 2048^3,
 median of several runs) is measured in every round too. Reported numbers are medians over
 rounds, with min/max as the spread. Process CPU seconds per step are recorded for each side
@@ -45,6 +50,7 @@ import json
 import math
 import os
 import statistics
+import subprocess
 import sys
 import time
 
@@ -111,7 +117,7 @@ class Ours:
         self.jax = jax
         cfg = ModelConfig(vocab_size=c["vocab"], d_model=c["d_model"], num_heads=c["num_heads"],
                           num_layers=c["layers"], d_ff=c["d_ff"], dropout_rate=DROPOUT,
-                          max_len=max(c["src_len"], c["tgt_len"]))
+                          attention_dropout_rate=DROPOUT, max_len=max(c["src_len"], c["tgt_len"]))
         model_def, params = split_model(Transformer(cfg, rngs=nnx.Rngs(0)))
         self.num_params = sum(x.size for x in jax.tree_util.tree_leaves(params))
         opt = default_optimizer_config()
@@ -233,6 +239,59 @@ class Torch:
         return elapsed
 
 
+# ----------------------------------------------------------------------------- torch worker
+
+
+def torch_worker(config: str, optimizer: str, warmup: int) -> int:
+    """Subprocess side: builds Torch, then answers ``<steps>`` lines on stdin with JSON lines."""
+    c = CONFIGS[config]
+    runner = Torch(c, make_batch(c), optimizer)
+    runner.run(warmup)
+    print(json.dumps({"ready": True, "optimizer": runner.optimizer_name,
+                      "params": runner.num_params, "threads": runner.torch.get_num_threads()}),
+          flush=True)
+    for line in sys.stdin:
+        steps = int(line)
+        cpu = time.process_time()
+        wall = runner.run(steps)
+        print(json.dumps({"wall": wall, "cpu": time.process_time() - cpu, "loss": runner.loss}),
+              flush=True)
+    return 0
+
+
+class TorchProcess:
+    """``Torch`` in a subprocess with glibc's default allocator settings."""
+
+    def __init__(self, config: str, optimizer: str, warmup: int):
+        env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "LD_PRELOAD")}
+        self.proc = subprocess.Popen(
+            [sys.executable, os.path.abspath(__file__), "--torch-worker", "--config", config,
+             "--torch-optimizer", optimizer, "--warmup", str(warmup)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+        info = self._read()
+        self.optimizer_name, self.num_params = info["optimizer"], info["params"]
+        self.threads, self.loss, self.cpu = info["threads"], None, None
+
+    def _read(self) -> dict:
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the torch worker exited with status {self.proc.wait()}")
+        return json.loads(line)
+
+    def run(self, steps: int) -> float:
+        self.proc.stdin.write(f"{steps}\n")
+        self.proc.stdin.flush()
+        out = self._read()
+        if not math.isfinite(out["loss"]):
+            raise RuntimeError(f"torch: the loss is {out['loss']}")
+        self.loss, self.cpu = out["loss"], out["cpu"]
+        return out["wall"]
+
+    def close(self):
+        self.proc.stdin.close()
+        self.proc.wait(timeout=60)
+
+
 # ----------------------------------------------------------------------------- peak
 
 
@@ -262,8 +321,6 @@ class MatmulPeak:
 # ----------------------------------------------------------------------------- main
 
 
-
-
 def _summary(values: list[float]) -> dict:
     return {"median": statistics.median(values), "min": min(values), "max": max(values),
             "values": [round(x, 1) for x in values]}
@@ -279,10 +336,10 @@ def main(argv=None) -> int:
     p.add_argument("--skip-torch", action="store_true", help="time ours only")
     p.add_argument("--peak-n", type=int, default=2048, help="matmul size for the fp32 peak")
     p.add_argument("--json", default=None, help="write the result here")
+    p.add_argument("--torch-worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-
-    sys.path.insert(0, os.path.dirname(HERE))
-    import torch
+    if args.torch_worker:
+        return torch_worker(args.config, args.torch_optimizer, args.warmup)
 
     c = dict(CONFIGS[args.config])
     steps = args.steps or c["steps"]
@@ -295,9 +352,9 @@ def main(argv=None) -> int:
     ours = Ours(c, batch)
     ours.run(args.warmup)
     compile_s = time.perf_counter() - t0
-    theirs = None if args.skip_torch else Torch(c, batch, args.torch_optimizer)
-    if theirs is not None:
-        theirs.run(args.warmup)
+    theirs = None
+    if not args.skip_torch:
+        theirs = TorchProcess(args.config, args.torch_optimizer, args.warmup)
 
     ours_tps, torch_tps, peaks, ratios = [], [], [], []
     cpu = {"ours": [], "torch": []}  # process CPU seconds per step (both threads summed)
@@ -305,7 +362,8 @@ def main(argv=None) -> int:
     def timed(side, runner):
         start = time.process_time()
         wall = runner.run(steps)
-        cpu[side].append((time.process_time() - start) / steps)
+        used = time.process_time() - start if side == "ours" else runner.cpu
+        cpu[side].append(used / steps)
         return steps * tokens / wall
 
     for r in range(args.rounds):
@@ -353,8 +411,11 @@ def main(argv=None) -> int:
                    "peak_gflops": _summary(peaks)},
         "final_loss": {"ours": ours.loss, "torch": None if theirs is None else theirs.loss},
         "machine": machine_info("jax", "jaxlib", "flax", "optax", "torch",
-                                torch_threads=torch.get_num_threads()),
+                                torch_threads=None if theirs is None else theirs.threads,
+                                malloc_tunables_ours=os.environ.get("GLIBC_TUNABLES", "")),
     }
+    if theirs is not None:
+        theirs.close()
     print(json.dumps({k: result[k] for k in ("config", "ours_tokens_per_s",
                                              "torch_tokens_per_s", "ratio", "mfu",
                                              "peak_gflops")}))
@@ -367,4 +428,9 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    sys.path.insert(0, os.path.dirname(HERE))
+    if "--torch-worker" not in sys.argv:
+        from transformer_jax.runtime import configure_malloc
+
+        configure_malloc()  # ours runs as train.py does (re-executes once)
     sys.exit(main())

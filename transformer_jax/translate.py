@@ -16,6 +16,11 @@ import argparse
 import logging
 import sys
 
+from transformer_jax.runtime import configure_malloc
+
+if __name__ == "__main__":
+    configure_malloc()  # re-executes once, before JAX is imported (transformer_jax/runtime.py)
+
 import absl.logging
 
 from transformer_jax.data.validation import DataError

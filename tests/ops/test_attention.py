@@ -245,7 +245,7 @@ def test_xla_dropout_uses_one_keep_mask():
     q, k, v = _rand(rng, 1, 4, 2, 4), _rand(rng, 1, 6, 2, 4), _rand(rng, 1, 6, 2, 4)
     key, rate = jax.random.key(7), 0.5
     out = ops.dot_product_attention(q, k, v, dropout_rate=rate, dropout_rng=key, precision=HI)
-    keep = jax.random.bernoulli(key, 1 - rate, (1, 2, 4, 6)) / (1 - rate)
+    keep = ops.keep_mask(key, rate, (1, 2, 4, 6)) * ops.keep_scale(rate)
     np.testing.assert_allclose(out, row_attention(q, k, v, keep=keep), atol=TOL)
     # No rng -> deterministic, dropout off.
     np.testing.assert_allclose(

@@ -21,6 +21,7 @@ from flax import nnx
 from transformer_jax.config import ModelConfig
 from transformer_jax.nn.attention import MultiHeadAttention
 from transformer_jax.nn.partitioning import logical_init
+from transformer_jax.ops import dropout
 
 __all__ = [
     "ACTIVATION_FNS",
@@ -47,14 +48,6 @@ ACTIVATION_FNS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "mish": lambda x: x * jnp.tanh(jax.nn.softplus(x)),
     "relu6": jax.nn.relu6,
 }
-
-
-def dropout(x: jax.Array, rate: float, rng) -> jax.Array:
-    """Inverted dropout; identity when ``rng`` is None or ``rate == 0``."""
-    if rng is None or rate == 0.0:
-        return x
-    keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
-    return jnp.where(keep, x / jnp.asarray(1.0 - rate, x.dtype), jnp.zeros((), x.dtype))
 
 
 def fold(rng, index: int):

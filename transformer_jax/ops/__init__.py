@@ -12,6 +12,7 @@ from transformer_jax.ops.attention import (
     project_out,
     project_qkv,
 )
+from transformer_jax.ops.dropout import dropout, keep_mask, keep_scale
 from transformer_jax.ops.losses import cross_entropy, token_accuracy
 from transformer_jax.ops.masks import causal_mask, combine_masks, padding_mask, segment_mask
 from transformer_jax.ops.positional import (
@@ -30,6 +31,9 @@ __all__ = [
     "combine_masks",
     "cross_entropy",
     "dot_product_attention",
+    "dropout",
+    "keep_mask",
+    "keep_scale",
     "masked_softmax",
     "multi_head_attention",
     "padding_mask",

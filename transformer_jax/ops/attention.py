@@ -28,6 +28,7 @@ import jax.numpy as jnp
 from jax import lax
 
 import transformer_jax.ops.chunked_attention as chunked_attention
+from transformer_jax.ops.dropout import dropout
 
 __all__ = [
     "IMPLEMENTATIONS",
@@ -140,8 +141,7 @@ def _xla_attention(query, key, value, mask, bias, dropout_rate, dropout_rng, pre
     weights = masked_softmax(logits, mask)  # [B, N, T, S] float32
     probs = weights
     if dropout_rng is not None and dropout_rate > 0.0:
-        keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, weights.shape)
-        probs = jnp.where(keep, weights / (1.0 - dropout_rate), 0.0)
+        probs = dropout(weights, dropout_rate, dropout_rng)  # 16-bit masks (ops/dropout.py)
     out = jnp.einsum(
         "BNTS,BSNH->BTNH",
         probs.astype(value.dtype) if value.dtype != jnp.float32 else probs,
