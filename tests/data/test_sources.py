@@ -249,11 +249,11 @@ def test_catalogue_needs_a_name(tmp_path):
 def test_building_and_reading_never_imports_tensorflow(tmp_path):
     script = textwrap.dedent(f"""
         import sys
-        from helpers import small_numbers_config
-        from transformer_jax.data import load_raw_pairs, prepare, train_iterator
-        cfg = small_numbers_config(numbers_max=300, numbers_train_size=100,
-                                   numbers_validation_size=10, numbers_test_size=10,
-                                   vocab_size=60)
+        from transformer_jax.data import (default_data_config, load_raw_pairs, prepare,
+                                          train_iterator)
+        cfg = default_data_config()  # only the data package: no test helpers, no model code
+        cfg.update(dict(numbers_max=300, numbers_train_size=100, numbers_validation_size=10,
+                        numbers_test_size=10, vocab_size=60, max_length=24))
         prepared = prepare(cfg, {str(tmp_path)!r})
         assert len(load_raw_pairs(cfg, "test", prepared.data_dir)) == 10
         next(train_iterator(prepared, 4, seed=0, process_index=0, process_count=1))
