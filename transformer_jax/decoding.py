@@ -15,6 +15,9 @@ Conventions shared by all searches:
 * ``max_lengths [B]`` (optional, clipped to ``[1, max_len]``) caps every example's output,
   EOS included: at position ``max_lengths[b] - 1`` only EOS may be chosen (as fairseq does),
   so every output ends with EOS. The paper's limit is "input length + 50".
+* ``pad_id`` is never chosen (unless it equals ``eos_id``). Greedy search and sampling mask
+  with ``-inf``, so no temperature can lift a masked token above a forced EOS; beam search
+  adds log-probabilities and masks with the finite ``NEG_INF``.
 * The loop stops early once every example has finished.
 * Cache leaves with a leading batch axis are expanded/reordered for beams; scalar leaves (the
   per-layer ``index``) are shared by all rows because all rows decode in lockstep.
@@ -73,11 +76,16 @@ def _start_ids(start_ids, batch_size: int, bos_id: int) -> jax.Array:
     return start_ids
 
 
-def _force_eos(logits, step, max_lengths, eos_id: int) -> jax.Array:
-    """Rows at their last allowed position may only choose EOS.  logits [B, V]."""
+def _mask_logits(logits, step, max_lengths, eos_id: int, pad_id: int, fill) -> jax.Array:
+    """Sets ``fill`` where a token may not be chosen.  logits [B, V].
+
+    PAD is never generated (it is no training target, and an output row reads "tokens, EOS,
+    then PAD"); rows at their last allowed position may only choose EOS.
+    """
+    vocab = jnp.arange(logits.shape[-1])  # [V]
     last = (step >= max_lengths - 1)[:, None]  # [B, 1]
-    not_eos = jnp.arange(logits.shape[-1]) != eos_id  # [V]
-    return jnp.where(last & not_eos, NEG_INF, logits)
+    banned = (last & (vocab != eos_id)) | ((vocab == pad_id) & (pad_id != eos_id))  # [B, V]
+    return jnp.where(banned, fill, logits)
 
 
 def _check_cache(cache, rows: int) -> None:
@@ -115,7 +123,8 @@ def _decode_loop(cache, tokens_to_logits: TokensToLogits, choose, rng, *, batch_
         rng, step_rng = jax.random.split(rng)
         logits, cache = tokens_to_logits(last[:, None], cache)  # [B, V]
         _check_logits(logits, batch_size)
-        logits = _force_eos(logits.astype(jnp.float32), step, max_lengths, eos_id)
+        logits = _mask_logits(logits.astype(jnp.float32), step, max_lengths, eos_id, pad_id,
+                              -jnp.inf)
         token = choose(logits, step_rng).astype(jnp.int32)  # [B]
         token = jnp.where(finished, pad_id, token)
         out = lax.dynamic_update_slice(out, token[:, None], (0, step))
@@ -152,12 +161,12 @@ def greedy_search(cache, tokens_to_logits: TokensToLogits, *, batch_size: int, m
 
 def _filter_logits(logits, temperature: float, top_k: int, top_p: float) -> jax.Array:
     """Temperature, top-k and nucleus (top-p) filtering of ``logits [B, V]``."""
-    # Entries already masked (forced EOS) stay masked whatever the temperature.
-    logits = jnp.where(logits <= NEG_INF, NEG_INF, logits / temperature)
+    # Masked entries are -inf and stay -inf whatever the temperature; so is what we filter.
+    logits = logits / temperature
     vocab = logits.shape[-1]
     if 0 < top_k < vocab:
         kth = lax.top_k(logits, top_k)[0][:, -1:]  # [B, 1]
-        logits = jnp.where(logits < kth, NEG_INF, logits)
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
     if top_p < 1.0:
         sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]  # [B, V] descending
         probs = jax.nn.softmax(sorted_logits, axis=-1)  # [B, V]
@@ -165,7 +174,7 @@ def _filter_logits(logits, temperature: float, top_k: int, top_p: float) -> jax.
         # hold less than top_p (the most likely token always survives)
         keep = (jnp.cumsum(probs, axis=-1) - probs) < top_p  # [B, V]
         cutoff = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
-        logits = jnp.where(logits < cutoff, NEG_INF, logits)
+        logits = jnp.where(logits < cutoff, -jnp.inf, logits)
     return logits
 
 
@@ -298,7 +307,8 @@ def beam_search(cache, tokens_to_logits: TokensToLogits, *, batch_size: int, bea
         _check_logits(logits, B * K)
         vocab = logits.shape[-1]
         logprobs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-        logprobs = _force_eos(logprobs, step, jnp.repeat(max_lengths, K), eos_id)
+        logprobs = _mask_logits(logprobs, step, jnp.repeat(max_lengths, K), eos_id, pad_id,
+                                NEG_INF)
         cand = (live_logp[:, :, None] + logprobs.reshape(B, K, vocab)).reshape(B, K * vocab)
         top_logp, top_idx = lax.top_k(cand, min(2 * K, K * vocab))  # [B, 2K] descending
         top_beam, top_token = top_idx // vocab, (top_idx % vocab).astype(jnp.int32)
