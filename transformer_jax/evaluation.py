@@ -35,13 +35,14 @@ import functools
 import hashlib
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from transformer_jax import decoding
+from transformer_jax.data.numbers import source_normalizer
 from transformer_jax.data.tokenizer import EOS_ID, PAD_ID, Tokenizer
 
 __all__ = [
@@ -165,6 +166,14 @@ def _bucket(length: int, cap: int, floor: int = MIN_BUCKET) -> int:
     return min(cap, max(floor, 1 << max(0, int(length) - 1).bit_length()))
 
 
+def _until_eos(ids: list[int]) -> list[int]:
+    """The tokens of one search output before its first EOS (or PAD)."""
+    for i, token in enumerate(ids):
+        if token in (EOS_ID, PAD_ID):
+            return ids[:i]
+    return ids
+
+
 @functools.partial(jax.jit, static_argnums=0)
 def _attention_weights(graphdef, params, rest, src_ids, tgt_in_ids):
     """Teacher-forced weights ``{"encoder_self", "decoder_self", "decoder_cross"}``."""
@@ -209,11 +218,14 @@ class Translator:
         ``max_len``); longer sentences are cut to it.
       max_decode_length: decode buffer, the longest output in tokens (default ``max_len``).
       extra_length: outputs are capped at source length + this (paper: 50).
+      normalize: applied to every source sentence before tokenizing (``from_workdir`` passes
+        ``data.numbers.source_normalizer`` of the run, the one its training pairs went through).
     """
 
     def __init__(self, model, tokenizer: Tokenizer, *, params=None,
                  max_source_length: int | None = None, max_decode_length: int | None = None,
-                 extra_length: int = EXTRA_LENGTH):
+                 extra_length: int = EXTRA_LENGTH,
+                 normalize: Callable[[str], str] | None = None):
         from transformer_jax.training.step import split_model
 
         self.config = model.config
@@ -234,6 +246,7 @@ class Translator:
         if self.max_source_length < 2 or self.max_decode_length < 2:
             raise ValueError("max_source_length and max_decode_length must be at least 2.")
         self.extra_length = int(extra_length)
+        self.normalize = normalize
         self.step: int | None = None  # checkpoint step when loaded from a workdir
         self._fns: dict[tuple, object] = {}
 
@@ -272,6 +285,7 @@ class Translator:
         if not model_dict:
             raise ValueError(f"the checkpoint in {workdir} has no model config in its metadata.")
         config = ModelConfig.from_dict(dict(model_dict))
+        kwargs.setdefault("normalize", source_normalizer(meta["config"].get("data") or {}))
         tokenizer = _tokenizer_for(workdir, meta)
         params = load_params(workdir, meta["step"], averaged=averaged)
         model = nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0)))
@@ -289,6 +303,8 @@ class Translator:
         for i, text in enumerate(sentences):
             if not isinstance(text, str):
                 raise TypeError(f"sentence {i} is a {type(text).__name__}, not a str.")
+        if self.normalize is not None:
+            sentences = [self.normalize(text) for text in sentences]
         keep = [i for i, text in enumerate(sentences) if text.strip()]
         ids: list[list[int] | None] = [None] * len(sentences)
         cut = []
@@ -366,12 +382,15 @@ class Translator:
     def attention(self, source: str, target: str | None = None, *, beam_size: int = 1,
                   alpha: float = 0.6) -> dict:
         """See :func:`attention_maps`."""
-        if target is None:
-            target = self.translate([source], beam_size=beam_size, alpha=alpha)[0]
         (src,), cut = self.encode([source])
         self._warn_cut(cut)
         src = src or [EOS_ID]  # a blank source is a lone EOS
-        tgt = self.tokenizer.encode_one(target)[: self.max_decode_length - 1] + [EOS_ID]
+        if target is None:  # the generated ids themselves (re-encoding the text may differ)
+            out = self.translate_ids([src], beam_size=beam_size, alpha=alpha)  # [1, L]
+            target = self.tokenizer.decode(out)[0]
+            tgt = _until_eos(out[0].tolist())[: self.max_decode_length - 1] + [EOS_ID]
+        else:
+            tgt = self.tokenizer.encode_one(target)[: self.max_decode_length - 1] + [EOS_ID]
         s_len, t_len = len(src), len(tgt)
         src_ids = np.full((1, _bucket(s_len, self.max_source_length)), self.config.pad_id,
                           np.int32)
