@@ -14,6 +14,13 @@ process grows to about 1.8x the analysed peak for "xla"), are compiled to report
 not run.
 
 Usage: python bench/attention_memory.py [--lengths 1024,2048] [--json PATH]
+
+``--model`` instead compiles a whole-model training step (loss, gradients, SGD update; nothing
+is run) for the encoder-decoder (source = target length) and the decoder-only LM, with
+sinusoidal and ALiBi positions, "xla" vs "chunked" attention, and records the compiler's peak
+bytes as rows ``{model, positional, impl, length, peak_bytes}``:
+
+  python bench/attention_memory.py --model --json bench/results/attention_memory_model.json
 """
 
 from __future__ import annotations
@@ -124,6 +131,89 @@ def run_case(impl: str, length: int, args) -> dict:
 
 
 
+MODEL_LENGTHS = "1024,2048,4096,8192,16384,32768"
+
+
+def model_case(model: str, positional: str, impl: str, length: int, args) -> dict:
+    """Compile-time peak bytes of one training step of a small model (B=1, nothing run)."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from transformer_jax import ops
+    from transformer_jax.config import ModelConfig
+    from transformer_jax.nn import DecoderOnlyLM, Transformer
+
+    config = ModelConfig(
+        vocab_size=args.vocab, d_model=args.d_model, num_heads=args.heads, num_layers=2,
+        d_ff=4 * args.d_model, dropout_rate=0.0, max_len=length, positional=positional,
+        attention_impl=impl, attention_chunk_size=args.chunk_size,
+    )
+    cls = Transformer if model == "encoder_decoder" else DecoderOnlyLM
+    graphdef, params = nnx.split(nnx.eval_shape(lambda: cls(config, rngs=nnx.Rngs(0))))
+
+    def step(params, ids):  # ids [1, L]: source, decoder input and target all the same here
+        def loss(params):
+            net = nnx.merge(graphdef, params)
+            logits = net(ids, ids) if model == "encoder_decoder" else net(ids)
+            logits = logits[0] if isinstance(logits, tuple) else logits
+            return ops.cross_entropy(logits, ids)[0]  # (summed loss, token count)
+        grads = jax.grad(loss)(params)
+        return jax.tree.map(lambda p, g: p - 1e-3 * g, params, grads)
+
+    ids = jax.ShapeDtypeStruct((1, length), jnp.int32)
+    t0 = time.perf_counter()
+    compiled = jax.jit(step, donate_argnums=0).lower(params, ids).compile()
+    ma = compiled.memory_analysis()
+    peak = (ma.argument_size_in_bytes + ma.output_size_in_bytes + ma.temp_size_in_bytes
+            - ma.alias_size_in_bytes)
+    return {"model": model, "positional": positional, "impl": impl, "length": length,
+            "peak_bytes": int(peak), "temp_bytes": int(ma.temp_size_in_bytes),
+            "compile_s": round(time.perf_counter() - t0, 2)}
+
+
+def model_table(rows: list[dict]) -> str:
+    lengths = sorted({r["length"] for r in rows})
+    lines = ["| model | positional | impl | " + " | ".join(f"{n // 1024}k" for n in lengths)
+             + " | growth 8k->16k |", "|---|---|---|" + "---:|" * (len(lengths) + 1)]
+    groups = sorted({(r["model"], r["positional"], r["impl"]) for r in rows})
+    for group in groups:
+        mib = {r["length"]: r["peak_bytes"] / 2**20 for r in rows
+               if (r["model"], r["positional"], r["impl"]) == group and "peak_bytes" in r}
+        cells = [f"{mib[n]:,.0f}" if n in mib else "-" for n in lengths]
+        growth = f"{mib[16384] / mib[8192]:.2f}x" if 8192 in mib and 16384 in mib else "-"
+        lines.append(f"| {' | '.join(group)} | " + " | ".join(cells) + f" | {growth} |")
+    return "\n".join(lines)
+
+
+def run_model_bench(args) -> int:
+    rows = []
+    for model in ("encoder_decoder", "decoder_only"):
+        for positional in ("sinusoidal", "alibi"):
+            for impl in [x for x in args.implementations.split(",") if x]:
+                for length in [int(x) for x in args.lengths.split(",") if x]:
+                    if impl == "xla" and length > args.max_xla_length:
+                        continue
+                    rows.append(model_case(model, positional, impl, length, args))
+                    print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    table = model_table(rows)
+    print(table)
+    result = {
+        "benchmark": "whole-model train step, compile-time peak bytes (memory_analysis)",
+        "config": {"batch": 1, "d_model": args.d_model, "heads": args.heads, "layers": 2,
+                   "d_ff": 4 * args.d_model, "vocab": args.vocab, "dtype": "float32",
+                   "chunk_size": args.chunk_size},
+        "machine": machine_info("jax"),
+        "rows": rows,
+        "table": table,
+    }
+    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+    with open(args.json, "w") as f:
+        json.dump(result, f, indent=2)
+    print(f"wrote {args.json}")
+    return 0
+
+
 def markdown_table(rows: list[dict]) -> str:
     lines = [
         "| impl | tokens | XLA peak (GiB) | growth per doubling | RSS delta (GiB) | fwd+bwd (s) |",
@@ -160,7 +250,16 @@ def main(argv=None) -> int:
     p.add_argument("--max-run-gib", type=float, default=12.0)
     p.add_argument("--timeout", type=float, default=400.0, help="seconds per case")
     p.add_argument("--case", help=argparse.SUPPRESS)  # internal: "impl,length" in a subprocess
+    p.add_argument("--model", action="store_true", help="whole-model train step (compile only)")
+    p.add_argument("--d-model", type=int, default=128, help="--model: D (N from --heads)")
+    p.add_argument("--vocab", type=int, default=1024, help="--model: vocabulary size")
+    p.add_argument("--max-xla-length", type=int, default=16384,
+                   help="--model: longest length compiled for 'xla'")
     args = p.parse_args(argv)
+    if args.model:
+        if args.lengths == DEFAULT_LENGTHS:
+            args.lengths = MODEL_LENGTHS
+        return run_model_bench(args)
 
     if args.case:
         impl, length = args.case.split(",")

@@ -498,3 +498,46 @@ def test_mixed_length_batch_equals_sentence_by_sentence(transformer):
         # make_translate_fn's beam path returns the best of the same search
         np.testing.assert_array_equal(np.asarray(t["best_beam"](t["params"], alone))[0],
                                       np.asarray(batch_beam)[i, 0])
+
+
+# ------------------------------------------------------------------ masked tokens: EOS, PAD
+
+
+def _constant_model(logits, batch):
+    """``tokens_to_logits`` that returns the same ``logits [V]`` for every row and step."""
+    row = jnp.asarray(logits, jnp.float32)
+
+    def tokens_to_logits(ids, cache):
+        return jnp.broadcast_to(row, (ids.shape[0], row.shape[0])), {"index": cache["index"] + 1}
+
+    return tokens_to_logits, {"index": jnp.int32(0)}
+
+
+@pytest.mark.parametrize("top_k, top_p", [(0, 1.0), (3, 1.0), (0, 0.9)])
+def test_sampling_at_tiny_temperature_keeps_the_forced_eos(top_k, top_p):
+    # max_len=1 forces EOS (id 1, logit -15). Divided by 1e-6 it is -1.5e7: below a finite
+    # mask value of -1e7, so a finite mask would let PAD/2/3 win; -inf masks cannot.
+    fn, cache = _constant_model([-30.0, -15.0, 2.0, 1.0], batch=4)
+    out = decoding.sample(cache, fn, jax.random.key(0), batch_size=4, max_len=1,
+                          temperature=1e-6, top_k=top_k, top_p=top_p)
+    np.testing.assert_array_equal(np.asarray(out), [[EOS]] * 4)
+
+
+def test_no_search_generates_pad_even_when_it_is_the_best_token():
+    # PAD (id 0) has by far the highest logit; EOS is forced at the third position.
+    fn, cache = _constant_model([9.0, 0.0, 1.0, 2.0], batch=64)
+    expected = [3, 3, EOS]
+    greedy = decoding.greedy_search(cache, fn, batch_size=64, max_len=3)
+    np.testing.assert_array_equal(np.asarray(greedy), [expected] * 64)
+    sampled = np.asarray(decoding.sample(cache, fn, jax.random.key(1), batch_size=64,
+                                         max_len=3, temperature=2.0))
+    for row in sampled.tolist():
+        assert EOS in row and PAD not in row[: row.index(EOS)], row
+    assert np.any(sampled == 2) and np.any(sampled == 3)  # it did sample
+    seqs, scores = decoding.beam_search(cache, fn, batch_size=64, beam_size=3, max_len=3)
+    seqs = np.asarray(seqs)
+    live = np.asarray(scores) > decoding.NEG_INF / 2  # real hypotheses
+    assert live[:, 0].all()
+    for b, k in zip(*np.nonzero(live), strict=True):
+        row = seqs[b, k].tolist()
+        assert PAD not in row[: row.index(EOS)], row

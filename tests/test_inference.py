@@ -162,7 +162,7 @@ def test_attention_maps_shapes_rows_and_unpadded_reference(translator):
     source, target = "four thousand and twelve", "viertausendzwölf"
     maps = attention_maps(translator, source, target)
     tok = translator.tokenizer
-    src = tok.encode_one(source) + [EOS_ID]
+    src = tok.encode_one("four thousand twelve") + [EOS_ID]  # the numbers run drops "and"
     tgt = tok.encode_one(target) + [EOS_ID]
     cfg = translator.config
     assert maps["cross"].shape == (cfg.num_layers, cfg.num_heads, len(tgt), len(src))
@@ -183,10 +183,10 @@ def test_attention_maps_shapes_rows_and_unpadded_reference(translator):
 
 
 def test_attention_maps_translates_when_no_target_and_wraps_a_model(translator):
-    maps = attention_maps(translator, "twenty one")
-    assert maps["target"] == translator.translate(["twenty one"], beam_size=1)[0]
+    maps = attention_maps(translator, "twenty-one")  # the training spelling: no normaliser
+    assert maps["target"] == translator.translate(["twenty-one"], beam_size=1)[0]
     model = translator.model  # a model in memory goes through a Translator too
-    other = attention_maps(Translator(model, translator.tokenizer), "twenty one", maps["target"])
+    other = attention_maps(Translator(model, translator.tokenizer), "twenty-one", maps["target"])
     np.testing.assert_allclose(other["cross"], maps["cross"], atol=1e-6)
     assert other["target_tokens"] == maps["target_tokens"]
     with pytest.raises(TypeError, match="Translator"):
@@ -201,6 +201,20 @@ def test_load_is_one_call_to_a_ready_translator(workdir, translator):
     assert logits.shape == (1, 2, loaded.config.vocab_size)
     with pytest.raises(FileNotFoundError, match="no work directory"):
         load(f"{workdir}_missing")
+
+
+def test_attention_maps_rows_are_the_generated_ids(translator, monkeypatch):
+    source = "nine hundred ninety-nine thousand eighty-one"
+    (src,), _ = translator.encode([source])
+    generated = translator.translate_ids([src], beam_size=1)[0].tolist()
+    generated = generated[: generated.index(EOS_ID) + 1]
+    # Re-encoding the decoded text need not give the generated pieces back; make sure the
+    # maps never try.
+    monkeypatch.setattr(translator.tokenizer, "encode_one", lambda text: pytest.fail(text))
+    maps = translator.attention(source)
+    assert maps["target_ids"] == generated
+    assert maps["cross"].shape[2] == len(generated)
+    assert maps["target"] == translator.tokenizer.decode([generated])[0]
 
 
 # ------------------------------------------------------------------------------ loading

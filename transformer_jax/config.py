@@ -32,6 +32,7 @@ POSITIONAL_KINDS = ("sinusoidal", "sinusoidal_split", "learned", "rope", "alibi"
 ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "quick_gelu", "silu", "tanh", "sigmoid", "mish",
                "relu6")
 ATTENTION_IMPLS = ("xla", "chunked", "jax")
+PRECISIONS = ("default", "high", "highest")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -66,6 +67,10 @@ class ModelConfig:
         the returned logits are float32 regardless.
       param_dtype: dtype name of the stored parameters.
       attention_impl: "xla" | "chunked" | "jax" (see ``transformer_jax.ops``).
+      attention_chunk_size: query and key block size of "chunked" attention (memory per
+        block ``[B, N, C, C]``; see docs/long_sequences.md).
+      attention_precision: matmul precision inside attention: "default" (fastest; bf16 passes
+        on TPU/GPU tensor cores), "high" or "highest" (full float32).
       pad_id: token id of padding (also the decoder BOS, see ``nn.shift_right``).
       ff_dropout_rate: extra field (not in the paper): dropout on the ReLU activations inside
         the feed-forward network (tensor2tensor's ``relu_dropout``); 0 disables it.
@@ -101,6 +106,8 @@ class ModelConfig:
     dtype: str = "float32"
     param_dtype: str = "float32"
     attention_impl: str = "xla"
+    attention_chunk_size: int = 512
+    attention_precision: str = "default"
     pad_id: int = 0
     ff_dropout_rate: float = 0.0
     activation: str = "relu"
@@ -111,7 +118,8 @@ class ModelConfig:
     decoder_d_ff: int | None = None
 
     def __post_init__(self):
-        positive = ["vocab_size", "d_model", "num_heads", "num_layers", "d_ff", "max_len"]
+        positive = ["vocab_size", "d_model", "num_heads", "num_layers", "d_ff", "max_len",
+                    "attention_chunk_size"]
         for name in positive:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
@@ -157,6 +165,11 @@ class ModelConfig:
         if self.attention_impl not in ATTENTION_IMPLS:
             raise ValueError(
                 f"attention_impl={self.attention_impl!r} is unknown; use one of {ATTENTION_IMPLS}."
+            )
+        if self.attention_precision not in PRECISIONS:
+            raise ValueError(
+                f"attention_precision={self.attention_precision!r} is unknown; use one of "
+                f"{PRECISIONS}."
             )
         if self.attention_impl == "jax" and self.attention_dropout_rate > 0:
             raise ValueError(

@@ -15,9 +15,12 @@ Conventions shared by all searches:
 * ``max_lengths [B]`` (optional, clipped to ``[1, max_len]``) caps every example's output,
   EOS included: at position ``max_lengths[b] - 1`` only EOS may be chosen (as fairseq does),
   so every output ends with EOS. The paper's limit is "input length + 50".
+* ``pad_id`` is never chosen (unless it equals ``eos_id``). Greedy search and sampling mask
+  with ``-inf``, so no temperature can lift a masked token above a forced EOS; beam search
+  adds log-probabilities and masks with the finite ``NEG_INF``.
 * The loop stops early once every example has finished.
-* ``forbid_ids`` lists token ids that are never chosen (their log-probabilities are set to
-  ``NEG_INF`` after normalisation), e.g. the pad id of Marian models.
+* ``forbid_ids`` lists further token ids that are never chosen (masked like PAD, after
+  normalisation).
 * ``beam_search(convention="huggingface")`` reproduces transformers' ``generate()`` (see there);
   the default "gnmt" is the paper's.
 * Cache leaves with a leading batch axis are expanded/reordered for beams; scalar leaves (the
@@ -86,18 +89,22 @@ def _start_ids(start_ids, batch_size: int, bos_id: int) -> jax.Array:
     return start_ids
 
 
-def _force_eos(logits, step, max_lengths, eos_id: int, forbid_ids=(),
-               eos_value=None) -> jax.Array:
-    """Rows at their last allowed position may only choose EOS (scored ``eos_value`` when
-    given); ``forbid_ids`` are never chosen.  logits [B, V]."""
-    last = (step >= max_lengths - 1)[:, None]  # [B, 1]
+def _mask_logits(logits, step, max_lengths, eos_id: int, pad_id: int, fill, forbid_ids=(),
+                 eos_value=None) -> jax.Array:
+    """Sets ``fill`` where a token may not be chosen.  logits [B, V].
+
+    PAD is never generated (it is no training target, and an output row reads "tokens, EOS,
+    then PAD") and neither are ``forbid_ids``; rows at their last allowed position may only
+    choose EOS (scored ``eos_value`` when given, as transformers' forced EOS is).
+    """
     vocab = jnp.arange(logits.shape[-1])  # [V]
-    not_eos = vocab != eos_id
+    last = (step >= max_lengths - 1)[:, None]  # [B, 1]
+    banned = (last & (vocab != eos_id)) | ((vocab == pad_id) & (pad_id != eos_id))  # [B, V]
     if forbid_ids:
-        logits = jnp.where(jnp.isin(vocab, jnp.asarray(forbid_ids)), NEG_INF, logits)
+        banned = banned | jnp.isin(vocab, jnp.asarray(forbid_ids))
     if eos_value is not None:
-        logits = jnp.where(last & ~not_eos, eos_value, logits)
-    return jnp.where(last & not_eos, NEG_INF, logits)
+        logits = jnp.where(last & (vocab == eos_id), eos_value, logits)
+    return jnp.where(banned, fill, logits)
 
 
 def _check_cache(cache, rows: int) -> None:
@@ -136,7 +143,8 @@ def _decode_loop(cache, tokens_to_logits: TokensToLogits, choose, rng, *, batch_
         rng, step_rng = jax.random.split(rng)
         logits, cache = tokens_to_logits(last[:, None], cache)  # [B, V]
         _check_logits(logits, batch_size)
-        logits = _force_eos(logits.astype(jnp.float32), step, max_lengths, eos_id, forbid_ids)
+        logits = _mask_logits(logits.astype(jnp.float32), step, max_lengths, eos_id, pad_id,
+                              -jnp.inf, forbid_ids)
         token = choose(logits, step_rng).astype(jnp.int32)  # [B]
         token = jnp.where(finished, pad_id, token)
         out = lax.dynamic_update_slice(out, token[:, None], (0, step))
@@ -175,12 +183,12 @@ def greedy_search(cache, tokens_to_logits: TokensToLogits, *, batch_size: int, m
 
 def _filter_logits(logits, temperature: float, top_k: int, top_p: float) -> jax.Array:
     """Temperature, top-k and nucleus (top-p) filtering of ``logits [B, V]``."""
-    # Entries already masked (forced EOS) stay masked whatever the temperature.
-    logits = jnp.where(logits <= NEG_INF, NEG_INF, logits / temperature)
+    # Masked entries are -inf and stay -inf whatever the temperature; so is what we filter.
+    logits = logits / temperature
     vocab = logits.shape[-1]
     if 0 < top_k < vocab:
         kth = lax.top_k(logits, top_k)[0][:, -1:]  # [B, 1]
-        logits = jnp.where(logits < kth, NEG_INF, logits)
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
     if top_p < 1.0:
         sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]  # [B, V] descending
         probs = jax.nn.softmax(sorted_logits, axis=-1)  # [B, V]
@@ -188,7 +196,7 @@ def _filter_logits(logits, temperature: float, top_k: int, top_p: float) -> jax.
         # hold less than top_p (the most likely token always survives)
         keep = (jnp.cumsum(probs, axis=-1) - probs) < top_p  # [B, V]
         cutoff = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
-        logits = jnp.where(logits < cutoff, NEG_INF, logits)
+        logits = jnp.where(logits < cutoff, -jnp.inf, logits)
     return logits
 
 
@@ -367,8 +375,8 @@ def beam_search(cache, tokens_to_logits: TokensToLogits, *, batch_size: int, bea
         _check_logits(logits, B * K)
         vocab = logits.shape[-1]
         logprobs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-        logprobs = _force_eos(logprobs, step, jnp.repeat(max_lengths, K), eos_id, forbid_ids,
-                              eos_value=0.0 if hf else None)
+        logprobs = _mask_logits(logprobs, step, jnp.repeat(max_lengths, K), eos_id, pad_id,
+                                NEG_INF, forbid_ids, eos_value=0.0 if hf else None)
         cand = (live_logp[:, :, None] + logprobs.reshape(B, K, vocab)).reshape(B, K * vocab)
         top_logp, top_idx = lax.top_k(cand, min(2 * K, K * vocab))  # [B, 2K] descending
         top_beam, top_token = top_idx // vocab, (top_idx % vocab).astype(jnp.int32)

@@ -41,7 +41,7 @@ from __future__ import annotations
 import functools
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -52,6 +52,7 @@ from flax import nnx
 from transformer_jax import decoding
 from transformer_jax.checkpoints import AVERAGED_DIR, load_params, read_meta, read_tokenizer
 from transformer_jax.config import ModelConfig
+from transformer_jax.data.preprocess import source_transform
 from transformer_jax.data.tokenizer import EOS_ID, PAD_ID, Tokenizer
 from transformer_jax.nn import ModelDef, build_model, model_kind, split_model
 
@@ -175,6 +176,14 @@ def _bucket(length: int, cap: int, floor: int = MIN_BUCKET) -> int:
     return min(cap, max(floor, 1 << max(0, int(length) - 1).bit_length()))
 
 
+def _until_eos(ids: list[int]) -> list[int]:
+    """The tokens of one search output before its first EOS (or PAD)."""
+    for i, token in enumerate(ids):
+        if token in (EOS_ID, PAD_ID):
+            return ids[:i]
+    return ids
+
+
 @functools.partial(jax.jit, static_argnums=0)
 def _attention_weights(graphdef, params, rest, src_ids, tgt_in_ids):
     """Teacher-forced weights ``{"encoder_self", "decoder_self", "decoder_cross"}``."""
@@ -194,11 +203,14 @@ class Translator:
         ``max_len``); longer sentences are cut to it.
       max_decode_length: decode buffer, the longest output in tokens (default ``max_len``).
       extra_length: outputs are capped at source length + this (paper: 50).
+      normalize: applied to every source sentence before tokenizing (``from_workdir`` passes
+        ``data.preprocess.source_transform`` of the run: what its training pairs went through).
     """
 
     def __init__(self, model, tokenizer: Tokenizer, *, params=None,
                  max_source_length: int | None = None, max_decode_length: int | None = None,
-                 extra_length: int = EXTRA_LENGTH):
+                 extra_length: int = EXTRA_LENGTH,
+                 normalize: Callable[[str], str] | None = None):
         if model_kind(model) != "encoder_decoder":
             raise TypeError(f"Translator needs an encoder-decoder Transformer, not a "
                             f"{type(model).__name__}; use Generator for a language model.")
@@ -220,6 +232,7 @@ class Translator:
         if self.max_source_length < 2 or self.max_decode_length < 2:
             raise ValueError("max_source_length and max_decode_length must be at least 2.")
         self.extra_length = int(extra_length)
+        self.normalize = normalize
         self.step: int | None = None  # checkpoint step when loaded from a workdir
         self._fns: dict[tuple, object] = {}
 
@@ -238,6 +251,7 @@ class Translator:
           FileNotFoundError: no such directory, checkpoint or tokenizer (with the path).
         """
         run = _read_run(workdir, step, averaged, "encoder_decoder")
+        kwargs.setdefault("normalize", source_transform(run["data"]))
         translator = cls(run["model"], run["tokenizer"], params=run["params"], **kwargs)
         translator.step = run["step"]
         return translator
@@ -257,6 +271,8 @@ class Translator:
         for i, text in enumerate(sentences):
             if not isinstance(text, str):
                 raise TypeError(f"sentence {i} is a {type(text).__name__}, not a str.")
+        if self.normalize is not None:
+            sentences = [self.normalize(text) for text in sentences]
         keep = [i for i, text in enumerate(sentences) if text.strip()]
         ids: list[list[int] | None] = [None] * len(sentences)
         cut = []
@@ -334,12 +350,15 @@ class Translator:
     def attention(self, source: str, target: str | None = None, *, beam_size: int = 1,
                   alpha: float = 0.6) -> dict:
         """See :func:`attention_maps`."""
-        if target is None:
-            target = self.translate([source], beam_size=beam_size, alpha=alpha)[0]
         (src,), cut = self.encode([source])
         self._warn_cut(cut)
         src = src or [EOS_ID]  # a blank source is a lone EOS
-        tgt = self.tokenizer.encode_one(target)[: self.max_decode_length - 1] + [EOS_ID]
+        if target is None:  # the generated ids themselves (re-encoding the text may differ)
+            out = self.translate_ids([src], beam_size=beam_size, alpha=alpha)  # [1, L]
+            target = self.tokenizer.decode(out)[0]
+            tgt = _until_eos(out[0].tolist())[: self.max_decode_length - 1] + [EOS_ID]
+        else:
+            tgt = self.tokenizer.encode_one(target)[: self.max_decode_length - 1] + [EOS_ID]
         s_len, t_len = len(src), len(tgt)
         src_ids = np.full((1, _bucket(s_len, self.max_source_length)), self.config.pad_id,
                           np.int32)
@@ -512,6 +531,7 @@ def _read_run(workdir: str, step: int | None, averaged: bool, want_kind: str | N
         "params": load_params(workdir, meta["step"], averaged=averaged),
         "tokenizer": read_tokenizer(workdir, meta),
         "step": int(meta["step"]),
+        "data": saved.get("data") or {},
     }
 
 

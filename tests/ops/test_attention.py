@@ -209,22 +209,38 @@ def test_fully_masked_rows_are_zero_with_zero_gradients():
         assert all(np.all(np.isfinite(g)) for g in (gq, gk, gv))
 
 
+def _peaked_bf16_case():
+    """bf16-exact q/k whose float32 logits are ~90 apart by ~0.35: a bfloat16 softmax (8-bit
+    mantissa, spacing 0.5 at 90) rounds the differences away; float32 keeps them."""
+    h, s = 8, 6
+    q = np.zeros((1, 1, 1, h), np.float32)
+    q[..., 0], q[..., 1] = 16.0, 1.0
+    k = np.zeros((1, s, 1, h), np.float32)
+    k[:, :, 0, 0] = 16.0
+    k[:, :, 0, 1] = np.arange(s) * 0.5  # logits (256 + 0.5 j) / sqrt(8)
+    v = np.zeros((1, s, 1, h), np.float32)
+    v[:, :, 0, 0] = np.arange(s) * 2.0  # outputs weigh the keys' positions
+    return (jnp.asarray(x, jnp.bfloat16) for x in (q, k, v))
+
+
 def test_bfloat16_inputs_softmax_in_float32():
-    rng = np.random.default_rng(1)
-    q, k, v = (_rand(rng, 2, 4, 2, 8) for _ in range(3))
-    mask = ops.causal_mask(4)
-    want, _ = numpy_attention(q, k, v, mask)
+    q, k, v = _peaked_bf16_case()
+    want, _ = numpy_attention(*(np.asarray(x.astype(jnp.float32)) for x in (q, k, v)))
+    assert want[0, 0, 0, 0] > 5.0  # the last keys dominate
     for impl in ops.IMPLEMENTATIONS:
-        out = ops.dot_product_attention(
-            q.astype(jnp.bfloat16),
-            k.astype(jnp.bfloat16),
-            v.astype(jnp.bfloat16),
-            mask=mask,
-            implementation=impl,
-            chunk_size=3,
-        )
+        out = ops.dot_product_attention(q, k, v, implementation=impl, chunk_size=4,
+                                        query_chunk_size=1)
         assert out.dtype == jnp.bfloat16
-        np.testing.assert_allclose(out.astype(np.float32), want, atol=5e-2, err_msg=impl)
+        # Output rounding to bfloat16 only: 2**-8 relative at ~6.
+        np.testing.assert_allclose(out.astype(np.float32)[0, 0, 0, 0], want[0, 0, 0, 0],
+                                   rtol=2**-7, err_msg=impl)
+    scale = 1 / math.sqrt(8)
+    logits = (256 + 0.5 * np.arange(6)) * scale
+    bf16 = np.asarray(jnp.asarray(logits, jnp.bfloat16).astype(jnp.float32))
+    w16 = np.exp(bf16 - bf16.max())
+    # the case is sensitive: a bf16 softmax would move the output by more than the tolerance
+    assert abs((w16 / w16.sum()) @ (np.arange(6) * 2.0) - want[0, 0, 0, 0]) > (
+        1.5 * 2**-7 * want[0, 0, 0, 0])
 
 
 def test_return_weights_match_numpy_and_sum_to_one():
@@ -301,7 +317,7 @@ def test_jax_implementation_rejects_dropout():
     [
         ((2, 3, 4), (2, 3, 1, 4), (2, 3, 1, 4), {}, r"query must have rank 4.*\(2, 3, 4\)"),
         ((2, 3, 1, 4), (2, 5, 1, 4), (2, 6, 1, 4), {}, r"key \(2, 5, 1, 4\) and value \(2, 6"),
-        ((2, 3, 1, 4), (2, 5, 1, 8), (2, 5, 1, 8), {}, r"head dimensions 4 != 8"),
+        ((2, 3, 1, 4), (2, 5, 1, 8), (2, 5, 1, 8), {}, r"head dim H; got query H=4, key H=8"),
         ((2, 3, 2, 4), (2, 5, 1, 4), (2, 5, 1, 4), {}, r"numbers of heads 2 != 1"),
         ((2, 3, 1, 4), (3, 5, 1, 4), (3, 5, 1, 4), {}, r"batch sizes 2 != 3"),
         (

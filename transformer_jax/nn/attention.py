@@ -9,13 +9,17 @@ Two kinds of cache pytree:
 * incremental self-attention (``init_cache``): ``{"key": [B, L, N, H], "value": [B, L, N, H],
   "index": int32 scalar}``. A call with T new tokens writes their keys/values at
   ``[index, index + T)``, lets query ``i`` attend cached positions ``j <= index + i`` and
-  returns the cache with ``index + T``.
+  returns the cache with ``index + T``. Writing past ``L`` raises ValueError when ``index`` is
+  a concrete number; under ``jax.jit`` (traced index) the outputs of an overflowing call are
+  NaN instead of silently attending overwritten keys.
 * precomputed keys/values (``precompute_kv``, e.g. cross-attention over the encoder output):
   ``{"key": [B, S, N, H], "value": [B, S, N, H]}`` without ``"index"``; used as is and returned
   unchanged, so each decoding step skips re-projecting the encoder output.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -40,6 +44,8 @@ class MultiHeadAttention(nnx.Module):
       use_bias: add ``*_bias`` parameters to the four projections.
       dropout_rate: dropout on the attention weights (active when a ``dropout_rng`` is given).
       implementation: ``ops.dot_product_attention`` implementation ("xla", "chunked", "jax").
+      chunk_size: query/key block size of "chunked".
+      precision: matmul precision of the attention ("default", "high", "highest").
       rope: rotate queries and keys by their positions (``ops.apply_rope``) before attending.
       dtype: compute dtype (inputs and parameters are cast to it); softmax runs in float32.
       param_dtype: dtype of the stored parameters.
@@ -54,6 +60,8 @@ class MultiHeadAttention(nnx.Module):
         use_bias: bool = True,
         dropout_rate: float = 0.0,
         implementation: str = "xla",
+        chunk_size: int = 512,
+        precision: str = "default",
         rope: bool = False,
         dtype=jnp.float32,
         param_dtype=jnp.float32,
@@ -68,6 +76,8 @@ class MultiHeadAttention(nnx.Module):
         self.head_dim = d_model // num_heads
         self.use_bias, self.dropout_rate = use_bias, dropout_rate
         self.implementation, self.rope = implementation, rope
+        self.chunk_size = chunk_size
+        self.precision = None if precision == "default" else precision
         self.dtype, self.param_dtype = jnp.dtype(dtype), jnp.dtype(param_dtype)
         n, h, d = num_heads, self.head_dim, d_model
         qkv, heads = ("embed", "heads", "kv"), ("heads", "kv")  # logical axes, nn.partitioning
@@ -138,6 +148,7 @@ class MultiHeadAttention(nnx.Module):
         *,
         mask=None,
         bias=None,
+        spec=None,
         positions=None,
         kv_positions=None,
         cache=None,
@@ -152,6 +163,9 @@ class MultiHeadAttention(nnx.Module):
           mask: bool broadcastable to ``[B, N, T, S]`` (True = attend). With an incremental
             cache, S is the cache length L and the cache validity mask is added here.
           bias: float broadcastable to ``[B, N, T, S]`` (e.g. ``ops.alibi_bias``).
+          spec: ``ops.AttentionSpec`` (causal, segments, key padding, ALiBi slopes) — what the
+            model stacks pass, so "chunked" never sees a ``[T, S]`` array. With an
+            incremental cache its causal term and positions are set by the cache.
           positions: ``[B, T]`` query positions for RoPE (default ``arange(T)``, or
             ``index + arange(T)`` with an incremental cache).
           kv_positions: ``[B, S]`` key positions for RoPE (default ``positions``).
@@ -187,7 +201,7 @@ class MultiHeadAttention(nnx.Module):
             if self.rope:
                 key = ops.apply_rope(key, positions if kv_positions is None else kv_positions)
             if incremental:
-                key, value, mask, new_cache = self._update_cache(cache, key, value, mask)
+                key, value, spec, new_cache = self._update_cache(cache, key, value, spec)
 
         impl = "xla" if return_weights else self.implementation
         result = ops.dot_product_attention(
@@ -196,17 +210,24 @@ class MultiHeadAttention(nnx.Module):
             value.astype(self.dtype),
             mask=mask,
             bias=bias,
+            spec=spec,
             dropout_rate=self.dropout_rate if dropout_rng is not None else 0.0,
             dropout_rng=dropout_rng,
             implementation=impl,
+            chunk_size=self.chunk_size,
+            precision=self.precision,
             return_weights=return_weights,
         )
         heads, weights = result if return_weights else (result, None)  # [B, T, N, H]
         out = ops.project_out(heads, self._param("out"), self._param("out_bias"))  # [B, T, D]
+        if incremental:  # traced overflow (see _update_cache): poison instead of wrong numbers
+            out = jnp.where(cache["index"] + length > cache["key"].shape[1], jnp.nan, out)
         return out, new_cache, weights
 
-    def _update_cache(self, cache, key, value, mask):
-        """Writes T new keys/values at ``cache["index"]``; returns the full cache tensors."""
+    def _update_cache(self, cache, key, value, spec):
+        """Writes T new keys/values at ``cache["index"]``; returns the full cache tensors and
+        ``spec`` with the cache's causal term (query i at slot ``index + i`` sees slots
+        ``<= index + i``)."""
         cached_k, cached_v, index = cache["key"], cache["value"], cache["index"]
         if cached_k.shape[0] != key.shape[0] or cached_k.shape[2:] != key.shape[2:]:
             raise ValueError(
@@ -216,11 +237,19 @@ class MultiHeadAttention(nnx.Module):
         length, max_len = key.shape[1], cached_k.shape[1]
         if length > max_len:
             raise ValueError(f"{length} new tokens do not fit a cache of length {max_len}.")
+        if not isinstance(index, jax.core.Tracer) and int(index) + length > max_len:
+            raise ValueError(
+                f"writing {length} token(s) at position {int(index)} overflows the KV cache of "
+                f"length {max_len}; build the cache with a larger max_len."
+            )
         start = (0, index, 0, 0)
         cached_k = lax.dynamic_update_slice(cached_k, key.astype(cached_k.dtype), start)
         cached_v = lax.dynamic_update_slice(cached_v, value.astype(cached_v.dtype), start)
-        # Query i sits at absolute position index + i and sees cached positions <= index + i.
-        valid = ops.causal_mask(length, max_len, offset=index)  # [1, 1, T, L]
-        mask = ops.combine_masks(mask, valid)
+        spec = dataclasses.replace(
+            spec or ops.AttentionSpec(),
+            causal=True,
+            q_positions=(index + jnp.arange(length, dtype=jnp.int32))[None],  # [1, T]
+            k_positions=jnp.arange(max_len, dtype=jnp.int32)[None],  # [1, L]
+        )
         new_cache = {"key": cached_k, "value": cached_v, "index": index + length}
-        return cached_k, cached_v, mask, new_cache
+        return cached_k, cached_v, spec, new_cache

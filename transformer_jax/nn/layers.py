@@ -142,6 +142,8 @@ class TransformerLayer(nnx.Module):
             use_bias=config.use_bias,
             dropout_rate=config.attention_dropout_rate,
             implementation=config.attention_impl,
+            chunk_size=config.attention_chunk_size,
+            precision=config.attention_precision,
             dtype=config.compute_dtype,
             param_dtype=config.params_dtype,
             rngs=rngs,
@@ -161,9 +163,11 @@ class TransformerLayer(nnx.Module):
         *,
         mask=None,
         bias=None,
+        spec=None,
         positions=None,
         encoded=None,
         cross_mask=None,
+        cross_spec=None,
         cache=None,
         dropout_rng=None,
         return_attention: bool = False,
@@ -174,11 +178,14 @@ class TransformerLayer(nnx.Module):
           x: ``[B, T, D]``.
           mask: self-attention mask broadcastable to ``[B, N, T, T]`` (``[B, N, T, L]`` with a
             cache; the cache adds its own validity mask).
-          bias: self-attention bias (ALiBi), same broadcasting as ``mask``.
+          bias: self-attention bias, same broadcasting as ``mask``.
+          spec: self-attention ``ops.AttentionSpec`` (what the stacks pass: causal order,
+            segments, key padding, ALiBi slopes).
           positions: ``[B, T]`` positions for RoPE.
           encoded: ``[B, S, D]`` encoder output (cross-attention layers; may be None when the
             cache holds precomputed cross keys/values).
           cross_mask: cross-attention mask broadcastable to ``[B, N, T, S]``.
+          cross_spec: cross-attention ``ops.AttentionSpec`` (source padding, segments).
           cache: None or ``{"self": MHA cache, "cross": precomputed {"key","value"}
             (optional)}``.
           dropout_rng: layer key (None = no dropout); see the module docstring.
@@ -196,6 +203,7 @@ class TransformerLayer(nnx.Module):
                 h,
                 mask=mask,
                 bias=bias,
+                spec=spec,
                 positions=positions,
                 cache=cache.get("self"),
                 dropout_rng=dropout_rng,
@@ -219,6 +227,7 @@ class TransformerLayer(nnx.Module):
                     h,
                     encoded,
                     mask=cross_mask,
+                    spec=cross_spec,
                     cache=cache.get("cross"),
                     dropout_rng=dropout_rng,
                     return_weights=return_attention,

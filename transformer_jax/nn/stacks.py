@@ -1,14 +1,15 @@
 """Encoder and decoder stacks (``Encoder``, ``Decoder``) shared by ``Transformer`` and the LM.
 
-Masks (from ``transformer_jax.ops``; True = attend):
+Masks and biases are passed as ``ops.AttentionSpec`` — ``[B, T]`` / ``[B, S]`` arrays that
+"chunked" attention turns into terms block by block, so no ``[T, S]`` array exists in the model
+(True = attend):
 
-* encoder self-attention: ``padding_mask(src != pad, src != pad)`` AND, for packed rows,
-  ``segment_mask(src_segments, src_segments)``;
-* decoder self-attention: ``causal_mask`` AND ``segment_mask(tgt_segments, tgt_segments)``. No
-  padding mask from the decoder inputs: their first token is the BOS = pad id 0, and trailing
-  padding can only influence later (padding) positions under the causal mask;
-* cross-attention: keys masked where ``src == pad`` AND ``segment_mask(tgt_segments,
-  src_segments)``.
+* encoder self-attention: key padding ``src != pad`` AND, for packed rows, equal segment ids;
+  padded query rows attend the real keys (their outputs are never used);
+* decoder self-attention: causal (by position) AND equal segment ids. No padding mask from the
+  decoder inputs: their first token is the BOS = pad id 0, and trailing padding can only
+  influence later (padding) positions under the causal mask;
+* cross-attention: keys masked where ``src == pad`` AND equal segment ids (target vs source).
 
 Positions default to ``arange(length)`` (``cache index + arange(T)`` when decoding with a cache);
 packed rows pass per-segment positions. "rope" rotates q/k in self-attention only and "alibi"
@@ -69,20 +70,17 @@ def _positions(config: ModelConfig, ids, positions, name: str, offset=0) -> jax.
     return positions
 
 
-def _alibi(config: ModelConfig, q_positions, k_positions):
-    """Self-attention ALiBi bias ``[B, N, T, S]`` or None for other positional kinds."""
-    if config.positional != "alibi":
-        return None
-    return ops.alibi_bias(config.num_heads, q_positions, k_positions)
+def _alibi_slopes(config: ModelConfig):
+    """``[N]`` ALiBi slopes for self-attention, or None for other positional kinds."""
+    return ops.alibi_slopes(config.num_heads) if config.positional == "alibi" else None
 
 
-def _segments_mask(q_segments, k_segments, what: str):
+def _check_segments(q_segments, k_segments, what: str) -> None:
     if (q_segments is None) != (k_segments is None):
         raise ValueError(
             f"{what} needs both segment arrays or neither; pass src_segments and tgt_segments "
             "together for packed rows."
         )
-    return None if q_segments is None else ops.segment_mask(q_segments, k_segments)
 
 
 def _stack(weights: list[dict], key: str):
@@ -122,18 +120,20 @@ class Encoder(nnx.Module):
         config = self.config
         src_ids = check_ids("src_ids", src_ids)
         positions = _positions(config, src_ids, positions, "src_ids")
-        valid = src_ids != config.pad_id  # [B, S]
-        mask = ops.combine_masks(
-            ops.padding_mask(valid, valid), _segments_mask(segments, segments, "encoder")
-        )  # [B, 1, S, S]
-        bias = _alibi(config, positions, positions)  # [B, N, S, S] or None
+        spec = ops.AttentionSpec(
+            q_positions=positions,
+            k_positions=positions,
+            q_segments=segments,
+            k_segments=segments,
+            k_valid=src_ids != config.pad_id,  # [B, S]
+            alibi_slopes=_alibi_slopes(config),
+        )
         x = self.embedding(src_ids, positions, dropout_rng=fold(dropout_rng, 0))
         weights = []
         for i, layer in enumerate(self.layers):
             x, _, w = layer(
                 x,
-                mask=mask,
-                bias=bias,
+                spec=spec,
                 positions=positions,
                 dropout_rng=fold(dropout_rng, i + 1),
                 return_attention=return_attention,
@@ -248,11 +248,14 @@ class Decoder(nnx.Module):
         batch, length = tgt_ids.shape
         if cache is None:
             positions = _positions(config, tgt_ids, positions, "tgt_ids")
-            self_mask = ops.combine_masks(
-                ops.causal_mask(length),
-                None if tgt_segments is None else ops.segment_mask(tgt_segments, tgt_segments),
-            )  # [B or 1, 1, T, T]
-            bias = _alibi(config, positions, positions)
+            self_spec = ops.AttentionSpec(
+                causal=True,
+                q_positions=positions,
+                k_positions=positions,
+                q_segments=tgt_segments,
+                k_segments=tgt_segments,
+                alibi_slopes=_alibi_slopes(config),
+            )
             layer_caches = [None] * len(self.layers)
         else:
             if tgt_segments is not None or src_segments is not None:
@@ -265,32 +268,27 @@ class Decoder(nnx.Module):
                 )
             index = layer_caches[0]["self"]["index"]
             positions = _positions(config, tgt_ids, positions, "tgt_ids", offset=index)
-            self_mask = None  # the cache adds the causal validity mask itself
-            cache_len = layer_caches[0]["self"]["key"].shape[1]
-            bias = _alibi(config, positions, jnp.arange(cache_len)[None])  # [B, N, T, L]
+            # the cache adds the causal term and the slot positions itself
+            self_spec = ops.AttentionSpec(alibi_slopes=_alibi_slopes(config))
             if src_valid is None:
                 src_valid = cache.get("src_valid")
 
-        cross_mask = None
+        cross_spec = None
         if self.cross_attention:
-            if src_valid is None and encoded is not None:
-                src_valid = jnp.ones(jnp.shape(encoded)[:2], bool)
-            if src_valid is not None:
-                cross_mask = ops.padding_mask(jnp.ones((batch, length), bool), src_valid)
-            cross_mask = ops.combine_masks(
-                cross_mask, _segments_mask(tgt_segments, src_segments, "cross-attention")
-            )  # [B, 1, T, S]
+            _check_segments(tgt_segments, src_segments, "cross-attention")
+            cross_spec = ops.AttentionSpec(
+                q_segments=tgt_segments, k_segments=src_segments, k_valid=src_valid
+            )
 
         x = self.embedding(tgt_ids, positions, dropout_rng=fold(dropout_rng, 0))
         new_layers, weights = [], []
         for i, layer in enumerate(self.layers):
             x, layer_cache, w = layer(
                 x,
-                mask=self_mask,
-                bias=bias,
+                spec=self_spec,
                 positions=positions,
                 encoded=encoded,
-                cross_mask=cross_mask,
+                cross_spec=cross_spec,
                 cache=layer_caches[i],
                 dropout_rng=fold(dropout_rng, i + 1),
                 return_attention=return_attention,

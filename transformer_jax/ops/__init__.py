@@ -14,7 +14,13 @@ from transformer_jax.ops.attention import (
 )
 from transformer_jax.ops.dropout import dropout, keep_mask, keep_scale
 from transformer_jax.ops.losses import cross_entropy, token_accuracy
-from transformer_jax.ops.masks import causal_mask, combine_masks, padding_mask, segment_mask
+from transformer_jax.ops.masks import (
+    AttentionSpec,
+    causal_mask,
+    combine_masks,
+    padding_mask,
+    segment_mask,
+)
 from transformer_jax.ops.positional import (
     alibi_bias,
     alibi_slopes,
@@ -24,6 +30,7 @@ from transformer_jax.ops.positional import (
 
 __all__ = [
     "IMPLEMENTATIONS",
+    "AttentionSpec",
     "alibi_bias",
     "alibi_slopes",
     "apply_rope",

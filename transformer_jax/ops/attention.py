@@ -29,6 +29,7 @@ from jax import lax
 
 import transformer_jax.ops.chunked_attention as chunked_attention
 from transformer_jax.ops.dropout import dropout
+from transformer_jax.ops.masks import AttentionSpec, combine_masks
 
 __all__ = [
     "IMPLEMENTATIONS",
@@ -69,10 +70,7 @@ def _check_qkv(query, key, value) -> tuple[int, int, int, int, int]:
         raise ValueError(
             f"query {qs} and key {ks} have different numbers of heads {qs[2]} != {ks[2]}."
         )
-    if qs[3] != ks[3]:
-        raise ValueError(
-            f"query {qs} and key {ks} have different head dimensions {qs[3]} != {ks[3]}."
-        )
+    chunked_attention.check_head_dims(query, key, value)
     return qs[0], qs[1], ks[1], qs[2], qs[3]
 
 
@@ -189,6 +187,14 @@ def _precision_name(precision) -> str | None:
     )
 
 
+def _with_dense_spec(spec: AttentionSpec, mask, bias, t: int, s: int):
+    """``mask`` and ``bias`` combined with the dense terms of ``spec``."""
+    spec_mask, spec_bias = spec.dense(t, s)
+    if spec_bias is not None:
+        bias = spec_bias if bias is None else bias.astype(jnp.float32) + spec_bias
+    return combine_masks(mask, spec_mask), bias
+
+
 # ----------------------------------------------------------------------------- public API
 
 
@@ -199,10 +205,12 @@ def dot_product_attention(
     *,
     mask=None,
     bias=None,
+    spec: AttentionSpec | None = None,
     dropout_rate: float = 0.0,
     dropout_rng=None,
     implementation: str = "xla",
     chunk_size: int = 512,
+    query_chunk_size: int | None = None,
     return_weights: bool = False,
     precision=None,
     jax_backend: str | None = None,
@@ -216,6 +224,9 @@ def dot_product_attention(
       mask: optional bool, rank 4, broadcastable to ``[B, N, T, S]``; True = attend.
       bias: optional float, rank 4, broadcastable to ``[B, N, T, S]``; added to the scaled
         logits (e.g. ALiBi or relative position biases). Differentiable.
+      spec: optional ``AttentionSpec`` (causal order, packed segments, key padding, ALiBi
+        slopes from ``[B, T]`` / ``[B, S]`` arrays), combined with ``mask`` and ``bias``.
+        ``"chunked"`` builds it block by block; the others build it densely.
       dropout_rate: probability of dropping an attention weight (inverted dropout).
       dropout_rng: PRNG key; dropout is applied only when this is given and the rate is > 0.
         ``"xla"`` draws one ``[B, N, T, S]`` keep mask from it; ``"chunked"`` draws the mask of
@@ -224,6 +235,7 @@ def dot_product_attention(
       implementation: ``"xla"`` | ``"chunked"`` | ``"jax"`` (see the module docstring).
       chunk_size: key block size for ``"chunked"`` (S is padded with masked keys to a multiple
         of it; a block never exceeds S).
+      query_chunk_size: query block size for ``"chunked"`` (default ``chunk_size``).
       return_weights: also return the float32 ``[B, N, T, S]`` attention weights (before
         dropout). Only ``"xla"``.
       precision: ``jax.lax.Precision`` (or "highest", ...) for the matmuls.
@@ -245,6 +257,11 @@ def dot_product_attention(
     _check_broadcast("bias", bias, target)
     _check_mask_dtype(mask)
     use_dropout = _check_dropout(dropout_rate, dropout_rng)
+    if spec is not None:
+        spec.check(b, n, t, s)
+        if implementation != "chunked":
+            mask, bias = _with_dense_spec(spec, mask, bias, t, s)
+            spec = None
     if return_weights and implementation != "xla":
         raise ValueError(
             f"return_weights=True needs implementation='xla'; {implementation!r} never "
@@ -270,9 +287,11 @@ def dot_product_attention(
             value,
             mask=mask,
             bias=bias,
+            spec=spec,
             dropout_rate=dropout_rate if use_dropout else 0.0,
             dropout_rng=dropout_rng if use_dropout else None,
             chunk_size=chunk_size,
+            query_chunk_size=query_chunk_size,
             precision=precision,
         )
     if use_dropout:
@@ -381,6 +400,7 @@ def multi_head_attention(
     return_weights: bool = False,
     precision=None,
     chunk_size: int = 512,
+    spec: AttentionSpec | None = None,
 ):
     """Multi-head attention: project, attend per head, merge heads.
 
@@ -390,8 +410,8 @@ def multi_head_attention(
       params: ``{"query": [D, N, H], "key": [D, N, H], "value": [D, N, H], "out": [N, H, D]}``
         plus optional ``"query_bias"``, ``"key_bias"``, ``"value_bias"`` ``[N, H]`` and
         ``"out_bias"`` ``[D]``.
-      mask, bias, dropout_rate, dropout_rng, implementation, precision, chunk_size: as in
-        ``dot_product_attention``.
+      mask, bias, spec, dropout_rate, dropout_rng, implementation, precision, chunk_size: as
+        in ``dot_product_attention``.
       return_weights: also return the ``[B, N, T, S]`` weights (``"xla"`` only).
 
     Returns:
@@ -417,6 +437,7 @@ def multi_head_attention(
         v,
         mask=mask,
         bias=bias,
+        spec=spec,
         dropout_rate=dropout_rate,
         dropout_rng=dropout_rng,
         implementation=implementation,

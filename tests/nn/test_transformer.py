@@ -1,0 +1,81 @@
+"""Model-level invariances of Transformer and DecoderOnlyLM for every positional kind:
+padding does not change real outputs, future tokens do not change earlier logits, cached
+decoding equals the full pass (post- and pre-LN, "xla" and "chunked"); KV cache overflow."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from transformer_jax.config import ModelConfig
+from transformer_jax.nn import DecoderOnlyLM, MultiHeadAttention, Transformer
+
+KINDS = ["sinusoidal", "learned", "rope", "alibi"]
+V, T, S = 23, 6, 5
+
+
+def _model(cls, positional, impl="xla", pre_norm=False):
+    config = ModelConfig(vocab_size=V, d_model=16, num_heads=2, num_layers=2, d_ff=32,
+                         dropout_rate=0.0, max_len=16, positional=positional, pre_norm=pre_norm,
+                         attention_impl=impl, attention_chunk_size=2)
+    return cls(config, rngs=nnx.Rngs(3))
+
+
+def _ids(seed, b, n):
+    return jnp.asarray(np.random.default_rng(seed).integers(3, V, (b, n)), jnp.int32)
+
+
+@pytest.mark.parametrize("positional", KINDS)
+def test_source_padding_does_not_change_outputs(positional):
+    model = _model(Transformer, positional, impl="chunked")
+    src, tgt = _ids(0, 2, S), _ids(1, 2, T)
+    padded = jnp.concatenate([src, jnp.zeros((2, 4), jnp.int32)], axis=1)  # 4 PAD tokens
+    np.testing.assert_allclose(model(padded, tgt), model(src, tgt), atol=1e-5)
+    encoded = model.encode(padded)
+    np.testing.assert_allclose(encoded[:, :S], model.encode(src), atol=1e-5)
+
+
+@pytest.mark.parametrize("positional", KINDS)
+def test_future_tokens_do_not_change_earlier_logits(positional):
+    for model, call in ((_model(Transformer, positional), lambda m, t: m(_ids(2, 2, S), t)),
+                        (_model(DecoderOnlyLM, positional, impl="chunked"), lambda m, t: m(t))):
+        tgt = _ids(3, 2, T)
+        changed = tgt.at[:, 3:].set(_ids(4, 2, T - 3))
+        a, b = call(model, tgt), call(model, changed)
+        np.testing.assert_allclose(a[:, :3], b[:, :3], atol=1e-5)
+        assert np.abs(np.asarray(a[:, 3:] - b[:, 3:])).max() > 1e-3  # the change is seen
+
+
+@pytest.mark.parametrize("positional, pre_norm, impl", [
+    *[(kind, False, "xla") for kind in KINDS], ("alibi", True, "chunked"),
+    ("sinusoidal", True, "xla"), ("rope", False, "chunked")])
+def test_cached_decoding_equals_the_full_pass(positional, pre_norm, impl):
+    model = _model(Transformer, positional, impl, pre_norm)
+    src = _ids(5, 2, S).at[1, 3:].set(0)  # row 1 padded
+    tgt = _ids(6, 2, T)
+    full = model(src, tgt)  # [B, T, V]
+    cache = model.init_cache(2, 8, encoded=model.encode(src), src_ids=src)
+    step = jax.jit(lambda ids, c: model.decode(None, None, ids, cache=c))
+    got = []
+    for t in range(T):
+        logits, cache = step(tgt[:, t : t + 1], cache)
+        got.append(logits)
+    np.testing.assert_allclose(jnp.concatenate(got, axis=1), full, atol=2e-5)
+
+
+def test_kv_cache_overflow_raises_eagerly_and_poisons_under_jit():
+    module = MultiHeadAttention(8, 2, rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(1), (1, 5, 8))
+    cache = module.init_cache(1, 3)
+    for t in range(3):
+        _, cache, _ = module(x[:, t : t + 1], cache=cache)
+    with pytest.raises(ValueError, match="position 3 overflows the KV cache of length 3"):
+        module(x[:, 3:4], cache=cache)
+    step = jax.jit(lambda x_t, c: module(x_t, cache=c)[:2])
+    cache, outs = module.init_cache(1, 3), []
+    for t in range(5):
+        out, cache = step(x[:, t : t + 1], cache)
+        outs.append(np.asarray(out))
+    assert all(np.isfinite(o).all() for o in outs[:3])
+    assert all(np.isnan(o).all() for o in outs[3:])
