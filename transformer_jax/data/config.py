@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import ml_collections
 
+from transformer_jax.data.preprocess import Preprocessor
+
 __all__ = ["default_data_config", "check_data_config"]
 
 SOURCES = ("numbers", "text", "tfds")
@@ -31,6 +33,12 @@ def default_data_config() -> ml_collections.ConfigDict:
     c.tokenizer_sample_size = 1_000_000  # at most this many training pairs feed the tokenizer.
     c.tokenizer_character_coverage = 1.0  # share of characters kept (0.9995 for CJK scripts).
     c.tokenizer_seed = 0  # seed of the pair sample used to train the tokenizer.
+    # Preprocessing (data/preprocess.py), applied to every pair read and, by translate, to its
+    # input: the same text normalisation at training and at translation time.
+    c.lowercase = False  # lower-case source and target (the model then writes lowercase).
+    c.unicode_normalization = ""  # "", "NFC", "NFKC", "NFD" or "NFKD".
+    c.normalize_punctuation = False  # Moses punctuation normalisation (sacremoses).
+    c.max_length_ratio = 0.0  # drop training pairs with a token-length ratio above this (0 = off).
     # Pipeline.
     c.max_length = 32  # tokens per row incl. EOS; longer training pairs are dropped, eval trims.
     c.packing = True  # pack several training pairs per row (segment ids 1..k) or pad one per row.
@@ -63,5 +71,6 @@ def check_data_config(c) -> None:
         raise ValueError(f"data.tokenizer_sample_size={c.tokenizer_sample_size} must be >= 1.")
     if not c.train_split or not c.eval_split:
         raise ValueError("data.train_split and data.eval_split must name splits of the dataset.")
+    Preprocessor.from_config(c)  # unicode_normalization / max_length_ratio
     if c.packing_bins_per_row < 1:
         raise ValueError(f"data.packing_bins_per_row={c.packing_bins_per_row} must be >= 1.")

@@ -29,6 +29,7 @@ import tensorflow_datasets as tfds
 
 import transformer_jax.data.numbers as numbers
 import transformer_jax.data.validation as validation
+from transformer_jax.data.preprocess import Preprocessor
 from transformer_jax.data.validation import DataError
 
 __all__ = [
@@ -270,18 +271,23 @@ class PairSource:
 
     Wraps a TFDS data source. Supports ``len()``, integer indexing (negative too) and
     ``__getitems__`` (batched reads); usable directly as a ``grain.MapDataset.source``.
+    Every pair goes through ``preprocessor`` (``data.lowercase`` etc.; identity by default).
     """
 
-    def __init__(self, data_source, source_key: str, target_key: str, name: str = ""):
+    def __init__(self, data_source, source_key: str, target_key: str, name: str = "",
+                 preprocessor: Preprocessor | None = None):
         self._source = data_source
         self._keys = (source_key, target_key)
         self.name = name
+        self.preprocessor = preprocessor or Preprocessor()
 
     def __len__(self) -> int:
         return len(self._source)
 
     def _pair(self, record) -> tuple[str, str]:
-        return _to_str(record[self._keys[0]]), _to_str(record[self._keys[1]])
+        pre = self.preprocessor
+        return (pre.source(_to_str(record[self._keys[0]])),
+                pre.target(_to_str(record[self._keys[1]])))
 
     def __getitem__(self, index: int) -> tuple[str, str]:
         if not isinstance(index, int | np.integer):
@@ -310,7 +316,8 @@ def open_split(data_config, builder, split: str) -> PairSource:
         )
     src_key, tgt_key = _feature_keys(data_config, builder)
     data_source = builder.as_data_source(split=split)
-    return PairSource(data_source, src_key, tgt_key, name=f"{builder.name}:{split}")
+    return PairSource(data_source, src_key, tgt_key, name=f"{builder.name}:{split}",
+                      preprocessor=Preprocessor.from_config(data_config))
 
 
 def load_split(data_config, split: str, data_dir: str) -> PairSource:

@@ -62,7 +62,8 @@ class StreamSpec:
         """Examples ``start .. start+count-1`` of row ``row``'s stream (fewer at the end).
 
         Each is ``(inputs [s], targets [t])`` int32 with EOS, or None when longer than
-        max_length (the pair's index is recorded in ``stats.dropped_train_ids``).
+        max_length or outside the source's length-ratio filter (``data.max_length_ratio``);
+        the pair's index is then recorded in ``stats.dropped_train_ids``.
         """
         positions = range(row + start * self.batch_size,
                           min(row + (start + count) * self.batch_size, self.end),
@@ -72,11 +73,13 @@ class StreamSpec:
             return []
         pairs = self.source.__getitems__(indices)
         ids = self.tokenizer.encode([s for s, _ in pairs] + [t for _, t in pairs])
+        preprocessor = getattr(self.source, "preprocessor", None)  # PairSource has one
         out = []
         dropped = []
         for i, index in enumerate(indices):
             src, tgt = ids[i] + [EOS_ID], ids[len(indices) + i] + [EOS_ID]
-            if max(len(src), len(tgt)) > self.max_length:
+            if max(len(src), len(tgt)) > self.max_length or (
+                    preprocessor is not None and not preprocessor.keep(len(src) - 1, len(tgt) - 1)):
                 out.append(None)
                 dropped.append(index)
             else:
