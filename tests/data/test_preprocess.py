@@ -89,4 +89,4 @@ def test_source_transform_is_what_translate_applies():
     assert source_transform(text) is None  # nothing to do: the input is used as typed
     both = default_data_config()
     both.update(dict(normalize_punctuation=True))
-    assert source_transform(both)("\u201cOne hundred and five\u201d") == "one hundred five"
+    assert source_transform(both)("One hundred and five") == "one hundred five"
