@@ -164,8 +164,9 @@ def test_compile_base_config_for_tpu_v5e():
     state_bytes = 3 * 4 * report["params"]
     assert state_bytes < report["per_device_bytes"] < report["device_memory_bytes"]
     assert report["fits"] is True
-    # Forward + backward ~ 6 * params * tokens per chip (24 of 96 rows); the attention and
-    # the optimizer add some, the tied embedding lookup none.
-    tokens = 96 // 4 * 256 * 2
-    assert 0.5 < report["flops_per_device"] / (6 * report["params"] * tokens) < 2.0
+    # Forward + backward ~ 6 * params * tokens per chip (24 of 96 rows, 256 tokens a side):
+    # the encoder's share of the weights sees source tokens, the decoder's and the tied
+    # output layer's target tokens; attention scores and the optimizer add ~10-20%.
+    tokens = 96 // 4 * 256
+    assert 0.8 < report["flops_per_device"] / (6 * report["params"] * tokens) < 2.0
     assert report["flops_per_step"] == pytest.approx(4 * report["flops_per_device"])
