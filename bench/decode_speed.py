@@ -53,7 +53,7 @@ def build(args):
         cache = model.init_cache(src.shape[0], n, encoded=model.encode(src), src_ids=src)
 
         def tokens_to_logits(ids, cache):  # ids [B, 1]
-            logits, cache = model.decode(None, None, ids, cache=cache)  # [B, 1, V]
+            logits, cache = model.decode(ids, cache=cache)  # [B, 1, V]
             return logits[:, 0], cache
 
         return cache, tokens_to_logits
@@ -70,7 +70,7 @@ def build(args):
 
         def tokens_to_logits(ids, prefix):  # ids [B, 1] written at the prefix end
             buf = lax.dynamic_update_slice(prefix["ids"], ids, (0, prefix["index"]))
-            logits, _ = model.decode(encoded, src, buf)  # [B, N, V]: the whole buffer
+            logits, _ = model.decode(buf, encoded=encoded, src_ids=src)  # [B, N, V]: the whole buffer
             logits = lax.dynamic_index_in_dim(logits, prefix["index"], 1, keepdims=False)
             return logits, {"ids": buf, "index": prefix["index"] + 1}
 

@@ -63,8 +63,8 @@ class ModelConfig:
       use_bias: biases in the attention projections, feed-forward and untied output layers
         (LayerNorms always have scale and bias).
       layer_norm_epsilon: LayerNorm epsilon.
-      dtype: compute dtype name ("float32" | "bfloat16" | "float16"); LayerNorm, softmax and
-        the returned logits are float32 regardless.
+      dtype: compute dtype name ("float32" | "bfloat16"; "float16" is refused because it
+        needs loss scaling); LayerNorm, softmax and the returned logits are float32 regardless.
       param_dtype: dtype name of the stored parameters.
       attention_impl: "xla" | "chunked" | "jax" (see ``transformer_jax.ops``).
       attention_chunk_size: query and key block size of "chunked" attention (memory per
@@ -161,6 +161,13 @@ class ModelConfig:
             if value not in DTYPES:
                 raise ValueError(
                     f"{name}={value!r} is not a valid dtype name; use one of {DTYPES}."
+                )
+        for name in ("dtype", "param_dtype"):
+            if getattr(self, name) == "float16":
+                raise ValueError(
+                    f"{name}='float16' needs loss scaling, which this library does not "
+                    "implement (small gradients underflow to zero); use 'bfloat16' (same "
+                    "memory and speed, float32 range) or 'float32'."
                 )
         if self.attention_impl not in ATTENTION_IMPLS:
             raise ValueError(

@@ -7,7 +7,10 @@ Three interchangeable implementations of ``dot_product_attention`` give the same
 * ``"chunked"``: memory-efficient attention (Rabe & Staats 2021; FlashAttention's online
   softmax) scanning over key blocks with a recomputing backward pass, so neither the forward
   nor the gradient ever holds a ``[T, S]`` array per head (memory O(T + S) per head).
-* ``"jax"``: ``jax.nn.dot_product_attention`` (cuDNN flash attention on GPU for bf16/fp16).
+* ``"jax"``: ``jax.nn.dot_product_attention``: cuDNN fused (flash) attention on a GPU for
+  bf16/fp16 with a head dim that is a multiple of 8 and at most 128, else XLA. Causal and
+  padding masks given as ``is_causal`` / ``key_value_seq_lengths`` use cuDNN's own mask types;
+  a dense boolean ``mask`` (packed rows) reaches cuDNN as an additive bias.
 
 Conventions shared by all three: the logits are scaled by ``1/sqrt(H)``; ``mask`` is boolean
 (True = attend) and ``bias`` additive, both rank 4 and broadcastable to ``[B, N, T, S]``; the
@@ -153,24 +156,52 @@ def _xla_attention(query, key, value, mask, bias, dropout_rate, dropout_rng, pre
 # ----------------------------------------------------------------------------- jax.nn
 
 
-def _jax_attention(query, key, value, mask, bias, precision, backend):
+def _cudnn_ok(query) -> bool:
+    """cuDNN fused attention applies: a GPU, bf16/fp16 inputs, head dim a multiple of 8 <= 128."""
+    head_dim = query.shape[-1]
+    return (jax.default_backend() == "gpu" and query.dtype in (jnp.bfloat16, jnp.float16)
+            and head_dim % 8 == 0 and head_dim <= 128)
+
+
+def _jax_attention(query, key, value, mask, bias, precision, backend, is_causal, kv_lengths):
+    """``jax.nn.dot_product_attention``; ``backend`` None picks cuDNN where it applies.
+
+    Causal and padding (``kv_lengths``) masks go to cuDNN as its own mask types (the flash
+    kernel skips masked blocks); a dense ``mask`` (e.g. packed rows) becomes an additive bias.
+    """
     if backend is None:
-        on_gpu = jax.default_backend() == "gpu"
-        low_precision = query.dtype in (jnp.bfloat16, jnp.float16)
-        backend = "cudnn" if on_gpu and low_precision else "xla"
+        backend = "cudnn" if _cudnn_ok(query) else "xla"
     kwargs = {}
     if bias is not None:
         kwargs["bias"] = bias.astype(query.dtype)
     if mask is not None:
         kwargs["mask"] = mask
+    if kv_lengths is not None:
+        kwargs["key_value_seq_lengths"] = jnp.asarray(kv_lengths, jnp.int32)
     with jax.default_matmul_precision(_precision_name(precision)):
-        out = jax.nn.dot_product_attention(query, key, value, implementation=backend, **kwargs)
+        out = jax.nn.dot_product_attention(query, key, value, is_causal=is_causal,
+                                           implementation=backend, **kwargs)
     if mask is not None:
         # jax.nn returns the average of the values on fully masked rows; we return zeros.
         row_any = jnp.any(mask, axis=-1)  # [b, n, T] (broadcast axes stay 1)
         row_any = jnp.transpose(row_any, (0, 2, 1))[..., None]  # [b, T, n, 1]
         out = jnp.where(row_any, out, jnp.zeros((), out.dtype))
+    if kv_lengths is not None:  # a row without any key: zeros too
+        out = jnp.where((jnp.asarray(kv_lengths) > 0)[:, None, None, None], out,
+                        jnp.zeros((), out.dtype))
     return out.astype(query.dtype)
+
+
+def _structured_mask(mask, is_causal: bool, kv_lengths, t: int, s: int):
+    """``mask`` combined with the causal and key-length masks as one boolean mask."""
+    if is_causal:
+        causal = jnp.arange(t)[:, None] >= jnp.arange(s)[None, :]  # [T, S], as jax.nn
+        mask = causal[None, None] if mask is None else mask & causal[None, None]
+    if kv_lengths is not None:
+        valid = jnp.arange(s)[None, :] < jnp.asarray(kv_lengths)[:, None]  # [B, S]
+        valid = valid[:, None, None, :]  # [B, 1, 1, S]
+        mask = valid if mask is None else mask & valid
+    return mask
 
 
 def _precision_name(precision) -> str | None:
@@ -214,6 +245,8 @@ def dot_product_attention(
     return_weights: bool = False,
     precision=None,
     jax_backend: str | None = None,
+    is_causal: bool = False,
+    key_value_seq_lengths=None,
 ):
     """Scaled dot-product attention ``softmax(q k^T / sqrt(H) + bias, masked) v``.
 
@@ -242,6 +275,11 @@ def dot_product_attention(
       jax_backend: for ``"jax"`` only, the ``implementation`` passed to
         ``jax.nn.dot_product_attention``; default: ``"cudnn"`` on GPU for bf16/fp16, else
         ``"xla"``.
+      is_causal: query ``i`` attends keys ``j <= i`` only, as in ``jax.nn`` (combined with
+        ``mask``).
+      key_value_seq_lengths: optional int ``[B]``: keys at positions ``>= length`` are padding.
+        With ``"jax"`` on a GPU these two reach cuDNN's flash attention as its own causal and
+        padding masks, without a ``[T, S]`` mask array; the others build the boolean mask.
 
     Returns:
       ``[B, T, N, H]`` in the query dtype, or ``(out, weights)`` when ``return_weights``.
@@ -268,6 +306,8 @@ def dot_product_attention(
             "materialises the [B, N, T, S] weights."
         )
 
+    if implementation != "jax":
+        mask = _structured_mask(mask, is_causal, key_value_seq_lengths, t, s)
     if implementation == "xla":
         out, weights = _xla_attention(
             query,
@@ -299,7 +339,8 @@ def dot_product_attention(
             "implementation='jax' (jax.nn.dot_product_attention) does not support attention "
             "dropout; use implementation='xla' or 'chunked', or dropout_rate=0."
         )
-    return _jax_attention(query, key, value, mask, bias, precision, jax_backend)
+    return _jax_attention(query, key, value, mask, bias, precision, jax_backend, is_causal,
+                          key_value_seq_lengths)
 
 
 def inert_key_bias(bias):
