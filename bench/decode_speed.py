@@ -70,7 +70,8 @@ def build(args):
 
         def tokens_to_logits(ids, prefix):  # ids [B, 1] written at the prefix end
             buf = lax.dynamic_update_slice(prefix["ids"], ids, (0, prefix["index"]))
-            logits, _ = model.decode(buf, encoded=encoded, src_ids=src)  # [B, N, V]: the whole buffer
+            # [B, N, V]: the whole buffer
+            logits, _ = model.decode(buf, encoded=encoded, src_ids=src)
             logits = lax.dynamic_index_in_dim(logits, prefix["index"], 1, keepdims=False)
             return logits, {"ids": buf, "index": prefix["index"] + 1}
 
