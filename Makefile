@@ -14,12 +14,18 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $@
 
+# The tests also compile for a TPU topology (extra aot: libtpu) and convert Marian models
+# (extra interop: the CPU build of torch and transformers).
+$(VENV)/.installed-test: $(VENV)/.installed
+	$(PY) -m pip install -q -e ".[dev,aot,interop]"
+	touch $@
+
 install: $(VENV)/.installed
 
 demo: install
 	$(PY) train.py --config configs/default.py --workdir $(WORKDIR)
 
-lint: install
+lint: $(VENV)/.installed-test
 	$(PY) -m ruff check .
 	$(VENV)/bin/lint-imports
 

@@ -118,6 +118,11 @@ class ModelConfig:
     decoder_d_ff: int | None = None
 
     def __post_init__(self):
+        self._check_sizes()
+        self._check_choices()
+
+    def _check_sizes(self) -> None:
+        """Counts, sizes, rates and the divisibility of d_model by the head counts."""
         positive = ["vocab_size", "d_model", "num_heads", "num_layers", "d_ff", "max_len",
                     "attention_chunk_size"]
         for name in positive:
@@ -152,6 +157,9 @@ class ModelConfig:
             value = getattr(self, name)
             if not isinstance(value, int | float) or not 0.0 <= value < 1.0:
                 raise ValueError(f"{name}={value!r} must be in [0, 1).")
+
+    def _check_choices(self) -> None:
+        """Named options (positional kind, dtypes, attention, activation) and their limits."""
         if self.positional not in POSITIONAL_KINDS:
             raise ValueError(
                 f"positional={self.positional!r} is not supported; use one of {POSITIONAL_KINDS}."

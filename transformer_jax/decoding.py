@@ -301,6 +301,42 @@ class BeamState(NamedTuple):
                    fin_seqs=seqs, done=jnp.zeros((batch_size,), bool))
 
 
+def _beam_select(logprobs, state: BeamState, done, eos_id: int, penalty):
+    """One beam-search step's choice.  logprobs [B, K, V] (masked), state before the step.
+
+    Ranks the ``K * V`` continuations, takes the best ``2K``; EOS candidates among the best K
+    join the finished set (best K kept), the best K others stay live. Returns ``(live_seqs
+    [B, K, L], live_logp [B, K], fin_scores [B, K], fin_seqs [B, K, L], beams [B, K] (the
+    live beam each new one extends), last [B*K] (its newest token))``.
+    """
+    B, K, vocab = logprobs.shape
+    step = state.step
+    cand = (state.live_logp[:, :, None] + logprobs).reshape(B, K * vocab)
+    top_logp, top_idx = lax.top_k(cand, min(2 * K, K * vocab))  # [B, 2K] descending
+    top_beam, top_token = top_idx // vocab, (top_idx % vocab).astype(jnp.int32)
+    top_seqs = jnp.take_along_axis(state.live_seqs, top_beam[:, :, None], axis=1)  # [B, 2K, L]
+    top_seqs = lax.dynamic_update_slice(top_seqs, top_token[:, :, None], (0, 0, step))
+    # Candidates built on a masked (impossible) beam or token are never kept.
+    possible = top_logp > NEG_INF / 2  # [B, 2K]
+    is_eos = top_token == eos_id
+    in_top_k = jnp.arange(top_logp.shape[1]) < K  # [2K]
+
+    # Finished: merge the K old ones with the new EOS candidates, keep the best K.
+    finishes = is_eos & possible & in_top_k & ~done[:, None]
+    new_scores = jnp.where(finishes, top_logp / penalty(step + 1), NEG_INF)
+    all_scores = jnp.concatenate([state.fin_scores, new_scores], axis=1)  # [B, 3K]
+    all_seqs = jnp.concatenate([state.fin_seqs, top_seqs], axis=1)  # [B, 3K, L]
+    fin_scores, keep = lax.top_k(all_scores, K)
+    fin_seqs = jnp.take_along_axis(all_seqs, keep[:, :, None], axis=1)
+
+    # Live: the best K candidates that did not end.
+    live_logp, keep = lax.top_k(jnp.where(is_eos | ~possible, NEG_INF, top_logp), K)
+    live_seqs = jnp.take_along_axis(top_seqs, keep[:, :, None], axis=1)  # [B, K, L]
+    beams = jnp.take_along_axis(top_beam, keep, axis=1)  # [B, K] rows to follow
+    last = jnp.take_along_axis(top_token, keep, axis=1).reshape(B * K)
+    return live_seqs, live_logp, fin_scores, fin_seqs, beams, last
+
+
 def beam_search(cache, tokens_to_logits: TokensToLogits, *, batch_size: int, beam_size: int,
                 max_len: int, eos_id: int = 1, bos_id: int = 0, pad_id: int = 0,
                 alpha: float = 0.6, max_lengths=None, start_ids=None, forbid_ids=(),
@@ -368,39 +404,16 @@ def beam_search(cache, tokens_to_logits: TokensToLogits, *, batch_size: int, bea
         return (state.step < max_len) & ~jnp.all(done)
 
     def body(state: BeamState) -> BeamState:
-        step, live_seqs, live_logp = state.step, state.live_seqs, state.live_logp
-        fin_scores, fin_seqs, old_cache = state.fin_scores, state.fin_seqs, state.cache
-        done = state.done
+        step, old_cache, done = state.step, state.cache, state.done
         logits, cache = tokens_to_logits(state.last[:, None], old_cache)  # [B*K, V]
         _check_logits(logits, B * K)
         vocab = logits.shape[-1]
         logprobs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
         logprobs = _mask_logits(logprobs, step, jnp.repeat(max_lengths, K), eos_id, pad_id,
                                 NEG_INF, forbid_ids, eos_value=0.0 if hf else None)
-        cand = (live_logp[:, :, None] + logprobs.reshape(B, K, vocab)).reshape(B, K * vocab)
-        top_logp, top_idx = lax.top_k(cand, min(2 * K, K * vocab))  # [B, 2K] descending
-        top_beam, top_token = top_idx // vocab, (top_idx % vocab).astype(jnp.int32)
-        top_seqs = jnp.take_along_axis(live_seqs, top_beam[:, :, None], axis=1)  # [B, 2K, L]
-        top_seqs = lax.dynamic_update_slice(top_seqs, top_token[:, :, None], (0, 0, step))
-        # Candidates built on a masked (impossible) beam or token are never kept.
-        possible = top_logp > NEG_INF / 2  # [B, 2K]
-        is_eos = top_token == eos_id
-        in_top_k = jnp.arange(top_logp.shape[1]) < K  # [2K]
-
-        # Finished: merge the K old ones with the new EOS candidates, keep the best K.
-        finishes = is_eos & possible & in_top_k & ~done[:, None]
-        new_scores = jnp.where(finishes, top_logp / penalty(step + 1), NEG_INF)
-        all_scores = jnp.concatenate([fin_scores, new_scores], axis=1)  # [B, 3K]
-        all_seqs = jnp.concatenate([fin_seqs, top_seqs], axis=1)  # [B, 3K, L]
-        fin_scores, keep = lax.top_k(all_scores, K)
-        fin_seqs = jnp.take_along_axis(all_seqs, keep[:, :, None], axis=1)
-
-        # Live: the best K candidates that did not end.
-        live_logp, keep = lax.top_k(jnp.where(is_eos | ~possible, NEG_INF, top_logp), K)
-        live_seqs = jnp.take_along_axis(top_seqs, keep[:, :, None], axis=1)  # [B, K, L]
-        beams = jnp.take_along_axis(top_beam, keep, axis=1)  # [B, K] rows to follow
+        live_seqs, live_logp, fin_scores, fin_seqs, beams, last = _beam_select(
+            logprobs.reshape(B, K, vocab), state, done, eos_id, penalty)
         cache = _reorder_cache(old_cache, cache, beams, B, K)
-        last = jnp.take_along_axis(top_token, keep, axis=1).reshape(B * K)
         if hf:  # a finished example stays finished (transformers' sticky early stop)
             done = done | is_done(step + 1, live_logp, fin_scores)
         return BeamState(step + 1, live_seqs, live_logp, last, cache, fin_scores, fin_seqs,

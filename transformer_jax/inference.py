@@ -553,6 +553,7 @@ def load(workdir: str, *, step: int | None = None, averaged: bool = False,
     if run["kind"] == "decoder_only":
         loaded = Generator(run["model"], run["tokenizer"], params=run["params"])
     else:
+        kwargs.setdefault("normalize", source_transform(run["data"]))
         loaded = Translator(run["model"], run["tokenizer"], params=run["params"], **kwargs)
     loaded.step = run["step"]
     return loaded

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from helpers import trained_workdir
 from num2words import num2words
-from trained_workdir import trained_workdir
-from transformer_jax.evaluation import Translator
 
 from transformer_jax.data import numbers
+from transformer_jax.inference import Translator
 
 NUMBERS = [0, 5, 13, 21, 100, 105, 110, 999, 1_001, 4_732, 20_020, 101_000, 339_564, 999_999]
 

@@ -67,7 +67,7 @@ def test_same_command_again_resumes(first_run):
 
 @pytest.mark.parametrize("flag, message", [
     ("--config.model.bogus=3",
-     "error: unknown config key 'model.bogus'; the model keys are: attention_dropout_rate, "),
+     "error: unknown config key 'model.bogus'; the model keys are: activation, "),
     ("--config.bogus=3", "error: unknown config key 'bogus'; the top-level keys are: "),
 ], ids=["model.bogus", "bogus"])
 def test_unknown_key_fails_in_one_line(tmp_path, flag, message):

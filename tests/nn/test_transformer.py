@@ -56,7 +56,7 @@ def test_cached_decoding_equals_the_full_pass(positional, pre_norm, impl):
     tgt = _ids(6, 2, T)
     full = model(src, tgt)  # [B, T, V]
     cache = model.init_cache(2, 8, encoded=model.encode(src), src_ids=src)
-    step = jax.jit(lambda ids, c: model.decode(None, None, ids, cache=c))
+    step = jax.jit(lambda ids, c: model.decode(ids, cache=c))
     got = []
     for t in range(T):
         logits, cache = step(tgt[:, t : t + 1], cache)

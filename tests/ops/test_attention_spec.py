@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_attention import HI, numpy_attention, row_attention
+from references import HI, numpy_attention, row_attention
 
 from transformer_jax import ops
 from transformer_jax.ops.chunked_attention import chunked_dot_product_attention

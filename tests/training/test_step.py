@@ -143,7 +143,7 @@ def test_gradient_accumulation_equals_one_big_batch():
     assert max(jax.tree_util.tree_leaves(moved)) > 1e-2
 
 
-def test_dropout_key_is_folded_with_the_step():
+def test_dropout_keys_are_folded_with_the_step_and_the_row():
     model_def, params = tiny_model(dropout=0.3)
     batch = synthetic_batch(4, seed=5)
     tx = optax.sgd(0.0)  # parameters stay put: only the dropout mask changes the loss
@@ -158,9 +158,13 @@ def test_dropout_key_is_folded_with_the_step():
     assert same[0] == same[1]  # same step, same key: the same masks
     assert len({loss_at(0), loss_at(1), same[0]}) == 3  # other steps: other masks
     assert loss_at(3, jax.random.key(43)) != same[0]
-    # The mask of step s is drawn from fold_in(rng, s).
-    logits = jax.jit(forward, static_argnums=0)(model_def, params, batch,
-                                                jax.random.fold_in(rng, 3))
+    # Row r's masks at step s are drawn from fold_in(fold_in(rng, s), r) (the global row, so
+    # the masks do not depend on how rows are spread over devices).
+    row_forward = jax.jit(forward, static_argnums=0)
+    logits = np.concatenate([
+        row_forward(model_def, params, {k: v[r:r + 1] for k, v in batch.items()},
+                    jax.random.fold_in(jax.random.fold_in(rng, 3), r))
+        for r in range(len(batch["targets"]))])
     expected, _ = _numpy_smoothed_loss(logits, batch["targets"], LS)
     assert same[0] == pytest.approx(expected, rel=1e-5)
     no_dropout = jax.jit(functools.partial(

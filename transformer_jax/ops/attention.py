@@ -309,31 +309,15 @@ def dot_product_attention(
     if implementation != "jax":
         mask = _structured_mask(mask, is_causal, key_value_seq_lengths, t, s)
     if implementation == "xla":
-        out, weights = _xla_attention(
-            query,
-            key,
-            value,
-            mask,
-            bias,
-            dropout_rate,
-            dropout_rng if use_dropout else None,
-            precision,
-        )
+        out, weights = _xla_attention(query, key, value, mask, bias, dropout_rate,
+                                      dropout_rng if use_dropout else None, precision)
         return (out, weights) if return_weights else out
     if implementation == "chunked":
         return chunked_attention.chunked_dot_product_attention(
-            query,
-            key,
-            value,
-            mask=mask,
-            bias=bias,
-            spec=spec,
+            query, key, value, mask=mask, bias=bias, spec=spec,
             dropout_rate=dropout_rate if use_dropout else 0.0,
-            dropout_rng=dropout_rng if use_dropout else None,
-            chunk_size=chunk_size,
-            query_chunk_size=query_chunk_size,
-            precision=precision,
-        )
+            dropout_rng=dropout_rng if use_dropout else None, chunk_size=chunk_size,
+            query_chunk_size=query_chunk_size, precision=precision)
     if use_dropout:
         raise ValueError(
             "implementation='jax' (jax.nn.dot_product_attention) does not support attention "

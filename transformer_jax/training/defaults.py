@@ -244,11 +244,6 @@ def _check_model_and_data(merged: dict) -> ModelConfig:
         model = ModelConfig.from_dict({**merged["model"], "vocab_size": data["vocab_size"]})
     except (ValueError, TypeError) as err:
         raise ConfigError(f"model config: {err}") from None
-    if model.dtype == "float16":
-        raise ConfigError(
-            "model.dtype='float16' trains without loss scaling, so small gradients underflow; "
-            "use model.dtype='bfloat16' (same memory, float32 range) or 'float32'."
-        )
     if model.max_len < data["max_length"]:
         raise ConfigError(
             f"model.max_len={model.max_len} is shorter than data.max_length="
