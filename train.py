@@ -19,12 +19,13 @@ import logging as std_logging
 import os
 import sys
 
-from transformer_jax.runtime import configure_malloc
+from transformer_jax.runtime import configure_malloc, defer_stop_signals
 
 if __name__ == "__main__":
     # Re-executes this command once with glibc malloc settings that keep XLA's per-step
     # buffers mapped (transformer_jax/runtime.py): first, so JAX is imported only once.
     configure_malloc()
+    defer_stop_signals()  # a SIGTERM while importing stops the run at its first update
 
 from absl import app, flags, logging
 from ml_collections import config_flags

@@ -1,6 +1,7 @@
 """transformer_jax.runtime: the glibc malloc tunables and the re-execution of entry points."""
 
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -8,6 +9,7 @@ import textwrap
 import pytest
 
 from transformer_jax import runtime
+from transformer_jax.training import loop
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GLIBC = runtime._is_glibc()
@@ -72,3 +74,17 @@ def test_reexecuted_process_reuses_a_freed_big_block(tmp_path):
     pages = 3 * (256 << 20) // 4096
     assert plain_faults > 0.9 * pages  # glibc default: every round faults the block in again
     assert faults < 0.05 * pages  # the block stays mapped and is reused
+
+
+def test_a_stop_signal_during_start_up_is_kept_for_the_training_loop():
+    old = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        runtime.defer_stop_signals()
+        os.kill(os.getpid(), signal.SIGTERM)  # delivered to this (main) thread at once
+        flag = loop._StopFlag()
+        with flag:  # the loop's handler takes over and acts on the recorded signal
+            assert flag.signum == signal.SIGTERM
+        assert runtime.take_early_signal() is None  # taken once
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)

@@ -26,9 +26,12 @@ from __future__ import annotations
 
 import os
 import platform
+import signal
 import sys
+import threading
 
-__all__ = ["MALLOC_ENV", "MALLOC_TUNABLES", "configure_malloc", "malloc_environment"]
+__all__ = ["MALLOC_ENV", "MALLOC_TUNABLES", "configure_malloc", "defer_stop_signals",
+           "malloc_environment", "take_early_signal"]
 
 MALLOC_ENV = "TRANSFORMER_JAX_MALLOC"
 MALLOC_TUNABLES = (
@@ -78,3 +81,33 @@ def configure_malloc() -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(sys.executable, [sys.executable, *argv[1:]], env)
+
+
+# --------------------------------------------------------------------------- early stop signals
+_EARLY_SIGNALS: list[int] = []
+
+
+def _record_signal(signum, _frame) -> None:
+    if _EARLY_SIGNALS and signum == signal.SIGINT:
+        raise KeyboardInterrupt  # a second Ctrl-C: stop at once
+    _EARLY_SIGNALS.append(signum)
+
+
+def defer_stop_signals() -> None:
+    """Records SIGTERM / SIGINT that arrive while the entry point is still importing.
+
+    A multi-process job must stop every process at the same update, so a signal to one
+    process during start-up cannot simply kill it (the others would wait for it until the
+    heartbeat timeout). The training loop installs its own handlers later and acts on a
+    recorded signal at its first update (:func:`take_early_signal`).
+    """
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, _record_signal)
+
+
+def take_early_signal() -> int | None:
+    """The first signal :func:`defer_stop_signals` recorded (None if none), and forget it."""
+    signum = _EARLY_SIGNALS[0] if _EARLY_SIGNALS else None
+    _EARLY_SIGNALS.clear()
+    return signum

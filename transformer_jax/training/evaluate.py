@@ -90,7 +90,11 @@ class Evaluator:
         self._sharded_translate = None  # (mesh, jitted decode), built on first use
 
     def _batches(self, split: str):
-        return data_lib.eval_batches(self.prepared, split, self.batch_size)
+        """This process's rows of each global eval batch: the driver's row block (processes
+        that share a block, e.g. a tensor axis across processes, load the same rows)."""
+        index, count = self.dp.data_shard()
+        return data_lib.eval_batches(self.prepared, split, self.batch_size,
+                                     process_index=index, process_count=count)
 
     def loss(self, params, split: str) -> dict[str, float]:
         """Token-level loss/NLL/accuracy/perplexity over the whole split."""

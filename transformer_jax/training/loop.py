@@ -40,6 +40,7 @@ from transformer_jax.checkpoints import check_compatible, load_params
 from transformer_jax.config import ModelConfig
 from transformer_jax.errors import ConfigError, TrainingDivergedError, WorkdirError
 from transformer_jax.nn import build_model, split_model
+from transformer_jax.runtime import take_early_signal
 from transformer_jax.training.average import average_into_workdir
 from transformer_jax.training.checkpoint import Checkpointer
 from transformer_jax.training.defaults import parse_metrics, validate_config
@@ -71,6 +72,9 @@ class _StopFlag:
         if self._depth == 1 and threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
                 self._old[sig] = signal.signal(sig, self._handle)
+            early = take_early_signal()  # one that arrived while train.py was importing
+            if early is not None and self.signum is None:
+                self._handle(early, None)
         return self
 
     def _handle(self, signum, _frame):
