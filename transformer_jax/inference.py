@@ -46,7 +46,6 @@ from collections.abc import Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-import sacrebleu
 from flax import nnx
 
 from transformer_jax import decoding
@@ -54,6 +53,7 @@ from transformer_jax.checkpoints import AVERAGED_DIR, load_params, read_meta, re
 from transformer_jax.config import ModelConfig
 from transformer_jax.data.preprocess import source_transform
 from transformer_jax.data.tokenizer import EOS_ID, PAD_ID, Tokenizer
+from transformer_jax.metrics import bleu, chrf, corpus_scores
 from transformer_jax.nn import ModelDef, build_model, model_kind, split_model
 
 __all__ = [
@@ -71,51 +71,6 @@ __all__ = [
 
 EXTRA_LENGTH = 50  # paper: "maximum output length to input length + 50"
 MIN_BUCKET = 8  # shortest padded source length
-
-
-# ------------------------------------------------------------------------------ scores
-def _check_aligned(hypotheses: Sequence[str], references: Sequence[str]) -> None:
-    if len(hypotheses) != len(references):
-        raise ValueError(
-            f"{len(hypotheses)} hypotheses but {len(references)} references; they must align "
-            "line by line."
-        )
-
-
-def bleu(hypotheses: Sequence[str], references: Sequence[str], *, lowercase: bool = False,
-         tokenize: str = "13a") -> float:
-    """sacrebleu corpus BLEU (0-100) of aligned hypothesis/reference lists (one reference)."""
-    _check_aligned(hypotheses, references)
-    return float(sacrebleu.corpus_bleu(list(hypotheses), [list(references)],
-                                       lowercase=lowercase, tokenize=tokenize).score)
-
-
-def chrf(hypotheses: Sequence[str], references: Sequence[str], *, word_order: int = 0) -> float:
-    """sacrebleu corpus chrF (0-100; ``word_order=2`` gives chrF++)."""
-    _check_aligned(hypotheses, references)
-    return float(sacrebleu.corpus_chrf(list(hypotheses), [list(references)],
-                                       word_order=word_order).score)
-
-
-def corpus_scores(hypotheses: Sequence[str], references: Sequence[str],
-                  names=("bleu", "chrf", "exact_match")) -> dict[str, float]:
-    """sacrebleu corpus BLEU / chrF and exact-match rate (all 0-100) of aligned lists.
-
-    ``names`` picks a subset of ("bleu", "chrf", "exact_match"); exact match compares
-    stripped strings. Empty lists give an empty dict.
-    """
-    _check_aligned(hypotheses, references)
-    out: dict[str, float] = {}
-    if not hypotheses:
-        return out
-    if "bleu" in names:
-        out["bleu"] = bleu(hypotheses, references)
-    if "chrf" in names:
-        out["chrf"] = chrf(hypotheses, references)
-    if "exact_match" in names:
-        same = sum(h.strip() == r.strip() for h, r in zip(hypotheses, references, strict=True))
-        out["exact_match"] = 100.0 * same / len(hypotheses)
-    return out
 
 
 # ------------------------------------------------------------------------------ decoding

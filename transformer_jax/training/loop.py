@@ -172,19 +172,6 @@ class _Throughput:
         return self.tokens / self.seconds if self.seconds > 0 else float("nan")
 
 
-def _mean_metrics(rows: list[dict[str, float]]) -> dict[str, float]:
-    """Token-weighted means of per-step metrics; token counts summed."""
-    tokens = sum(r["tokens"] for r in rows)
-    out = {}
-    for key in ("loss", "nll", "accuracy"):
-        out[key] = sum(r[key] * r["tokens"] for r in rows) / max(tokens, 1.0)
-    out["grad_norm"] = sum(r["grad_norm"] for r in rows) / len(rows)
-    out["learning_rate"] = rows[-1]["learning_rate"]
-    out["tokens"] = tokens
-    out["src_tokens"] = sum(r["src_tokens"] for r in rows)
-    return out
-
-
 class _Keys:
     """An iterator of batches that keeps the keys starting with ``prefix`` (None: all)."""
 
@@ -397,7 +384,7 @@ class Trainer:
         rows = [self.dp.metrics(m) for m in self.pending]  # waits for the device
         self.pending.clear()
         self.throughput.sync(sum(r["tokens"] + r["src_tokens"] for r in rows))
-        last = self.last_train = _mean_metrics(rows)
+        last = self.last_train = reporting.mean_metrics(rows)
         if not all(math.isfinite(last[k]) for k in ("loss", "grad_norm")):
             self.checkpointer.wait()  # the same numbers on every process: all stop here
             raise TrainingDivergedError(_diverged_message(

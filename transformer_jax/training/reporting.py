@@ -12,6 +12,7 @@ import os
 from collections.abc import Mapping
 
 __all__ = [
+    "mean_metrics",
     "History",
     "MetricWriter",
     "plot_learning_curve",
@@ -134,3 +135,16 @@ def plot_learning_curve(history: History, path: str, metric_names=()) -> None:
     fig.savefig(tmp, dpi=100)
     plt.close(fig)
     os.replace(tmp, path)
+
+
+def mean_metrics(rows: list[dict[str, float]]) -> dict[str, float]:
+    """Token-weighted means of per-step metrics; token counts summed."""
+    tokens = sum(r["tokens"] for r in rows)
+    out = {}
+    for key in ("loss", "nll", "accuracy"):
+        out[key] = sum(r[key] * r["tokens"] for r in rows) / max(tokens, 1.0)
+    out["grad_norm"] = sum(r["grad_norm"] for r in rows) / len(rows)
+    out["learning_rate"] = rows[-1]["learning_rate"]
+    out["tokens"] = tokens
+    out["src_tokens"] = sum(r["src_tokens"] for r in rows)
+    return out
