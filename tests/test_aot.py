@@ -58,7 +58,8 @@ def test_export_train_and_decode(platform, model_kind, parallelism):
     results = aot.export_programs(programs, platform)
     check_clean(results)
     assert results["train_step"]["nr_devices"] == 4
-    assert results["decode_greedy"]["nr_devices"] == 1
+    # Decoding spans the devices as the evaluator runs it: params replicated, rows split.
+    assert results["decode_greedy"]["nr_devices"] == 4
     if parallelism == "sharded":
         assert info["mesh"] == {"data": 1, "fsdp": 2, "tensor": 2}
 
@@ -156,7 +157,7 @@ def test_missing_libtpu_is_one_clear_error(monkeypatch):
 def test_compile_for_tpu_v5e_topology():
     # A tiny config: the paper's base config compiles the same way but takes minutes of CPU
     # (python -m transformer_jax.aot --config configs/wmt14_ende_base.py --topology v5e:2x2).
-    report = aot.run(tiny_config(), topology="v5e:2x2", decode=False)
+    report = aot.run(tiny_config(), topology="v5e:2x2")
     assert report["compiled"] and report["platform"] == "tpu" and report["topology"] == "v5e:2x2"
     assert report["num_devices"] == 4 and report["mesh"] == {"data": 4}
     assert report["device_kind"] == "TPU v5 lite"
@@ -166,3 +167,24 @@ def test_compile_for_tpu_v5e_topology():
     # Forward + backward >= 6 * params * tokens a side per chip (2 of 8 rows, 16 tokens).
     assert report["flops_per_device"] > 6 * report["params"] * 2 * 16
     assert report["flops_per_step"] == pytest.approx(4 * report["flops_per_device"])
+    for name in ("decode_greedy", "decode_beam4"):
+        assert report["programs"][name]["compiled"] and report["programs"][name]["fits"], name
+
+
+def test_program_refused_for_lack_of_hbm_is_reported_not_raised():
+    class Refused:  # what XLA:TPU raises when a program's temporaries exceed the chip
+        def trace(self, *args):
+            raise RuntimeError("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory "
+                               "required for HLO temporaries (20.11G) exceeds available HBM "
+                               "(15.75G).")
+
+    class Device:
+        device_kind = "TPU v5 lite"
+
+    facts = aot.compile_for_topology([aot.Program("decode_beam4", Refused(), (), 4)],
+                                     [Device()])["decode_beam4"]
+    assert facts["compiled"] is False and facts["fits"] is False
+    assert facts["per_device_bytes"] == int(20.11 * 2**30)
+    report = {"programs": {"decode_beam4": facts}}
+    assert aot.problems(report) == ["decode_beam4 needs 20.11 GiB per chip, more than the "
+                                    "16.00 GiB a chip has"]

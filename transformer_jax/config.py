@@ -231,6 +231,11 @@ class ModelConfig:
     # ------------------------------------------------------------------ derived values
 
     @property
+    def uses_dropout(self) -> bool:
+        """Whether any dropout rate is non-zero (training then needs dropout keys)."""
+        return max(self.dropout_rate, self.attention_dropout_rate, self.ff_dropout_rate) > 0
+
+    @property
     def head_dim(self) -> int:
         """H = d_model / num_heads."""
         return self.d_model // self.num_heads

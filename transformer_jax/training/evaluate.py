@@ -32,9 +32,10 @@ from transformer_jax.training.distributed import to_local
 from transformer_jax.training.parallel import DataParallel
 from transformer_jax.training.step import ModelDef, eval_step
 
-__all__ = ["Evaluator", "assemble_translations", "corpus_scores", "make_translate_fn"]
+__all__ = ["Evaluator", "assemble_translations", "corpus_scores", "make_translate_fn",
+           "split_rows", "ROWS"]
 
-_ROWS = "rows"  # mesh axis of the decoding devices
+ROWS = "rows"  # mesh axis of the decoding devices
 
 
 def assemble_translations(index: np.ndarray, ids: np.ndarray, limit: int,
@@ -62,6 +63,18 @@ def assemble_translations(index: np.ndarray, ids: np.ndarray, limit: int,
     return indices.tolist(), tokenizer.decode(ids[keep][order])
 
 
+def split_rows(decode_fn, devices) -> tuple:
+    """``decode_fn(params, rows [R, ...]) -> [R, ...]`` jitted over ``devices``: params
+    replicated, the rows split evenly (R a multiple of the device count), no communication.
+
+    Returns ``(jitted_fn, mesh)``; place rows with ``NamedSharding(mesh, P("rows"))``.
+    """
+    mesh = jax.make_mesh((len(devices),), (ROWS,), devices=devices,
+                         axis_types=(jax.sharding.AxisType.Explicit,))
+    return jax.jit(jax.shard_map(decode_fn, mesh=mesh, in_specs=(P(), P(ROWS)),
+                                 out_specs=P(ROWS), check_vma=False)), mesh
+
+
 class Evaluator:
     """Evaluates params on the splits of a prepared dataset.
 
@@ -87,7 +100,7 @@ class Evaluator:
             model_def, max_length=prepared.max_length, beam_size=beam_size,
             length_penalty=length_penalty)
         self._references: dict[str, list[tuple[str, str]]] = {}
-        self._sharded_translate = None  # (mesh, jitted decode), built on first use
+        self._sharded_translate = None  # (jitted decode, mesh), built on first use
 
     def _batches(self, split: str):
         """This process's rows of each global eval batch: the driver's row block (processes
@@ -118,12 +131,8 @@ class Evaluator:
         """(translate over this process's decoding devices, params replicated on them, devices)."""
         if self._sharded_translate is None:
             local = [d for d in self.dp.devices if d.process_index == jax.process_index()]
-            mesh = jax.make_mesh((len(local),), (_ROWS,), devices=local,
-                                 axis_types=(jax.sharding.AxisType.Explicit,))
-            self._sharded_translate = (mesh, jax.jit(jax.shard_map(
-                self._translate, mesh=mesh, in_specs=(P(), P(_ROWS)), out_specs=P(_ROWS),
-                check_vma=False)))
-        mesh, translate = self._sharded_translate
+            self._sharded_translate = split_rows(self._translate, local)
+        translate, mesh = self._sharded_translate
         params = jax.device_put(to_local(params), NamedSharding(mesh, P()))
         return translate, params, mesh
 
@@ -136,7 +145,7 @@ class Evaluator:
           its decoded ids; ``M = ceil(limit / batch_size) * batch_size / process_count``.
         """
         translate, params, mesh = self._decoder(params)
-        rows_sharding = NamedSharding(mesh, P(_ROWS))
+        rows_sharding = NamedSharding(mesh, P(ROWS))
         batches = data_lib.eval_batches(self.prepared, split, self.batch_size,
                                         process_index=process_index,
                                         process_count=process_count)

@@ -319,8 +319,7 @@ class Trainer:
         per_device = functools.partial(
             train_step, model_def=self.model_def, tx=self.tx, schedule=self.schedule,
             label_smoothing=float(opt.label_smoothing),
-            dropout=cfg.dropout_rate > 0 or cfg.attention_dropout_rate > 0
-            or getattr(cfg, "ff_dropout_rate", 0.0) > 0,
+            dropout=cfg.uses_dropout,
             grad_accum_steps=self.accum, pad_id=cfg.pad_id,
         )
         self.step_fn = self.dp.train_step(per_device)

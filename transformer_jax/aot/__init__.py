@@ -7,7 +7,8 @@ the parallel driver with its mesh), but from abstract inputs: no data is read or
 no parameter is materialised. The vocabulary size is ``data.vocab_size`` (``--vocab_size``
 overrides it) and a micro-batch is ``batch_size x data.max_length`` token ids, with the
 segment/position arrays of packed rows when ``data.packing``. The cached decode programs
-(greedy and beam search, one device, ``eval_batch_size`` rows) are built too.
+(greedy and beam search; ``eval_batch_size`` rows split over the devices, as the evaluator
+decodes) are built too.
 
 Two targets:
 
@@ -31,12 +32,9 @@ the config or the environment (one line on stderr).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import importlib.util
-import json
-import math
 import os
 import re
 import sys
@@ -46,9 +44,8 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from transformer_jax import decoding
@@ -57,6 +54,7 @@ from transformer_jax.errors import ConfigError
 from transformer_jax.inference import make_translate_fn
 from transformer_jax.nn import build_model, split_model
 from transformer_jax.training.defaults import validate_config
+from transformer_jax.training.evaluate import ROWS, split_rows
 from transformer_jax.training.optim import make_optimizer
 from transformer_jax.training.parallel import AXIS, DataParallel, resolve_mode
 from transformer_jax.training.sharding import BATCH_AXES, Sharded
@@ -64,6 +62,11 @@ from transformer_jax.training.step import create_train_state, train_step
 
 __all__ = [
     "AotError",
+    "load_config",
+    "main",
+    "problems",
+    "summary",
+    "write_json",
     "Program",
     "build_programs",
     "compile_for_topology",
@@ -171,10 +174,6 @@ def _batch_spec(config, rows: int, sharding) -> dict[str, jax.ShapeDtypeStruct]:
             for side in sides for suffix in suffixes}
 
 
-def _uses_dropout(cfg: ModelConfig) -> bool:
-    return cfg.dropout_rate > 0 or cfg.attention_dropout_rate > 0 or cfg.ff_dropout_rate > 0
-
-
 def _model_config(config, vocab_size: int | None) -> ModelConfig:
     fields = config.model.to_dict()
     fields["vocab_size"] = int(vocab_size or config.data.vocab_size)
@@ -196,7 +195,7 @@ def _train_program(config, model_cfg: ModelConfig, model, devices) -> tuple[Prog
     state = jax.eval_shape(lambda p: create_train_state(p, tx), params)
     per_device = functools.partial(
         train_step, model_def=model_def, tx=tx, schedule=schedule,
-        label_smoothing=float(opt.label_smoothing), dropout=_uses_dropout(model_cfg),
+        label_smoothing=float(opt.label_smoothing), dropout=model_cfg.uses_dropout,
         grad_accum_steps=int(opt.grad_accum_steps), pad_id=model_cfg.pad_id)
     replicated = NamedSharding(dp.mesh, P())
     state_shardings = dp.state_shardings(state)
@@ -236,25 +235,28 @@ def _lm_generate(model_def, *, max_length: int, beam_size: int) -> Callable:
     return generate
 
 
-def _decode_programs(config, model, device) -> list[Program]:
-    """Greedy and beam-search decoding on one device, as the evaluator runs them."""
+def _decode_programs(config, model, devices) -> list[Program]:
+    """Greedy and beam-search decoding as the evaluator runs them: params replicated, the
+    ``eval_batch_size`` rows (padded to a multiple of the devices) split over ``devices``."""
     model_def, params = split_model(model)
-    mesh = Mesh(np.asarray([device]), (AXIS,))
-    one = NamedSharding(mesh, P())
-    params = _abstract(params, jax.tree_util.tree_map(lambda _: one, params))
     rows = int(config.eval_batch_size or config.batch_size)
+    rows = -(-rows // len(devices)) * len(devices)
     length = int(config.data.max_length)
     beam = int(config.eval_beam_size) if config.eval_beam_size > 1 else 4
     programs = []
     for name, beam_size in (("decode_greedy", 1), (f"decode_beam{beam}", beam)):
         if config.model_kind == "decoder_only":
             fn = _lm_generate(model_def, max_length=length, beam_size=beam_size)
-            ids = jax.ShapeDtypeStruct((rows,), jnp.int32, sharding=one)
+            shape = (rows,)
         else:
             fn = make_translate_fn(model_def, max_length=length, beam_size=beam_size,
                                    length_penalty=float(config.eval_length_penalty))
-            ids = jax.ShapeDtypeStruct((rows, length), jnp.int32, sharding=one)
-        programs.append(Program(name, jax.jit(fn), (params, ids), 1))
+            shape = (rows, length)
+        step, mesh = split_rows(fn, list(devices))
+        replicated, split = NamedSharding(mesh, P()), NamedSharding(mesh, P(ROWS))
+        args = (_abstract(params, jax.tree_util.tree_map(lambda _, r=replicated: r, params)),
+                jax.ShapeDtypeStruct(shape, jnp.int32, sharding=split))
+        programs.append(Program(name, step, args, len(devices)))
     return programs
 
 
@@ -280,7 +282,7 @@ def build_programs(config, devices: Sequence[Any], *, vocab_size: int | None = N
     train, info = _train_program(config, model_cfg, model, devices)
     programs = [train]
     if decode:
-        programs += _decode_programs(config, model, devices[0])
+        programs += _decode_programs(config, model, devices)
     info.update({
         "model_kind": config.model_kind,
         "params": count_params(model_cfg, decoder_only=decoder_only),
@@ -341,13 +343,37 @@ def _memory(compiled) -> dict[str, int]:
     return parts
 
 
+def _out_of_memory(err: Exception) -> int | None:
+    """Bytes XLA:TPU said a program needs when it refused to compile it for lack of HBM."""
+    found = re.search(r"Ran out of memory.*?\(([\d.]+)([KMGT])\)", str(err), re.DOTALL)
+    if found is None:
+        return None
+    return int(float(found.group(1)) * 1024 ** ("KMGT".index(found.group(2)) + 1))
+
+
 def compile_for_topology(programs: Sequence[Program], devices: Sequence[Any]) -> dict[str, dict]:
-    """Compile each program for the devices its arguments are placed on (a TPU topology)."""
+    """Compile each program for the devices its arguments are placed on (a TPU topology).
+
+    A program XLA refuses for lack of HBM is reported (``compiled`` False, ``fits`` False,
+    ``per_device_bytes`` the temporaries it asked for), not raised. One progress line per
+    program goes to stderr: a big model takes minutes on a small CPU.
+    """
     hbm = TPU_HBM_BYTES.get(devices[0].device_kind)
     out = {}
     for program in programs:
+        print(f"compiling {program.name} ...", file=sys.stderr, flush=True)
         start = time.perf_counter()
-        compiled = program.fn.trace(*program.args).lower().compile()
+        try:
+            compiled = program.fn.trace(*program.args).lower().compile()
+        except Exception as err:  # JaxRuntimeError: RESOURCE_EXHAUSTED
+            needed = _out_of_memory(err)
+            if needed is None:
+                raise
+            out[program.name] = {
+                "compiled": False, "fits": False, "per_device_bytes": needed,
+                "device_memory_bytes": hbm, "error": " ".join(str(err).split())[:300],
+                "seconds": round(time.perf_counter() - start, 2)}
+            continue
         facts: dict[str, Any] = {"compiled": True}
         facts.update(_memory(compiled))
         cost = compiled.cost_analysis() or {}
@@ -387,149 +413,5 @@ def run(config, *, topology: str | None = None, platform: str | None = None,
     return report
 
 
-# ------------------------------------------------------------------------------ CLI
-
-
-def _gib(n) -> str:
-    return "?" if n is None or (isinstance(n, float) and math.isnan(n)) else f"{n / GIB:.2f} GiB"
-
-
-def summary(report: dict) -> str:
-    """Human-readable lines of a :func:`run` report."""
-    mesh = " x ".join(f"{k} {v}" for k, v in report["mesh"].items())
-    where = report.get("topology") or f"{report['platform']} (export)"
-    lines = [f"{report['model_kind']}: {report['params'] / 1e6:.1f}M params, "
-             f"{report['dtype']}, batch {report['batch'][0]} x {report['batch'][1]}, "
-             f"{report['parallelism']} over {report['num_devices']} devices ({mesh}) "
-             f"on {where}"]
-    for name, facts in report["programs"].items():
-        if facts.get("compiled"):
-            fits = {True: "fits", False: "DOES NOT FIT", None: "capacity unknown"}[facts["fits"]]
-            lines.append(
-                f"  {name:<14} compiled in {facts['seconds']:.1f} s: "
-                f"{_gib(facts['per_device_bytes'])} per chip of "
-                f"{_gib(facts['device_memory_bytes'])} ({fits}), "
-                f"{facts['flops_per_step'] / 1e12:.2f} TFLOP per step")
-        else:
-            calls = ", ".join(facts["custom_calls"]) or "none"
-            lines.append(
-                f"  {name:<14} exported in {facts['seconds']:.1f} s: "
-                f"{facts['stablehlo_bytes'] / 1e6:.2f} MB StableHLO, custom calls: {calls}, "
-                f"host callbacks: {len(facts['host_callbacks'])}, f64: {facts['f64']}")
-    return "\n".join(lines)
-
-
-def problems(report: dict) -> list[str]:
-    """Why a report is not good for the target (empty when it is)."""
-    out = []
-    for name, facts in report["programs"].items():
-        if facts.get("fits") is False:
-            out.append(f"{name} needs {_gib(facts['per_device_bytes'])} per chip, more than "
-                       f"the {_gib(facts['device_memory_bytes'])} a chip has")
-        if facts.get("host_callbacks"):
-            out.append(f"{name} calls back to the host ({', '.join(facts['host_callbacks'])})")
-        if facts.get("f64"):
-            out.append(f"{name} computes in float64")
-    return out
-
-
-def write_json(path: str, report: dict) -> None:
-    """Write ``report`` atomically (a temporary file renamed into place)."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(report, f, indent=2, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, path)
-
-
-def load_config(path: str, overrides: Sequence[str] = ()):
-    """``get_config()`` of a config file, with ``config.a.b=value`` overrides applied."""
-    if not os.path.isfile(path):
-        raise AotError(f"config file {path} does not exist; pass e.g. --config configs/default.py.")
-    spec = importlib.util.spec_from_file_location("aot_config", path)
-    module = importlib.util.module_from_spec(spec)
-    try:
-        spec.loader.exec_module(module)
-        config = module.get_config()
-    except Exception as err:  # a broken config file: say where, do not dump a traceback
-        raise AotError(f"config file {path} could not be loaded: "
-                       f"{type(err).__name__}: {err}") from None
-    for item in overrides:
-        key, _, text = item.partition("=")
-        *parents, leaf = key.removeprefix("--").removeprefix("config.").split(".")
-        section = config
-        try:
-            for name in parents:
-                section = section[name]
-            old = section[leaf]
-        except (KeyError, AttributeError, TypeError):
-            raise AotError(f"unknown config key {key!r} in override {item!r}.") from None
-        section[leaf] = _parse_value(text, old)
-    return config
-
-
-def _parse_value(text: str, old):
-    """``text`` as the type of the value it replaces."""
-    if isinstance(old, bool):
-        if text.lower() not in ("true", "false", "1", "0"):
-            raise AotError(f"expected true or false, got {text!r}.")
-        return text.lower() in ("true", "1")
-    if isinstance(old, int | float) and not isinstance(old, bool):
-        try:
-            return type(old)(text) if isinstance(old, float) else int(text)
-        except ValueError:
-            raise AotError(f"expected a {type(old).__name__}, got {text!r}.") from None
-    return text
-
-
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m transformer_jax.aot",
-        description="Compile a training config for a TPU topology or export it for CUDA, "
-                    "without the accelerator. Extra --config.KEY=VALUE arguments override "
-                    "config values as in train.py.")
-    parser.add_argument("--config", required=True, help="training config file (configs/*.py)")
-    target = parser.add_mutually_exclusive_group(required=True)
-    target.add_argument("--topology", help="TPU topology to compile for, e.g. v5e:2x2")
-    target.add_argument("--platform", choices=EXPORT_PLATFORMS,
-                        help="platform to export StableHLO for, e.g. cuda")
-    parser.add_argument("--num_devices", type=int, default=8,
-                        help="devices of an export (default 8)")
-    parser.add_argument("--vocab_size", type=int, default=None,
-                        help="vocabulary size (default: data.vocab_size)")
-    parser.add_argument("--no_decode", action="store_true", help="skip the decode programs")
-    parser.add_argument("--json", help="write the report here")
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point; see the module docstring. Returns the exit code."""
-    parser = _parser()
-    args, rest = parser.parse_known_args(argv)
-    bad = [a for a in rest if not a.startswith("--config.") or "=" not in a]
-    if bad:
-        parser.error(f"unrecognized arguments: {' '.join(bad)}")
-    if args.num_devices > 1 and args.platform:
-        jax.config.update("jax_num_cpu_devices", args.num_devices)
-    try:
-        config = load_config(args.config, rest)
-        report = run(config, topology=args.topology, platform=args.platform,
-                     num_devices=args.num_devices, vocab_size=args.vocab_size,
-                     decode=not args.no_decode)
-    except (AotError, ConfigError, ValueError) as err:
-        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
-        return 2
-    report["config"] = args.config
-    print(summary(report))
-    if args.json:
-        write_json(args.json, report)
-    found = problems(report)
-    for line in found:
-        print(f"problem: {line}", file=sys.stderr)
-    return 1 if found else 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+# The command line and its report (``python -m transformer_jax.aot``) live in ``aot/cli.py``.
+from transformer_jax.aot.cli import load_config, main, problems, summary, write_json  # noqa: E402
