@@ -19,12 +19,13 @@ import logging as std_logging
 import os
 import sys
 
-from transformer_jax.runtime import configure_malloc, defer_stop_signals
+from transformer_jax.runtime import configure_malloc, defer_stop_signals, skip_absent_tpu
 
 if __name__ == "__main__":
     # Re-executes this command once with glibc malloc settings that keep XLA's per-step
     # buffers mapped (transformer_jax/runtime.py): first, so JAX is imported only once.
     configure_malloc()
+    skip_absent_tpu()  # libtpu installed but no TPU here: no probe, no libtpu error
     defer_stop_signals()  # a SIGTERM while importing stops the run at its first update
 
 from absl import app, flags, logging

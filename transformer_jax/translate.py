@@ -16,10 +16,11 @@ import argparse
 import logging
 import sys
 
-from transformer_jax.runtime import configure_malloc
+from transformer_jax.runtime import configure_malloc, skip_absent_tpu
 
 if __name__ == "__main__":
     configure_malloc()  # re-executes once, before JAX is imported (transformer_jax/runtime.py)
+    skip_absent_tpu()  # libtpu installed but no TPU here: no probe, no libtpu error
 
 import absl.logging
 
