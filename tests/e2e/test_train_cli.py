@@ -88,3 +88,28 @@ def test_bad_value_fails_in_one_line(tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
     assert "num_train_steps" in lines[0]
+
+
+def test_time_limit_stops_early_and_still_finishes(tmp_path):
+    # 0.0001 minutes have passed before the first update ends: one update, then the normal end
+    # (checkpoint, test-split evaluation, averaging), not the exit of an interrupted run.
+    workdir = str(tmp_path / "run")
+    args = [a for a in TINY if not a.startswith(("--config.num_train_steps",
+                                                 "--config.data.test_split"))]
+    proc = _train("--workdir", workdir, *args, "--config.num_train_steps=1000",
+                  "--config.max_train_minutes=0.0001", "--config.average_last=2",
+                  "--config.keep_checkpoints=2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "max_train_minutes=0.0001 reached after update 1 of 1000" in proc.stderr
+    with open(os.path.join(workdir, "summary.json")) as f:
+        summary = json.load(f)
+    assert summary["step"] == 1 and summary["stopped_by_time_limit"] is True
+    assert summary["interrupted"] is False and "loss" in summary["test"]
+    assert os.listdir(os.path.join(workdir, "checkpoints")) == ["1"]
+
+
+def test_negative_time_limit_fails_in_one_line(tmp_path):
+    proc = _train("--workdir", str(tmp_path / "w"), *TINY, "--config.max_train_minutes=-5")
+    assert proc.returncode == 2
+    assert "max_train_minutes=-5.0 must be a number of minutes >= 0" in proc.stderr
+    assert not os.path.exists(tmp_path / "w")

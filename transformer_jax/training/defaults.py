@@ -8,6 +8,10 @@ Top-level keys:
 
   seed                    PRNG seed for initialisation, dropout and data order
   num_train_steps         optimizer updates to run (each is grad_accum_steps micro-batches)
+  max_train_minutes       > 0: stop updating once this many minutes have passed since
+                          train.py started (set-up included), checkpoint, and finish as at
+                          num_train_steps (final evaluation, averaging); the learning-rate
+                          schedule still spans num_train_steps. 0: no time limit
   batch_size              global rows per micro-batch, summed over devices and processes; a
                           row holds up to data.max_length source and data.max_length target
                           tokens (several packed pairs when data.packing), so one update sees
@@ -103,6 +107,7 @@ def default_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.num_train_steps = 1000
+    c.max_train_minutes = 0.0
     c.batch_size = 64
     c.eval_batch_size = 0
     c.log_every_steps = 50
@@ -185,6 +190,10 @@ def _check_schedule_keys(merged: dict) -> None:
     _positive(merged, "seed", "eval_batch_size", "eval_every_steps", "eval_num_sentences",
               "average_last", allow_zero=True)
     parse_metrics(merged["eval_metrics"])
+    minutes = merged["max_train_minutes"]
+    if isinstance(minutes, bool) or not isinstance(minutes, int | float) or not minutes >= 0:
+        raise ConfigError(f"max_train_minutes={minutes!r} must be a number of minutes >= 0 "
+                          "(0: no time limit).")
     if merged["average_last"] > merged["keep_checkpoints"]:
         raise ConfigError(
             f"average_last={merged['average_last']} needs keep_checkpoints >= "

@@ -312,15 +312,16 @@ class StopVote:
         self._any = jax.jit(lambda x: jnp.max(x), out_shardings=jax.sharding.NamedSharding(
             mesh, jax.sharding.PartitionSpec()))
 
-    def vote(self, stop: bool) -> bool:
-        """Submit this process's flag; True when every process must stop now."""
+    def vote(self, stop: int) -> int:
+        """Submit this process's flag (0: go on, > 0: a reason to stop); returns the largest
+        flag of all processes (0 when every process goes on)."""
         if not self._multi:
-            return stop
+            return int(stop)
         flags = np.full((self._local,), int(stop), np.int32)
         agreed = self._any(jax.make_array_from_process_local_data(
             self._split, flags, (self._split.mesh.size,)))
         previous, self._pending = self._pending, agreed
-        return previous is not None and bool(previous.addressable_shards[0].data)
+        return 0 if previous is None else int(previous.addressable_shards[0].data)
 
 
 def put_global(tree, shardings):

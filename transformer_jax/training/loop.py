@@ -55,6 +55,11 @@ __all__ = ["Trainer", "train_and_evaluate"]
 log = logging.getLogger(__name__)
 
 
+# Reasons to stop early, agreed across processes by StopVote (the largest wins).
+_OUT_OF_TIME = 1  # max_train_minutes reached: checkpoint, then finish as usual
+_SIGNALLED = 2  # SIGTERM/SIGINT: checkpoint and exit (resume later)
+
+
 class _StopFlag:
     """Set by SIGTERM/SIGINT while set up or training; restores the old handlers on exit.
 
@@ -225,6 +230,7 @@ class Trainer:
         self.metric_names = parse_metrics(self.config.eval_metrics)
         self.step = 0
         self.interrupted = False
+        self.out_of_time = False  # stopped by max_train_minutes (then finished normally)
         self.last_train: dict[str, float] = {}
         self.last_eval: tuple[int, dict] | None = None
         self.throughput = _Throughput()
@@ -334,7 +340,8 @@ class Trainer:
 
     # ------------------------------------------------------------------------ train
     def train(self) -> None:
-        """Run updates until ``num_train_steps`` or an agreed stop (signal to any process)."""
+        """Run updates until ``num_train_steps``, ``max_train_minutes`` or an agreed stop (a
+        signal to any process); every process stops after the same update."""
         total = self.config.num_train_steps
         self.step = self.first_step = self.micro // self.accum
         self.pending: list = []
@@ -352,12 +359,22 @@ class Trainer:
                         continue
                     self.step = self.micro // self.accum
                     self.bar.update(1)
-                    if self._after_update(stopping=vote.vote(signals.signum is not None)):
-                        self.interrupted = True
+                    reason = vote.vote(_SIGNALLED if signals.signum is not None
+                                       else _OUT_OF_TIME if self._out_of_time() else 0)
+                    if self._after_update(stopping=bool(reason)):
+                        self.interrupted = reason == _SIGNALLED
+                        self.out_of_time = reason == _OUT_OF_TIME
                         break
         finally:
             self.bar.close()
             self.checkpointer.wait()
+        if self.out_of_time:
+            log.warning("max_train_minutes=%s reached after update %d of %d; finishing there.",
+                        self.config.max_train_minutes, self.step, total)
+
+    def _out_of_time(self) -> bool:
+        budget = 60.0 * float(self.config.max_train_minutes)
+        return budget > 0 and time.perf_counter() - self.wall_start >= budget
 
     def _after_update(self, stopping: bool) -> bool:
         """Logging, checkpoint and evaluation due after this update; True to stop now."""
@@ -420,6 +437,7 @@ class Trainer:
             "workdir": self.workdir,
             "step": self.step,
             "interrupted": self.interrupted,
+            "stopped_by_time_limit": self.out_of_time,
             "train": self.last_train,
             "train_tokens_per_s": self.throughput.rate,
             "train_seconds": self.throughput.seconds,
