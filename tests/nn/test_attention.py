@@ -124,7 +124,7 @@ def test_incremental_cache_equals_causal_full_pass(rope):
     bias = ops.alibi_bias(N, jnp.arange(T), jnp.arange(T))
     full, _, _ = module(x, mask=ops.causal_mask(T), bias=bias)
     cache = module.init_cache(B, 8)
-    assert cache["key"].shape == (B, 8, N, H) and cache["index"].dtype == jnp.int32
+    assert cache["key"].shape == (B, N, 8, H) and cache["index"].dtype == jnp.int32  # heads-first
     step = jax.jit(lambda x_t, c, b_t: module(x_t, cache=c, bias=b_t))
     outs = []
     for t in range(T):
@@ -134,7 +134,7 @@ def test_incremental_cache_equals_causal_full_pass(rope):
     assert int(cache["index"]) == T
     np.testing.assert_allclose(jnp.concatenate(outs, axis=1), full, atol=1e-5)
     # The unused tail of the cache is untouched.
-    assert float(jnp.abs(cache["key"][:, T:]).max()) == 0.0
+    assert float(jnp.abs(cache["key"][:, :, T:]).max()) == 0.0
 
 
 def test_prefill_several_tokens_then_one_step():
@@ -151,7 +151,7 @@ def test_precomputed_cross_kv_equals_projection_each_call():
     module = _mha()
     xq, xkv = _inputs(8)
     kv = module.precompute_kv(xkv)
-    assert kv["key"].shape == (B, S, N, H) and "index" not in kv
+    assert kv["key"].shape == (B, N, S, H) and "index" not in kv
     direct, _, _ = module(xq, xkv)
     cached, same, _ = module(xq, cache=kv)
     assert same is kv

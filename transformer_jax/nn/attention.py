@@ -6,15 +6,19 @@ them as a plain dict that the pure function accepts.
 
 Two kinds of cache pytree:
 
-* incremental self-attention (``init_cache``): ``{"key": [B, L, N, H], "value": [B, L, N, H],
+* incremental self-attention (``init_cache``): ``{"key": [B, N, L, H], "value": [B, N, L, H],
   "index": int32 scalar}``. A call with T new tokens writes their keys/values at
   ``[index, index + T)``, lets query ``i`` attend cached positions ``j <= index + i`` and
   returns the cache with ``index + T``. Writing past ``L`` raises ValueError when ``index`` is
   a concrete number; under ``jax.jit`` (traced index) the outputs of an overflowing call are
   NaN instead of silently attending overwritten keys.
 * precomputed keys/values (``precompute_kv``, e.g. cross-attention over the encoder output):
-  ``{"key": [B, S, N, H], "value": [B, S, N, H]}`` without ``"index"``; used as is and returned
+  ``{"key": [B, N, S, H], "value": [B, N, S, H]}`` without ``"index"``; used as is and returned
   unchanged, so each decoding step skips re-projecting the encoder output.
+
+Caches are heads-first (``[B, N, L, H]``, the layout of the score and weighted-value matmuls,
+whose batch axes are B and N): a ``[B, L, N, H]`` cache was copied into that layout by every
+layer at every decoding step.
 """
 
 from __future__ import annotations
@@ -120,10 +124,10 @@ class MultiHeadAttention(nnx.Module):
         """Empty self-attention cache for ``max_len`` positions.
 
         Returns:
-          ``{"key": [B, L, N, H], "value": [B, L, N, H], "index": int32 scalar 0}`` with
+          ``{"key": [B, N, L, H], "value": [B, N, L, H], "index": int32 scalar 0}`` with
           ``dtype`` (default: the compute dtype).
         """
-        shape = (batch, max_len, self.num_heads, self.head_dim)
+        shape = (batch, self.num_heads, max_len, self.head_dim)
         dtype = self.dtype if dtype is None else dtype
         return {
             "key": jnp.zeros(shape, dtype),
@@ -132,12 +136,12 @@ class MultiHeadAttention(nnx.Module):
         }
 
     def precompute_kv(self, inputs_kv) -> dict[str, jax.Array]:
-        """Projects ``inputs_kv`` ``[B, S, D]`` once: ``{"key", "value"}`` each ``[B, S, N, H]``.
+        """Projects ``inputs_kv`` ``[B, S, D]`` once: ``{"key", "value"}`` each ``[B, N, S, H]``.
 
         Pass the result as ``cache=`` to reuse it (cross-attention during decoding). Keys are
         not rotated (RoPE is meant for self-attention).
         """
-        return {"key": self._project(inputs_kv, "key"), "value": self._project(inputs_kv, "value")}
+        return {name: _heads_first(self._project(inputs_kv, name)) for name in ("key", "value")}
 
     # ------------------------------------------------------------------ forward
 
@@ -193,7 +197,8 @@ class MultiHeadAttention(nnx.Module):
             query = ops.apply_rope(query, positions)
         new_cache = None
         if cache is not None and not incremental:  # precomputed keys/values
-            key, value, new_cache = cache["key"], cache["value"], cache
+            key, value = _heads_last(cache["key"]), _heads_last(cache["value"])  # [B, S, N, H]
+            new_cache = cache
         else:
             inputs_kv = inputs_q if inputs_kv is None else jnp.asarray(inputs_kv)
             key = self._project(inputs_kv, "key")  # [B, S, N, H]
@@ -221,20 +226,22 @@ class MultiHeadAttention(nnx.Module):
         heads, weights = result if return_weights else (result, None)  # [B, T, N, H]
         out = ops.project_out(heads, self._param("out"), self._param("out_bias"))  # [B, T, D]
         if incremental:  # traced overflow (see _update_cache): poison instead of wrong numbers
-            out = jnp.where(cache["index"] + length > cache["key"].shape[1], jnp.nan, out)
+            out = jnp.where(cache["index"] + length > cache["key"].shape[2], jnp.nan, out)
         return out, new_cache, weights
 
     def _update_cache(self, cache, key, value, spec):
-        """Writes T new keys/values at ``cache["index"]``; returns the full cache tensors and
-        ``spec`` with the cache's causal term (query i at slot ``index + i`` sees slots
-        ``<= index + i``)."""
-        cached_k, cached_v, index = cache["key"], cache["value"], cache["index"]
-        if cached_k.shape[0] != key.shape[0] or cached_k.shape[2:] != key.shape[2:]:
+        """Writes T new keys/values ``[B, T, N, H]`` at ``cache["index"]``; returns the full
+        cache tensors as ``[B, L, N, H]`` views and ``spec`` with the cache's causal term (query
+        i at slot ``index + i`` sees slots ``<= index + i``)."""
+        cached_k, cached_v, index = cache["key"], cache["value"], cache["index"]  # [B, N, L, H]
+        key, value = _heads_first(key), _heads_first(value)  # [B, N, T, H]
+        if cached_k.shape[:2] != key.shape[:2] or cached_k.shape[3] != key.shape[3]:
             raise ValueError(
                 f"cache key {tuple(cached_k.shape)} does not match the new keys "
-                f"{tuple(key.shape)}; build the cache with init_cache(batch={key.shape[0]}, ...)."
+                f"{tuple(key.shape)} (both [B, N, L, H]); build the cache with "
+                f"init_cache(batch={key.shape[0]}, ...)."
             )
-        length, max_len = key.shape[1], cached_k.shape[1]
+        length, max_len = key.shape[2], cached_k.shape[2]
         if length > max_len:
             raise ValueError(f"{length} new tokens do not fit a cache of length {max_len}.")
         if not isinstance(index, jax.core.Tracer) and int(index) + length > max_len:
@@ -242,7 +249,7 @@ class MultiHeadAttention(nnx.Module):
                 f"writing {length} token(s) at position {int(index)} overflows the KV cache of "
                 f"length {max_len}; build the cache with a larger max_len."
             )
-        start = (0, index, 0, 0)
+        start = (0, 0, index, 0)
         cached_k = lax.dynamic_update_slice(cached_k, key.astype(cached_k.dtype), start)
         cached_v = lax.dynamic_update_slice(cached_v, value.astype(cached_v.dtype), start)
         spec = dataclasses.replace(
@@ -252,4 +259,14 @@ class MultiHeadAttention(nnx.Module):
             k_positions=jnp.arange(max_len, dtype=jnp.int32)[None],  # [1, L]
         )
         new_cache = {"key": cached_k, "value": cached_v, "index": index + length}
-        return cached_k, cached_v, spec, new_cache
+        return _heads_last(cached_k), _heads_last(cached_v), spec, new_cache
+
+
+def _heads_first(x):
+    """``[B, L, N, H] -> [B, N, L, H]`` (the cache layout)."""
+    return jnp.swapaxes(x, 1, 2)
+
+
+def _heads_last(x):
+    """``[B, N, L, H] -> [B, L, N, H]`` (what ``ops`` takes; XLA folds it into the matmul)."""
+    return jnp.swapaxes(x, 1, 2)
