@@ -81,12 +81,23 @@ def test_structured_mask_gradients_match_xla():
             np.testing.assert_allclose(g, r, atol=1e-4)
 
 
-def test_jax_implementation_lowers_to_cudnn_for_cuda(monkeypatch):
+@pytest.fixture
+def claim_cudnn(monkeypatch):
     # Private: jax asks the local CUDA install for the cuDNN version while tracing; there is
     # none on this machine, so claim cuDNN 9.10 (what jax 0.10 wheels ship with).
     from jax._src.cudnn import fused_attention_stablehlo as cudnn
 
     monkeypatch.setattr(cudnn, "check_cudnn_version", lambda: 91000)
+
+
+def cuda_custom_calls(fn, *args) -> set[str]:
+    # Lowered, not exported: cuDNN's custom calls carry no export compatibility promise.
+    text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    assert "f64" not in text
+    return set(re.findall(r'custom_call @"?([\w$]+)', text))
+
+
+def test_jax_implementation_lowers_to_cudnn_for_cuda(claim_cudnn):
     q, k, v = qkv(jnp.bfloat16)
     packed = jnp.asarray(np.random.default_rng(0).random((B, 1, T, T)) > 0.3)
 
@@ -99,9 +110,31 @@ def test_jax_implementation_lowers_to_cudnn_for_cuda(monkeypatch):
 
     # Causal + padding: cuDNN's own mask types; a dense (packed-row) mask: an additive bias.
     for mask, kernel in ((None, "__cudnn$fmhaSoftmax"), (packed, "__cudnn$fmhaScaleBiasSoftmax")):
-        fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
-        # Lowered, not exported: cuDNN's custom calls carry no export compatibility promise.
-        text = fn.trace(q, k, v, mask).lower(lowering_platforms=("cuda",)).as_text()
-        calls = set(re.findall(r'custom_call @"?([\w$]+)', text))
+        calls = cuda_custom_calls(jax.value_and_grad(loss, argnums=(0, 1, 2)), q, k, v, mask)
         assert calls == {kernel, f"{kernel}Backward"}, calls
-        assert "f64" not in text
+
+
+def test_model_decoder_self_attention_reaches_cudnn_causal_mask(claim_cudnn, monkeypatch):
+    # A Transformer with attention_impl="jax" in bfloat16, traced as on a GPU (the backend
+    # test of ops.attention answers "GPU"): the decoder's causal self-attention goes to cuDNN
+    # as its own causal mask (fmhaSoftmax: no [T, T] array); the encoder's and the
+    # cross-attention's key padding still arrive as a dense bias (fmhaScaleBiasSoftmax).
+    from flax import nnx
+
+    from transformer_jax.config import ModelConfig
+    from transformer_jax.nn import Transformer, split_model
+    from transformer_jax.ops import attention as attention_module
+
+    monkeypatch.setattr(attention_module, "_cudnn_ok", lambda q: q.dtype == jnp.bfloat16)
+    cfg = ModelConfig(vocab_size=64, d_model=64, num_heads=4, num_layers=1, d_ff=128,
+                      max_len=16, dtype="bfloat16", attention_impl="jax")
+    model_def, params = split_model(Transformer(cfg, rngs=nnx.Rngs(0)))
+    src = jnp.asarray(np.random.default_rng(0).integers(3, 64, (2, 16)), jnp.int32)
+
+    def loss(params, src, tgt):
+        logits = model_def.merge(params)(src, tgt)
+        return jnp.mean(logits.astype(jnp.float32))
+
+    calls = cuda_custom_calls(jax.value_and_grad(loss), params, src, src)
+    assert {"__cudnn$fmhaSoftmax", "__cudnn$fmhaSoftmaxBackward"} <= calls, calls
+    assert "__cudnn$fmhaScaleBiasSoftmax" in calls, calls

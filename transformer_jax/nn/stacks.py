@@ -247,11 +247,15 @@ class Decoder(nnx.Module):
         tgt_ids = check_ids("tgt_ids", tgt_ids)
         batch, length = tgt_ids.shape
         if cache is None:
+            # Without given positions the causal term is "key index <= query index": leave the
+            # spec's positions unset (their default) so attention_impl="jax" can hand it to
+            # cuDNN as its own causal mask instead of a dense [T, T] one.
+            spec_positions = positions
             positions = _positions(config, tgt_ids, positions, "tgt_ids")
             self_spec = ops.AttentionSpec(
                 causal=True,
-                q_positions=positions,
-                k_positions=positions,
+                q_positions=spec_positions,
+                k_positions=spec_positions,
                 q_segments=tgt_segments,
                 k_segments=tgt_segments,
                 alibi_slopes=_alibi_slopes(config),

@@ -22,6 +22,7 @@ keys are all masked out gets zero weights and a zero output (with zero, finite g
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -175,6 +176,8 @@ def _jax_attention(query, key, value, mask, bias, precision, backend, is_causal,
     if bias is not None:
         kwargs["bias"] = bias.astype(query.dtype)
     if mask is not None:
+        if backend == "cudnn":  # cuDNN takes the mask as a bias with the full query length
+            mask = jnp.broadcast_to(mask, (*mask.shape[:2], query.shape[1], key.shape[1]))
         kwargs["mask"] = mask
     if kv_lengths is not None:
         kwargs["key_value_seq_lengths"] = jnp.asarray(kv_lengths, jnp.int32)
@@ -216,6 +219,12 @@ def _precision_name(precision) -> str | None:
     return {"default": "bfloat16", "high": "tensorfloat32", "highest": "float32"}.get(
         str(precision).lower(), str(precision)
     )
+
+
+def _index_causal(spec: AttentionSpec, t: int, s: int) -> bool:
+    """Whether the causal term of ``spec`` is the plain ``j <= i`` of ``is_causal``."""
+    return (spec.causal and spec.q_positions is None and spec.k_positions is None
+            and spec.alibi_slopes is None and t == s)
 
 
 def _with_dense_spec(spec: AttentionSpec, mask, bias, t: int, s: int):
@@ -297,6 +306,9 @@ def dot_product_attention(
     use_dropout = _check_dropout(dropout_rate, dropout_rng)
     if spec is not None:
         spec.check(b, n, t, s)
+        if implementation == "jax" and _index_causal(spec, t, s):
+            # "key index <= query index": cuDNN's own causal mask, no [T, S] array.
+            spec, is_causal = dataclasses.replace(spec, causal=False), True
         if implementation != "chunked":
             mask, bias = _with_dense_spec(spec, mask, bias, t, s)
             spec = None
