@@ -6,7 +6,8 @@ import importlib
 import os
 import platform
 
-_ENV_KEYS = ("XLA_FLAGS", "LD_PRELOAD", "OMP_NUM_THREADS", "MALLOC_CONF", "TCMALLOC_RELEASE_RATE")
+_ENV_KEYS = ("XLA_FLAGS", "LD_PRELOAD", "GLIBC_TUNABLES", "MIMALLOC_PURGE_DELAY", "OMP_NUM_THREADS",
+             "MALLOC_CONF", "TCMALLOC_RELEASE_RATE")
 
 
 def cpu_model() -> str:
@@ -42,3 +43,13 @@ def machine_info(*packages: str, **extra) -> dict:
     info["env"] = {k: os.environ[k] for k in _ENV_KEYS if k in os.environ}
     info.update(extra)
     return info
+
+
+def write_json(path: str, result: dict) -> None:
+    """Write a benchmark result as indented JSON (creating the folder)."""
+    import json
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(result, f, indent=2)
+        f.write("\n")

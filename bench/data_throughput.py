@@ -22,7 +22,6 @@ Usage: python bench/data_throughput.py [--batches 300] [--step-tokens-per-s 4400
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import sys
@@ -30,7 +29,7 @@ import tempfile
 import time
 
 import numpy as np
-from benchlib import machine_info
+from benchlib import machine_info, write_json
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 MULTI30K = os.path.normpath(os.path.join(HERE, "..", "..", "shared", "data", "multi30k"))
@@ -142,10 +141,7 @@ def main(argv=None) -> int:
         head = r.get("headroom", "")
         print(f"| {r['config']} | {r['examples_per_s']} | {r['tokens_per_s']} | {r['fill']} "
               f"| {r['batches_per_s']} | {head} |")
-    os.makedirs(os.path.dirname(args.json), exist_ok=True)
-    with open(args.json, "w") as f:
-        json.dump(result, f, indent=2)
-        f.write("\n")
+    write_json(args.json, result)
     return 0
 
 

@@ -44,12 +44,12 @@ def _machine_line(result: dict) -> str:
 
 
 def _allocator(result: dict) -> str:
-    preload = result.get("machine", {}).get("env", {}).get("LD_PRELOAD", "")
-    if "tcmalloc" in preload:
-        return "tcmalloc"
-    if "jemalloc" in preload:
-        return "jemalloc"
-    return "glibc"
+    env = result.get("machine", {}).get("env", {})
+    preload = env.get("LD_PRELOAD", "")
+    for name in ("mimalloc", "tcmalloc", "jemalloc"):
+        if name in preload:
+            return name
+    return "glibc tunables" if env.get("GLIBC_TUNABLES") else "glibc"
 
 
 def train_table(results: list[dict]) -> str:

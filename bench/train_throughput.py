@@ -15,8 +15,9 @@ Both sides train the same encoder-decoder on the same random batch, each in its 
 Dropout 0.1 on residuals, embeddings and attention weights in both (``nn.Transformer`` drops
 attention weights; ours sets ``attention_dropout_rate``). Allocator: ours runs with what our
 entry points do by default (``transformer_jax.runtime.configure_malloc``: this script
-re-executes itself once with the glibc tunables); the torch worker gets glibc's defaults
-(``GLIBC_TUNABLES`` and ``LD_PRELOAD`` removed from its environment). The two run
+re-executes itself once with mimalloc preloaded, or the glibc tunables where mimalloc is not
+installed); the torch worker gets glibc's defaults (``GLIBC_TUNABLES``, ``LD_PRELOAD`` and
+``MIMALLOC_*`` removed from its environment). The two run
 alternately, A B A B, for ``--rounds`` rounds of ``--steps`` steps each after a
 warm-up (compilation is not timed); the fp32 matmul peak (a jitted ``jnp.dot`` of 2048^3,
 median of several runs) is measured in every round too. Reported numbers are medians over
@@ -54,7 +55,7 @@ import subprocess
 import sys
 import time
 
-from benchlib import machine_info
+from benchlib import machine_info, write_json
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -263,7 +264,8 @@ class TorchProcess:
     """``Torch`` in a subprocess with glibc's default allocator settings."""
 
     def __init__(self, config: str, optimizer: str, warmup: int):
-        env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "LD_PRELOAD")}
+        env = {k: v for k, v in os.environ.items()
+               if k not in ("GLIBC_TUNABLES", "LD_PRELOAD") and not k.startswith("MIMALLOC_")}
         self.proc = subprocess.Popen(
             [sys.executable, os.path.abspath(__file__), "--torch-worker", "--config", config,
              "--torch-optimizer", optimizer, "--warmup", str(warmup)],
@@ -412,7 +414,8 @@ def main(argv=None) -> int:
         "final_loss": {"ours": ours.loss, "torch": None if theirs is None else theirs.loss},
         "machine": machine_info("jax", "jaxlib", "flax", "optax", "torch",
                                 torch_threads=None if theirs is None else theirs.threads,
-                                malloc_tunables_ours=os.environ.get("GLIBC_TUNABLES", "")),
+                                malloc_ours=os.environ.get("LD_PRELOAD")
+                                or os.environ.get("GLIBC_TUNABLES", "")),
     }
     if theirs is not None:
         theirs.close()
@@ -420,10 +423,7 @@ def main(argv=None) -> int:
                                              "torch_tokens_per_s", "ratio", "mfu",
                                              "peak_gflops")}))
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
-            f.write("\n")
+        write_json(args.json, result)
     return 0
 
 
