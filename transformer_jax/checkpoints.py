@@ -18,13 +18,16 @@ from collections.abc import Mapping
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from flax import nnx
 
+from transformer_jax.config import ModelConfig
 from transformer_jax.data.pipeline import TOKENIZER_FILE
 from transformer_jax.data.tokenizer import Tokenizer
 from transformer_jax.errors import CheckpointMismatchError
-from transformer_jax.nn.build import abstract_params
+from transformer_jax.nn.build import abstract_params, build_model
 
 __all__ = [
+    "read_run",
     "ARCHITECTURE_KEYS",
     "AVERAGED_DIR",
     "CHECKPOINT_DIR",
@@ -194,3 +197,40 @@ def read_tokenizer(workdir: str, meta: Mapping) -> Tokenizer:
             "differs); restore the run's original tokenizer/spm.model."
         )
     return Tokenizer(proto)
+
+
+def read_run(workdir: str, step: int | None, averaged: bool, want_kind: str | None) -> dict:
+    """Model (abstract), params, tokenizer and step of a training work directory.
+
+    ``want_kind`` (``"encoder_decoder"`` / ``"decoder_only"``, None: either) is checked against
+    the run's ``model_kind``; ``averaged`` reads ``<workdir>/averaged``.
+    """
+    workdir = os.path.abspath(workdir)
+    if not os.path.isdir(workdir):
+        raise FileNotFoundError(
+            f"no work directory at {workdir}; pass the --workdir of a training run."
+        )
+    if averaged and not os.path.isdir(os.path.join(workdir, AVERAGED_DIR)):
+        raise FileNotFoundError(
+            f"no averaged checkpoint in {workdir}; write one with python -m "
+            f"transformer_jax.training.average --workdir {workdir}"
+        )
+    meta = read_meta(os.path.join(workdir, AVERAGED_DIR) if averaged else workdir, step)
+    saved = meta.get("config") or {}
+    if not saved.get("model"):
+        raise ValueError(f"the checkpoint in {workdir} has no model config in its metadata.")
+    kind = saved.get("model_kind", "encoder_decoder")
+    if want_kind is not None and kind != want_kind:
+        raise ValueError(
+            f"the run in {workdir} trained a {kind} model, not {want_kind}; load it with "
+            "transformer_jax.inference.load."
+        )
+    config = ModelConfig.from_dict(dict(saved["model"]))
+    return {
+        "kind": kind,
+        "model": nnx.eval_shape(lambda: build_model(kind, config, nnx.Rngs(0))),
+        "params": load_params(workdir, meta["step"], averaged=averaged),
+        "tokenizer": read_tokenizer(workdir, meta),
+        "step": int(meta["step"]),
+        "data": saved.get("data") or {},
+    }

@@ -39,7 +39,6 @@ Compiled building blocks: ``make_translate_fn`` (encoder-decoder search) and
 from __future__ import annotations
 
 import functools
-import os
 import sys
 from collections.abc import Callable, Sequence
 
@@ -49,12 +48,12 @@ import numpy as np
 from flax import nnx
 
 from transformer_jax import decoding
-from transformer_jax.checkpoints import AVERAGED_DIR, load_params, read_meta, read_tokenizer
-from transformer_jax.config import ModelConfig
+from transformer_jax.checkpoints import read_run
 from transformer_jax.data.preprocess import source_transform
 from transformer_jax.data.tokenizer import EOS_ID, PAD_ID, Tokenizer
+from transformer_jax.generation import Generator, make_generate_fn
 from transformer_jax.metrics import bleu, chrf, corpus_scores
-from transformer_jax.nn import ModelDef, build_model, model_kind, split_model
+from transformer_jax.nn import model_kind, split_model
 
 __all__ = [
     "EXTRA_LENGTH",
@@ -205,7 +204,7 @@ class Translator:
         Raises:
           FileNotFoundError: no such directory, checkpoint or tokenizer (with the path).
         """
-        run = _read_run(workdir, step, averaged, "encoder_decoder")
+        run = read_run(workdir, step, averaged, "encoder_decoder")
         kwargs.setdefault("normalize", source_transform(run["data"]))
         translator = cls(run["model"], run["tokenizer"], params=run["params"], **kwargs)
         translator.step = run["step"]
@@ -365,131 +364,7 @@ def attention_maps(translator: Translator, source: str, target: str | None = Non
     return translator.attention(source, target, beam_size=beam_size, alpha=alpha)
 
 
-# ------------------------------------------------------------------------------ generation
-def make_generate_fn(model_def: ModelDef, *, max_new_tokens: int, temperature: float = 1.0,
-                     top_k: int = 0, top_p: float = 1.0, eos_id: int = EOS_ID):
-    """Jitted ``generate(params, prompt_ids [B, P], rng) -> ids [B, max_new_tokens]``.
-
-    For a decoder-only LM, trained on ``shift_right(targets)``: position 0 holds the BOS (pad
-    id 0) and every later position the previous token. Continuing a prompt ``p_1 .. p_k``
-    feeds ``[BOS, p_1 .. p_{k-1}]`` through the model once (one parallel pass that fills the
-    KV cache) and starts ``decoding.sample`` from ``p_k``; an empty prompt starts from BOS.
-
-    All prompts of a batch have the same length P >= 0 (no padding: rows decode in lockstep
-    over one cache index). The output holds the sampled continuation, its EOS, then pad (0).
-    ``temperature=0`` is greedy. With learned positions, ``P + max_new_tokens`` must not
-    exceed ``model.max_len``.
-    """
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1.")
-
-    def generate(params, prompt_ids, rng):
-        model = model_def.merge(params)
-        prompt_ids = jnp.asarray(prompt_ids, jnp.int32)
-        batch, prompt_len = prompt_ids.shape
-        cache = model.init_cache(batch, prompt_len + max_new_tokens)
-        start_ids = None
-        if prompt_len:
-            bos = jnp.zeros((batch, 1), jnp.int32)
-            prefill = jnp.concatenate([bos, prompt_ids[:, :-1]], axis=1)  # [B, P]
-            _, cache = model.decode(prefill, cache=cache)
-            start_ids = prompt_ids[:, -1]  # [B]
-
-        def tokens_to_logits(ids, cache):  # ids [B, 1]
-            logits, cache = model.decode(ids, cache=cache)  # [B, 1, V]
-            return logits[:, 0, :], cache
-
-        return decoding.sample(
-            cache, tokens_to_logits, rng, batch_size=batch, max_len=max_new_tokens,
-            temperature=temperature, top_k=top_k, top_p=top_p, eos_id=eos_id,
-            start_ids=start_ids)
-
-    return jax.jit(generate)
-
-
-class Generator:
-    """A decoder-only LM, its parameters and its tokenizer, ready to continue prompts.
-
-    Args:
-      model: an ``nn.DecoderOnlyLM`` (concrete, or abstract when ``params`` is given).
-      tokenizer: the ``Tokenizer`` the model was trained with.
-      params: parameter dict; default: the model's own.
-    """
-
-    def __init__(self, model, tokenizer: Tokenizer, *, params=None):
-        self.config = model.config
-        self.model_def, own = split_model(model)
-        self.params = jax.device_put(own if params is None else params, jax.local_devices()[0])
-        self.tokenizer = tokenizer
-        self.step: int | None = None  # checkpoint step when loaded from a workdir
-
-    @classmethod
-    def from_workdir(cls, workdir: str, *, step: int | None = None,
-                     averaged: bool = False) -> Generator:
-        """Load tokenizer, model config and params of a decoder-only training run."""
-        run = _read_run(workdir, step, averaged, "decoder_only")
-        generator = cls(run["model"], run["tokenizer"], params=run["params"])
-        generator.step = run["step"]
-        return generator
-
-    @property
-    def model(self) -> nnx.Module:
-        """The model with this generator's parameters (a new module on each access)."""
-        return self.model_def.merge(self.params)
-
-    def generate(self, prompts: Sequence[str], *, max_new_tokens: int = 32,
-                 temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                 seed: int = 0) -> list[str]:
-        """Continuations of ``prompts`` (same order; ``temperature=0`` is greedy)."""
-        if isinstance(prompts, str):
-            raise TypeError("generate takes a list of prompts; wrap a single one in [].")
-        fn = make_generate_fn(self.model_def, max_new_tokens=max_new_tokens,
-                              temperature=temperature, top_k=top_k, top_p=top_p)
-        ids = self.tokenizer.encode(list(prompts)) if prompts else []
-        outputs = [""] * len(ids)
-        for length in sorted({len(row) for row in ids}):  # one batch per prompt length
-            rows = [i for i, row in enumerate(ids) if len(row) == length]
-            prompt = np.asarray([ids[i] for i in rows], np.int32).reshape(len(rows), length)
-            out = fn(self.params, jnp.asarray(prompt), jax.random.key(seed))
-            for i, text in zip(rows, self.tokenizer.decode(np.asarray(out)), strict=True):
-                outputs[i] = text
-        return outputs
-
-
 # ------------------------------------------------------------------------------ loading
-def _read_run(workdir: str, step: int | None, averaged: bool, want_kind: str | None) -> dict:
-    """Model (abstract), params, tokenizer and step of a training work directory."""
-    workdir = os.path.abspath(workdir)
-    if not os.path.isdir(workdir):
-        raise FileNotFoundError(
-            f"no work directory at {workdir}; pass the --workdir of a training run."
-        )
-    if averaged and not os.path.isdir(os.path.join(workdir, AVERAGED_DIR)):
-        raise FileNotFoundError(
-            f"no averaged checkpoint in {workdir}; write one with python -m "
-            f"transformer_jax.training.average --workdir {workdir}"
-        )
-    meta = read_meta(os.path.join(workdir, AVERAGED_DIR) if averaged else workdir, step)
-    saved = meta.get("config") or {}
-    if not saved.get("model"):
-        raise ValueError(f"the checkpoint in {workdir} has no model config in its metadata.")
-    kind = saved.get("model_kind", "encoder_decoder")
-    if want_kind is not None and kind != want_kind:
-        raise ValueError(
-            f"the run in {workdir} trained a {kind} model, not {want_kind}; load it with "
-            "transformer_jax.inference.load."
-        )
-    config = ModelConfig.from_dict(dict(saved["model"]))
-    return {
-        "kind": kind,
-        "model": nnx.eval_shape(lambda: build_model(kind, config, nnx.Rngs(0))),
-        "params": load_params(workdir, meta["step"], averaged=averaged),
-        "tokenizer": read_tokenizer(workdir, meta),
-        "step": int(meta["step"]),
-        "data": saved.get("data") or {},
-    }
-
-
 def load(workdir: str, *, step: int | None = None, averaged: bool = False,
          **kwargs) -> Translator | Generator:
     """The trained model of a work directory, ready to use, in one call.
@@ -504,7 +379,7 @@ def load(workdir: str, *, step: int | None = None, averaged: bool = False,
       averaged: use ``<workdir>/averaged`` (checkpoint averaging) instead.
       **kwargs: forwarded to ``Translator`` (``max_source_length`` ...).
     """
-    run = _read_run(workdir, step, averaged, None)
+    run = read_run(workdir, step, averaged, None)
     if run["kind"] == "decoder_only":
         loaded = Generator(run["model"], run["tokenizer"], params=run["params"])
     else:

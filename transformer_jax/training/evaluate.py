@@ -27,13 +27,15 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from transformer_jax import data as data_lib
+from transformer_jax.checkpoints import load_params
 from transformer_jax.inference import corpus_scores, make_translate_fn
+from transformer_jax.training.average import average_into_workdir
 from transformer_jax.training.distributed import to_local
 from transformer_jax.training.parallel import DataParallel
 from transformer_jax.training.step import ModelDef, eval_step
 
 __all__ = ["Evaluator", "assemble_translations", "corpus_scores", "make_translate_fn",
-           "split_rows", "ROWS"]
+           "final_evaluation", "split_rows", "ROWS"]
 
 ROWS = "rows"  # mesh axis of the decoding devices
 
@@ -190,3 +192,20 @@ class Evaluator:
             metrics.update(corpus_scores(hyps, refs, self.metric_names))
             metrics["num_sentences"] = float(len(hyps))
         return metrics
+
+
+def final_evaluation(config, workdir, run_eval, checkpointer) -> dict:
+    """Test-split metrics on all its sentences; the same for the average of the last
+    ``config.average_last`` checkpoints (written into ``<workdir>/averaged``)."""
+    out: dict = {}
+    test_split = config.data.test_split
+    if test_split:
+        out["test"] = run_eval(test_split, -1)
+    if config.average_last > 1 and len(checkpointer.all_steps()) > 1:
+        path, steps = average_into_workdir(workdir, config.average_last)
+        out["averaged"] = {"steps": steps, "path": path}
+        if test_split:
+            params = load_params(path)
+            out["averaged"]["test"] = run_eval(test_split, -1, params=params,
+                                               tag=f"{test_split}_averaged")
+    return out

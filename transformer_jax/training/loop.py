@@ -41,7 +41,6 @@ from transformer_jax.config import ModelConfig
 from transformer_jax.errors import ConfigError, TrainingDivergedError, WorkdirError
 from transformer_jax.nn import build_model, split_model
 from transformer_jax.runtime import take_early_signal
-from transformer_jax.training.average import average_into_workdir
 from transformer_jax.training.checkpoint import Checkpointer
 from transformer_jax.training.defaults import parse_metrics, validate_config
 from transformer_jax.training.distributed import StopVote, chief_first
@@ -448,8 +447,8 @@ class Trainer:
                     self.last_eval = (self.step, self.evaluate(self.config.data.eval_split,
                                                                self.config.eval_num_sentences))
                 summary["eval"] = self.last_eval[1]
-                summary.update(_final_evaluation(self.config, self.workdir, self.evaluate,
-                                                 self.checkpointer))
+                summary.update(evaluate.final_evaluation(self.config, self.workdir, self.evaluate,
+                                                          self.checkpointer))
         finally:
             self.checkpointer.close()
             summary["wall_seconds"] = time.perf_counter() - self.wall_start
@@ -475,22 +474,6 @@ def train_and_evaluate(config, workdir: str) -> dict:
       The summary dict also written to ``<workdir>/summary.json``.
     """
     return Trainer(config, workdir).run()
-
-
-def _final_evaluation(config, workdir, run_eval, checkpointer) -> dict:
-    """Test-split metrics on all its sentences; the same for averaged checkpoints."""
-    out: dict = {}
-    test_split = config.data.test_split
-    if test_split:
-        out["test"] = run_eval(test_split, -1)
-    if config.average_last > 1 and len(checkpointer.all_steps()) > 1:
-        path, steps = average_into_workdir(workdir, config.average_last)
-        out["averaged"] = {"steps": steps, "path": path}
-        if test_split:
-            params = load_params(path)
-            out["averaged"]["test"] = run_eval(test_split, -1, params=params,
-                                               tag=f"{test_split}_averaged")
-    return out
 
 
 def _diverged_message(what: str, step: int, checkpointer: Checkpointer) -> str:
