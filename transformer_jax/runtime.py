@@ -113,8 +113,8 @@ def configure_malloc() -> None:
     imported. Returns without doing anything where ``malloc_environment()`` is None; on
     success it does not return (``os.execve`` replaces the process, same arguments).
     """
-    env = malloc_environment()
-    if env is None or os.environ.get(MALLOC_ENV) == "applied":
+    env = malloc_environment()  # None once applied (TRANSFORMER_JAX_MALLOC=applied)
+    if env is None:
         return
     argv = list(getattr(sys, "orig_argv", None) or [sys.executable, *sys.argv])
     sys.stdout.flush()

@@ -141,7 +141,7 @@ class MultiHeadAttention(nnx.Module):
         Pass the result as ``cache=`` to reuse it (cross-attention during decoding). Keys are
         not rotated (RoPE is meant for self-attention).
         """
-        return {name: _heads_first(self._project(inputs_kv, name)) for name in ("key", "value")}
+        return {name: _swap_heads(self._project(inputs_kv, name)) for name in ("key", "value")}
 
     # ------------------------------------------------------------------ forward
 
@@ -197,7 +197,7 @@ class MultiHeadAttention(nnx.Module):
             query = ops.apply_rope(query, positions)
         new_cache = None
         if cache is not None and not incremental:  # precomputed keys/values
-            key, value = _heads_last(cache["key"]), _heads_last(cache["value"])  # [B, S, N, H]
+            key, value = _swap_heads(cache["key"]), _swap_heads(cache["value"])  # [B, S, N, H]
             new_cache = cache
         else:
             inputs_kv = inputs_q if inputs_kv is None else jnp.asarray(inputs_kv)
@@ -234,7 +234,7 @@ class MultiHeadAttention(nnx.Module):
         cache tensors as ``[B, L, N, H]`` views and ``spec`` with the cache's causal term (query
         i at slot ``index + i`` sees slots ``<= index + i``)."""
         cached_k, cached_v, index = cache["key"], cache["value"], cache["index"]  # [B, N, L, H]
-        key, value = _heads_first(key), _heads_first(value)  # [B, N, T, H]
+        key, value = _swap_heads(key), _swap_heads(value)  # [B, N, T, H]
         if cached_k.shape[:2] != key.shape[:2] or cached_k.shape[3] != key.shape[3]:
             raise ValueError(
                 f"cache key {tuple(cached_k.shape)} does not match the new keys "
@@ -259,14 +259,10 @@ class MultiHeadAttention(nnx.Module):
             k_positions=jnp.arange(max_len, dtype=jnp.int32)[None],  # [1, L]
         )
         new_cache = {"key": cached_k, "value": cached_v, "index": index + length}
-        return _heads_last(cached_k), _heads_last(cached_v), spec, new_cache
+        return _swap_heads(cached_k), _swap_heads(cached_v), spec, new_cache
 
 
-def _heads_first(x):
-    """``[B, L, N, H] -> [B, N, L, H]`` (the cache layout)."""
-    return jnp.swapaxes(x, 1, 2)
-
-
-def _heads_last(x):
-    """``[B, N, L, H] -> [B, L, N, H]`` (what ``ops`` takes; XLA folds it into the matmul)."""
+def _swap_heads(x):
+    """``[B, L, N, H] <-> [B, N, L, H]``: cache layout to the ``ops`` layout and back (XLA folds
+    the swap into the matmul that reads it)."""
     return jnp.swapaxes(x, 1, 2)
