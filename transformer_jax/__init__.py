@@ -9,7 +9,8 @@ Layers (lower never imports higher; checked by ``lint-imports``, see ``pyproject
     nn                Flax NNX modules; build_model / split_model
     decoding          greedy / beam / sampling over an explicit cache (knows no model)
     checkpoints       reading trained work directories (meta, params, tokenizer)
-    inference         load(workdir), Translator, Generator, attention maps, sacreBLEU
+    inference         load(workdir), Translator, attention maps, sacreBLEU
+    generation        Generator, make_generate_fn (decoder-only sampling)
     training          config defaults + validation, optimizer, steps, parallelism, loop
     translate         the command-line translator (train.py at the repository root)
 
