@@ -31,7 +31,7 @@ POSITIONAL_KINDS = ("sinusoidal", "sinusoidal_split", "learned", "rope", "alibi"
 # "gelu_tanh" its tanh approximation, "quick_gelu" ``x * sigmoid(1.702 x)``, "silu" = swish.
 ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "quick_gelu", "silu", "tanh", "sigmoid", "mish",
                "relu6")
-ATTENTION_IMPLS = ("xla", "chunked", "jax")
+ATTENTION_IMPLS = ("xla", "chunked", "jax", "splash")
 PRECISIONS = ("default", "high", "highest")
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -66,7 +66,8 @@ class ModelConfig:
       dtype: compute dtype name ("float32" | "bfloat16"; "float16" is refused because it
         needs loss scaling); LayerNorm, softmax and the returned logits are float32 regardless.
       param_dtype: dtype name of the stored parameters.
-      attention_impl: "xla" | "chunked" | "jax" (see ``transformer_jax.ops``).
+      attention_impl: "xla" | "chunked" | "jax" | "splash" (TPU; see ``transformer_jax.ops``).
+        "splash" trains with Pallas' flash kernel; cached decoding uses "xla".
       attention_chunk_size: query and key block size of "chunked" attention (memory per
         block ``[B, N, C, C]``; see docs/long_sequences.md).
       attention_precision: matmul precision inside attention: "default" (fastest; bf16 passes
@@ -186,11 +187,14 @@ class ModelConfig:
                 f"attention_precision={self.attention_precision!r} is unknown; use one of "
                 f"{PRECISIONS}."
             )
-        if self.attention_impl == "jax" and self.attention_dropout_rate > 0:
+        if self.attention_impl in ("jax", "splash") and self.attention_dropout_rate > 0:
             raise ValueError(
-                "attention_impl='jax' does not support attention dropout; set "
-                "attention_dropout_rate=0 or use attention_impl='xla' or 'chunked'."
+                f"attention_impl={self.attention_impl!r} does not support attention dropout; "
+                "set attention_dropout_rate=0 or use attention_impl='xla' or 'chunked'."
             )
+        if self.attention_impl == "splash" and self.positional == "alibi":
+            raise ValueError("attention_impl='splash' has no ALiBi bias; use positional="
+                             "'rope' or attention_impl='xla' or 'chunked'.")
         if self.decoder_layers < 1:
             raise ValueError(
                 f"The decoder needs at least one layer; got num_decoder_layers="

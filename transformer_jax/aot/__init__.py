@@ -383,6 +383,9 @@ def compile_for_topology(programs: Sequence[Program], devices: Sequence[Any]) ->
         facts["flops_per_step"] = flops * program.devices
         facts["device_memory_bytes"] = hbm
         facts["fits"] = None if hbm is None else facts["per_device_bytes"] <= hbm
+        # Kernels in the compiled program (tpu_custom_call = a Pallas/Mosaic kernel).
+        facts["custom_calls"] = sorted(set(re.findall(r'custom_call_target="([^"]+)"',
+                                                      compiled.as_text())))
         facts["seconds"] = round(time.perf_counter() - start, 2)
         out[program.name] = facts
     return out

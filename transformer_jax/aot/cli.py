@@ -44,7 +44,8 @@ def summary(report: dict) -> str:
                 f"  {name:<14} compiled in {facts['seconds']:.1f} s: "
                 f"{_gib(facts['per_device_bytes'])} per chip of "
                 f"{_gib(facts['device_memory_bytes'])} ({fits}), "
-                f"{facts['flops_per_step'] / 1e12:.2f} TFLOP per step")
+                f"{facts['flops_per_step'] / 1e12:.2f} TFLOP per step, custom calls: "
+                f"{', '.join(facts['custom_calls']) or 'none'}")
         else:
             calls = ", ".join(facts["custom_calls"]) or "none"
             lines.append(

@@ -47,7 +47,8 @@ class MultiHeadAttention(nnx.Module):
       num_heads: N; the head dim is H = D / N.
       use_bias: add ``*_bias`` parameters to the four projections.
       dropout_rate: dropout on the attention weights (active when a ``dropout_rng`` is given).
-      implementation: ``ops.dot_product_attention`` implementation ("xla", "chunked", "jax").
+      implementation: ``ops.dot_product_attention`` implementation ("xla", "chunked", "jax",
+        "splash"; with a cache, "splash" computes as "xla").
       chunk_size: query/key block size of "chunked".
       precision: matmul precision of the attention ("default", "high", "highest").
       rope: rotate queries and keys by their positions (``ops.apply_rope``) before attending.
@@ -208,7 +209,9 @@ class MultiHeadAttention(nnx.Module):
             if incremental:
                 key, value, spec, new_cache = self._update_cache(cache, key, value, spec)
 
-        impl = "xla" if return_weights else self.implementation
+        impl = self.implementation
+        if return_weights or (impl == "splash" and cache is not None):
+            impl = "xla"  # splash: no weights; a decode step's few queries gain nothing
         result = ops.dot_product_attention(
             query,
             key.astype(self.dtype),

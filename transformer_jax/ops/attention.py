@@ -1,7 +1,7 @@
 """Scaled dot-product and multi-head attention as pure functions.
 
 Shapes use the letters B batch, T query length, S key length, N heads, H head dim, D model dim.
-Three interchangeable implementations of ``dot_product_attention`` give the same numbers:
+Four interchangeable implementations of ``dot_product_attention`` give the same numbers:
 
 * ``"xla"``: einsum + masked softmax; materialises the ``[B, N, T, S]`` weights. The reference.
 * ``"chunked"``: memory-efficient attention (Rabe & Staats 2021; FlashAttention's online
@@ -11,8 +11,11 @@ Three interchangeable implementations of ``dot_product_attention`` give the same
   bf16/fp16 with a head dim that is a multiple of 8 and at most 128, else XLA. Causal and
   padding masks given as ``is_causal`` / ``key_value_seq_lengths`` use cuDNN's own mask types;
   a dense boolean ``mask`` (packed rows) reaches cuDNN as an additive bias.
+* ``"splash"``: Pallas' splash (flash) attention kernel on a TPU, for causal, padding and
+  packed-segment masks given as ``spec`` / ``is_causal`` / ``key_value_seq_lengths`` (no
+  dense mask, bias or dropout); Pallas' interpreter elsewhere. See ``ops.splash_attention``.
 
-Conventions shared by all three: the logits are scaled by ``1/sqrt(H)``; ``mask`` is boolean
+Conventions shared by all four: the logits are scaled by ``1/sqrt(H)``; ``mask`` is boolean
 (True = attend) and ``bias`` additive, both rank 4 and broadcastable to ``[B, N, T, S]``; the
 softmax runs in float32 whatever the input dtype; the output has the query dtype. A query whose
 keys are all masked out gets zero weights and a zero output (with zero, finite gradients).
@@ -32,6 +35,7 @@ import jax.numpy as jnp
 from jax import lax
 
 import transformer_jax.ops.chunked_attention as chunked_attention
+import transformer_jax.ops.splash_attention as splash_attention
 from transformer_jax.ops.dropout import dropout
 from transformer_jax.ops.masks import AttentionSpec, combine_masks
 
@@ -45,7 +49,7 @@ __all__ = [
     "masked_softmax",
 ]
 
-IMPLEMENTATIONS = ("xla", "chunked", "jax")
+IMPLEMENTATIONS = ("xla", "chunked", "jax", "splash")
 
 
 # ----------------------------------------------------------------------------- validation
@@ -274,7 +278,8 @@ def dot_product_attention(
         ``"xla"`` draws one ``[B, N, T, S]`` keep mask from it; ``"chunked"`` draws the mask of
         key block ``i`` from ``fold_in(dropout_rng, i)`` (deterministic, but a different draw
         than ``"xla"``); ``"jax"`` does not support dropout (ValueError).
-      implementation: ``"xla"`` | ``"chunked"`` | ``"jax"`` (see the module docstring).
+      implementation: ``"xla"`` | ``"chunked"`` | ``"jax"`` | ``"splash"`` (see the module
+        docstring).
       chunk_size: key block size for ``"chunked"`` (S is padded with masked keys to a multiple
         of it; a block never exceeds S).
       query_chunk_size: query block size for ``"chunked"`` (default ``chunk_size``).
@@ -306,6 +311,15 @@ def dot_product_attention(
     use_dropout = _check_dropout(dropout_rate, dropout_rng)
     if spec is not None:
         spec.check(b, n, t, s)
+    if implementation == "splash":
+        if use_dropout or return_weights:
+            raise ValueError(
+                "implementation='splash' has no attention dropout and never materialises the "
+                "weights; use 'xla' or 'chunked' (or dropout_rate=0, return_weights=False).")
+        return splash_attention.splash_attention(
+            query, key, value, spec=spec, mask=mask, bias=bias, is_causal=is_causal,
+            kv_lengths=key_value_seq_lengths)
+    if spec is not None:
         if implementation == "jax" and _index_causal(spec, t, s):
             # "key index <= query index": cuDNN's own causal mask, no [T, S] array.
             spec, is_causal = dataclasses.replace(spec, causal=False), True

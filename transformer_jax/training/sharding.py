@@ -38,6 +38,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from transformer_jax.nn.partitioning import LOGICAL_AXES
+from transformer_jax.ops import splash_attention
 from transformer_jax.training.distributed import (
     global_batch,
     process_major,
@@ -265,7 +266,7 @@ class Sharded:
             if "fn" not in compiled:
                 sh = self.shardings_for(state)
                 compiled["fn"] = jax.jit(
-                    lambda s, b, r: per_device(s, b, r, axis_name=None),
+                    lambda s, b, r: self._traced(per_device, s, b, r, axis_name=None),
                     in_shardings=(sh, self._batch, self._replicated),
                     out_shardings=(sh, self._replicated),
                     donate_argnums=0,
@@ -274,9 +275,16 @@ class Sharded:
 
         return step
 
+    def _traced(self, fn: Callable, *args, **kwargs):
+        """``fn`` traced so that Pallas attention kernels run per device (XLA cannot split a
+        kernel): batch rows over ("data", "fsdp"), heads as the "heads" rule says."""
+        heads = _rule_axes(self.config["rules"]["heads"])
+        with splash_attention.partitioned(self.mesh, BATCH_AXES, heads):
+            return fn(*args, **kwargs)
+
     def eval_step(self, per_device: Callable) -> Callable:
         """``eval(params, batch)`` jitted; outputs replicated."""
-        return jax.jit(lambda p, b: per_device(p, b, axis_name=None),
+        return jax.jit(lambda p, b: self._traced(per_device, p, b, axis_name=None),
                        out_shardings=self._replicated)
 
 

@@ -1,0 +1,185 @@
+"""TPU flash attention: Pallas' splash-attention kernel behind ``dot_product_attention``.
+
+``implementation="splash"`` runs ``jax.experimental.pallas.ops.tpu.splash_attention`` (the
+block-sparse flash attention of MaxText) on a TPU: the ``[T, S]`` weights never exist, the
+causal mask is static (blocks above the diagonal are skipped), and padding and packed rows
+become the kernel's segment ids. On any other platform the same kernel runs in Pallas'
+interpreter (exact, slow: for tests), chosen per platform when the program is lowered, so a
+program compiled ahead of time for a TPU topology on a CPU holds the real kernel.
+
+What it takes (anything else raises ``ValueError``, use ``"xla"`` or ``"chunked"``):
+
+* masks from ``AttentionSpec`` segments / ``k_valid``, ``key_value_seq_lengths`` and
+  ``is_causal`` / ``spec.causal``; no dense ``mask``, no ``bias``, no ALiBi, no dropout;
+* a causal mask by index (``j <= i``, T == S). With packed segments the spec's positions
+  are taken to restart at every segment and grow by one (as ``data.packing`` makes them),
+  where ``k_pos <= q_pos`` within a segment is the same as ``j <= i``.
+
+Under ``jax.jit`` with shardings (``parallelism="sharded"``) XLA cannot split a Pallas kernel
+over devices; trace the step inside ``partitioned(mesh, batch_axes, head_axes)`` and each
+device runs the kernel on its own rows and heads (``shard_map``). Inside ``shard_map`` or
+``pmap`` (``parallelism="shard_map"|"pmap"``) nothing is needed.
+
+T and S are padded to a multiple of 128 (padding keys are masked out). Queries are scaled
+by ``1/sqrt(H)`` before the kernel, in their own dtype. A query that may attend no key
+gets a zero output, as with the other implementations.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.sharding import PartitionSpec as P
+
+__all__ = ["partitioned", "splash_attention"]
+
+BLOCK = 128  # the kernel's sequence tile; T and S are padded to a multiple of it
+
+
+_PARTITION: contextvars.ContextVar = contextvars.ContextVar("splash_partition", default=None)
+
+
+@contextlib.contextmanager
+def partitioned(mesh, batch_axes=(), head_axes=()):
+    """Splash attention traced inside runs per device of ``mesh``: the batch split over the
+    mesh axes ``batch_axes``, the heads over ``head_axes`` (replicated over the rest)."""
+    token = _PARTITION.set((mesh, tuple(batch_axes), tuple(head_axes)))
+    try:
+        yield
+    finally:
+        _PARTITION.reset(token)
+
+
+def _block(length: int) -> int:
+    """The largest of 512, 256, 128 that divides ``length`` (a multiple of 128)."""
+    return next(b for b in (512, 256, BLOCK) if length % b == 0)
+
+
+def _segment_ids(spec, kv_lengths, b: int, t: int, s: int):
+    """``(q_ids [B, T], kv_ids [B, S])`` int32: a key is visible to a query iff the ids are
+    equal; padding keys get -1, which no query has."""
+    q_ids, kv_ids = jnp.ones((b, t), jnp.int32), jnp.ones((b, s), jnp.int32)
+    if spec is not None and spec.q_segments is not None:
+        q_ids = jnp.broadcast_to(jnp.asarray(spec.q_segments, jnp.int32), (b, t))
+        kv_ids = jnp.broadcast_to(jnp.asarray(spec.k_segments, jnp.int32), (b, s))
+        kv_ids = jnp.where(kv_ids == 0, -1, kv_ids)  # segment 0 is padding
+    if spec is not None and spec.k_valid is not None:
+        kv_ids = jnp.where(jnp.broadcast_to(jnp.asarray(spec.k_valid, bool), (b, s)),
+                           kv_ids, -1)
+    if kv_lengths is not None:
+        valid = jnp.arange(s)[None, :] < jnp.asarray(kv_lengths)[:, None]  # [B, S]
+        kv_ids = jnp.where(valid, kv_ids, -1)
+    return q_ids, kv_ids
+
+
+def _check(spec, mask, bias, t: int, s: int, is_causal: bool) -> bool:
+    """Raises unless splash can express the masks; returns whether attention is causal."""
+    if mask is not None or bias is not None:
+        raise ValueError(
+            "implementation='splash' takes its masks from `spec`, `is_causal` and "
+            "`key_value_seq_lengths` only; pass no dense mask or bias, or use 'xla'/'chunked'.")
+    causal = is_causal
+    if spec is not None:
+        if spec.alibi_slopes is not None:
+            raise ValueError("implementation='splash' has no ALiBi bias; use 'xla' or "
+                             "'chunked'.")
+        if spec.causal:
+            causal = True
+            explicit = spec.q_positions is not None or spec.k_positions is not None
+            if explicit and spec.q_segments is None:
+                raise ValueError(
+                    "implementation='splash' masks causally by index (j <= i); explicit "
+                    "positions without packed segments (e.g. a KV cache) need 'xla'.")
+    if causal and t != s:
+        raise ValueError(f"implementation='splash' needs T == S for a causal mask; got T={t}, "
+                         f"S={s}.")
+    return causal
+
+
+def splash_attention(query, key, value, *, spec=None, mask=None, bias=None,
+                     is_causal: bool = False, kv_lengths=None):
+    """``dot_product_attention`` through the splash kernel (see the module docstring).
+
+    Args:
+      query: ``[B, T, N, H]``.
+      key, value: ``[B, S, N, H]``.
+      spec: optional ``AttentionSpec`` (segments, key padding, causal).
+      mask, bias: must be None (here only to give a clear error).
+      is_causal: key ``j`` visible to query ``i`` iff ``j <= i``.
+      kv_lengths: optional int ``[B]`` key lengths (keys at ``>= length`` are padding).
+
+    Returns:
+      ``[B, T, N, H]`` in the query dtype.
+    """
+    b, t, n, h = query.shape
+    s = key.shape[1]
+    causal = _check(spec, mask, bias, t, s, is_causal)
+    q_ids, kv_ids = _segment_ids(spec, kv_lengths, b, t, s)
+    visible = q_ids[:, :, None] == kv_ids[:, None, :]  # [B, T, S] (fused into the reduce)
+    if causal:
+        visible &= jnp.arange(t)[:, None] >= jnp.arange(s)[None, :]
+    has_key = jnp.any(visible, axis=-1)  # [B, T]
+    # The kernel needs a key in every row (a softmax over nothing divides by 0): a query
+    # without one looks at key 0 (visible to every query, causal or not); its output is
+    # zeroed below, so no gradient flows from it.
+    q_ids = jnp.where(has_key, q_ids, kv_ids[:, :1])
+
+    tp, sp = -(-t // BLOCK) * BLOCK, -(-s // BLOCK) * BLOCK
+    q_ids = jnp.concatenate([q_ids, jnp.broadcast_to(kv_ids[:, :1], (b, tp - t))], axis=1)
+    kv_ids = jnp.pad(kv_ids, ((0, 0), (0, sp - s)), constant_values=-1)
+    scale = jnp.asarray(1.0 / math.sqrt(h), query.dtype)
+
+    def heads_first(x, length):  # [B, L, N, H] -> [B, N, Lp, H], zero-padded
+        x = jnp.swapaxes(x, 1, 2)
+        return jnp.pad(x, ((0, 0), (0, 0), (0, length - x.shape[2]), (0, 0)))
+
+    q, k, v = heads_first(query * scale, tp), heads_first(key, sp), heads_first(value, sp)
+    out = _per_device(q, k, v, q_ids, kv_ids, causal=causal)  # [B, N, Tp, H]
+    out = jnp.swapaxes(out[:, :, :t], 1, 2)  # [B, T, N, H]
+    return jnp.where(has_key[:, :, None, None], out, jnp.zeros((), out.dtype)).astype(
+        query.dtype)
+
+
+def _per_device(q, k, v, q_ids, kv_ids, *, causal: bool):
+    """The kernel on ``[B, N, Tp, H]`` inputs, one call per device under ``partitioned``."""
+    def run(q, k, v, q_ids, kv_ids):
+        kernel = functools.partial(_run_kernel, causal=causal)
+        return lax.platform_dependent(q, k, v, q_ids, kv_ids,
+                                      tpu=functools.partial(kernel, interpret=False),
+                                      default=functools.partial(kernel, interpret=True))
+
+    partition = _PARTITION.get()
+    if partition is None:
+        return run(q, k, v, q_ids, kv_ids)
+    mesh, batch_axes, head_axes = partition
+    def splits(length, axes):  # axes that do not divide the length: not split over
+        return axes if length % math.prod(mesh.shape[a] for a in axes) == 0 else ()
+
+    batch_axes, head_axes = splits(q.shape[0], batch_axes), splits(q.shape[1], head_axes)
+    rows = P(batch_axes or None)
+    heads = P(batch_axes or None, head_axes or None)
+    return jax.shard_map(run, mesh=mesh, in_specs=(heads, heads, heads, rows, rows),
+                         out_specs=heads, check_vma=False)(q, k, v, q_ids, kv_ids)
+
+
+def _run_kernel(q, k, v, q_ids, kv_ids, *, causal: bool, interpret: bool):
+    """The splash kernel over ``[B, N, Tp, H]`` inputs (vmapped over the batch)."""
+    from jax.experimental.pallas.ops.tpu import splash_attention as sa  # Pallas: load lazily
+
+    n, tp, sp = q.shape[1], q.shape[2], k.shape[2]
+    shape = (tp, sp)
+    head_mask = sa.CausalMask(shape) if causal else sa.FullMask(shape)
+    bq, bk = _block(tp), _block(sp)
+    blocks = sa.BlockSizes(block_q=bq, block_kv=bk, block_kv_compute=bk, block_q_dkv=bq,
+                           block_kv_dkv=bk, block_kv_dkv_compute=bk, block_q_dq=bq,
+                           block_kv_dq=bk)
+    kernel = sa.make_splash_mha(sa.MultiHeadMask([head_mask] * n), block_sizes=blocks,
+                                head_shards=1, q_seq_shards=1, interpret=interpret)
+    return jax.vmap(lambda q, k, v, qi, ki: kernel(q, k, v, segment_ids=sa.SegmentIds(qi, ki)))(
+        q, k, v, q_ids, kv_ids)
