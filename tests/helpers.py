@@ -169,6 +169,7 @@ def trained_run_config():
     c.parallelism = "none"
     c.eval_metrics = ""
     c.eval_num_sentences = 0
+    c.eval_length_penalty = 0.8  # recorded in the run: the translate CLI's default alpha
     d = c.data
     d.numbers_max = 10_000
     d.numbers_train_size = 2_000

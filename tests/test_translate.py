@@ -73,6 +73,23 @@ def test_cli_averaged_and_step_match_the_api(workdir, monkeypatch, capsys):
         assert out.split("\n") == [*want, ""]
 
 
+def test_cli_length_penalty_defaults_to_the_runs_evaluation(workdir, monkeypatch, capsys):
+    seen = []
+    real = Translator.translate
+
+    def spy(self, lines, **kwargs):
+        seen.append(kwargs["alpha"])
+        return real(self, lines, **kwargs)
+
+    monkeypatch.setattr(Translator, "translate", spy)
+    for flags in ([], ["--alpha", "1.3"]):
+        code, _, err = run_main(monkeypatch, capsys, ["--workdir", workdir, "--beam", "2", *flags],
+                                b"seven\n")
+        assert code == 0, err
+    assert seen == [0.8, 1.3]  # the run's eval_length_penalty (tests/helpers.py), then --alpha
+    assert Translator.from_workdir(workdir).length_penalty == 0.8
+
+
 def test_cli_invalid_utf8_names_the_line(workdir, monkeypatch, capsys):
     code, out, err = run_main(monkeypatch, capsys, ["--workdir", workdir],
                               b"one\n\ntwo \xc3\x28 three\nfour\n")

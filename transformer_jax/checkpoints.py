@@ -233,4 +233,6 @@ def read_run(workdir: str, step: int | None, averaged: bool, want_kind: str | No
         "tokenizer": read_tokenizer(workdir, meta),
         "step": int(meta["step"]),
         "data": saved.get("data") or {},
+        # the beam-search length penalty the run was evaluated with (translation's default)
+        "length_penalty": saved.get("eval_length_penalty"),
     }

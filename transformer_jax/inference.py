@@ -188,6 +188,9 @@ class Translator:
         self.extra_length = int(extra_length)
         self.normalize = normalize
         self.step: int | None = None  # checkpoint step when loaded from a workdir
+        # beam length penalty of the run's evaluation when loaded from a workdir (default
+        # of the translate CLI); the paper's 0.6 otherwise
+        self.length_penalty = 0.6
         self._fns: dict[tuple, object] = {}
 
     @classmethod
@@ -208,6 +211,8 @@ class Translator:
         kwargs.setdefault("normalize", source_transform(run["data"]))
         translator = cls(run["model"], run["tokenizer"], params=run["params"], **kwargs)
         translator.step = run["step"]
+        if run["length_penalty"] is not None:
+            translator.length_penalty = float(run["length_penalty"])
         return translator
 
     @property
@@ -253,9 +258,11 @@ class Translator:
         return self._fns[key]
 
     # -------------------------------------------------------------------- translation
-    def translate_ids(self, rows: list[list[int]], *, beam_size: int = 4, alpha: float = 0.6,
-                      batch_size: int = 64) -> np.ndarray:
-        """Decode EOS-terminated source id lists as one padded batch -> ``[len(rows), L]``."""
+    def translate_ids(self, rows: list[list[int]], *, beam_size: int = 4,
+                      alpha: float | None = None, batch_size: int = 64) -> np.ndarray:
+        """Decode EOS-terminated source id lists as one padded batch -> ``[len(rows), L]``
+        (``alpha`` None: ``self.length_penalty``)."""
+        alpha = self.length_penalty if alpha is None else alpha
         n = len(rows)
         longest = max((len(r) for r in rows), default=0)
         if not 0 < longest <= self.max_source_length:
@@ -273,14 +280,15 @@ class Translator:
         out = self._fn(buffer, beam_size, alpha)(self.params, jnp.asarray(src))
         return np.asarray(out)[:n]
 
-    def translate(self, sentences: Sequence[str], *, beam_size: int = 4, alpha: float = 0.6,
-                  batch_size: int = 64) -> list[str]:
+    def translate(self, sentences: Sequence[str], *, beam_size: int = 4,
+                  alpha: float | None = None, batch_size: int = 64) -> list[str]:
         """Translations of ``sentences`` (same order and count; blank in -> "" out).
 
         Args:
           sentences: list of source strings.
           beam_size: 1 is greedy search; the paper uses 4.
-          alpha: beam-search length penalty (paper: 0.6).
+          alpha: beam-search length penalty (paper: 0.6); None: ``self.length_penalty``, the
+            run's ``eval_length_penalty`` when loaded from a workdir.
           batch_size: most sentences decoded together.
         """
         if beam_size < 1 or batch_size < 1:

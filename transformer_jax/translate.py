@@ -4,6 +4,9 @@
   python -m transformer_jax.translate --workdir runs/demo --beam 4 --alpha 0.6 \\
       --reference ref.txt < input.txt > output.txt          # scores on stderr
 
+Beam search with 4 beams by default; the length penalty defaults to the run's own
+``eval_length_penalty`` (the one its evaluation used; 0.6, the paper's, for runs without one).
+
 Lines keep their order and count; empty lines give empty lines. Input is read as UTF-8
 bytes and decoded line by line, so a bad line is reported by number. Exit status: 0 on
 success, 1 for unusable input (bad UTF-8, reference line count), 2 for a missing work
@@ -63,7 +66,8 @@ def _parser() -> argparse.ArgumentParser:
         description="Translate stdin to stdout, one line per line, with a trained model.")
     parser.add_argument("--workdir", required=True, help="training work directory")
     parser.add_argument("--beam", type=int, default=4, help="beam size (1: greedy search)")
-    parser.add_argument("--alpha", type=float, default=0.6, help="beam length penalty")
+    parser.add_argument("--alpha", type=float, default=None,
+                        help="beam length penalty (default: the run's eval_length_penalty)")
     parser.add_argument("--batch_size", type=int, default=64, help="sentences per batch")
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default newest)")
     parser.add_argument("--averaged", action="store_true",
@@ -120,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError, DataError, CheckpointMismatchError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    outputs = translator.translate(lines, beam_size=args.beam, alpha=args.alpha,
+    alpha = translator.length_penalty if args.alpha is None else args.alpha
+    outputs = translator.translate(lines, beam_size=args.beam, alpha=alpha,
                                    batch_size=args.batch_size)
     sys.stdout.buffer.write("".join(f"{text}\n" for text in outputs).encode("utf-8"))
     sys.stdout.flush()
