@@ -158,6 +158,7 @@ def _per_device(q, k, v, q_ids, kv_ids, *, causal: bool):
     if partition is None:
         return run(q, k, v, q_ids, kv_ids)
     mesh, batch_axes, head_axes = partition
+
     def splits(length, axes):  # axes that do not divide the length: not split over
         return axes if length % math.prod(mesh.shape[a] for a in axes) == 0 else ()
 
