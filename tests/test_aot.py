@@ -188,3 +188,21 @@ def test_program_refused_for_lack_of_hbm_is_reported_not_raised():
     report = {"programs": {"decode_beam4": facts}}
     assert aot.problems(report) == ["decode_beam4 needs 20.11 GiB per chip, more than the "
                                     "16.00 GiB a chip has"]
+
+
+@pytest.mark.skipif(not HAS_LIBTPU, reason="libtpu is not installed (pip install -e .[aot])")
+def test_multi_host_slice_meshes_keep_each_process_rows_together():
+    # jax.make_mesh orders TPU devices by physical coordinates: on v5e-256 (64 hosts of 4
+    # chips) process 0 held batch blocks 0, 1, 16 and 17, not one run of rows to load.
+    from transformer_jax.training.parallel import DataParallel
+    from transformer_jax.training.sharding import Sharded
+
+    devices = aot.tpu_devices("v5e:16x16")
+    assert len({d.process_index for d in devices}) == 64
+    data = DataParallel("shard_map", devices)
+    sharded = Sharded({**tiny_config().sharding.to_dict(), "fsdp": 4}, devices)
+    for driver in (data, sharded):
+        mesh_devices = list(driver.mesh.devices.flat)
+        processes = [d.process_index for d in mesh_devices]
+        assert processes == sorted(processes)  # every process's chips are one block
+        assert driver.data_shard() == (0, 64)  # process 0 loads the first 1/64 of the rows

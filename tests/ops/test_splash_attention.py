@@ -12,7 +12,7 @@ from references import HI
 
 from transformer_jax import aot, ops
 from transformer_jax.config import ModelConfig
-from transformer_jax.ops import splash_attention
+from transformer_jax.ops import partition
 
 TOL = 2e-5
 HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
@@ -98,7 +98,7 @@ def test_partitioned_runs_one_kernel_per_device_with_equal_numbers():
         return ops.dot_product_attention(q, k, v, spec=spec, implementation="splash")
 
     def partitioned(q, k, v):
-        with splash_attention.partitioned(mesh, ("data",), ("tensor",)):
+        with partition.partitioned(mesh, ("data",), ("tensor",)):
             return attend(q, k, v)
 
     rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))

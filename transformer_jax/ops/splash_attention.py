@@ -16,8 +16,8 @@ What it takes (anything else raises ``ValueError``, use ``"xla"`` or ``"chunked"
   where ``k_pos <= q_pos`` within a segment is the same as ``j <= i``.
 
 Under ``jax.jit`` with shardings (``parallelism="sharded"``) XLA cannot split a Pallas kernel
-over devices; trace the step inside ``partitioned(mesh, batch_axes, head_axes)`` and each
-device runs the kernel on its own rows and heads (``shard_map``). Inside ``shard_map`` or
+over devices; trace the step inside ``ops.partition.partitioned(mesh, batch_axes, head_axes)``
+and each device runs the kernel on its own rows and heads (``shard_map``). Inside ``shard_map`` or
 ``pmap`` (``parallelism="shard_map"|"pmap"``) nothing is needed.
 
 T and S are padded to a multiple of 128 (padding keys are masked out). Queries are scaled
@@ -27,8 +27,6 @@ gets a zero output, as with the other implementations.
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import functools
 import math
 
@@ -37,23 +35,11 @@ import jax.numpy as jnp
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
-__all__ = ["partitioned", "splash_attention"]
+from transformer_jax.ops import partition
+
+__all__ = ["splash_attention"]
 
 BLOCK = 128  # the kernel's sequence tile; T and S are padded to a multiple of it
-
-
-_PARTITION: contextvars.ContextVar = contextvars.ContextVar("splash_partition", default=None)
-
-
-@contextlib.contextmanager
-def partitioned(mesh, batch_axes=(), head_axes=()):
-    """Splash attention traced inside runs per device of ``mesh``: the batch split over the
-    mesh axes ``batch_axes``, the heads over ``head_axes`` (replicated over the rest)."""
-    token = _PARTITION.set((mesh, tuple(batch_axes), tuple(head_axes)))
-    try:
-        yield
-    finally:
-        _PARTITION.reset(token)
 
 
 def _block(length: int) -> int:
@@ -154,18 +140,14 @@ def _per_device(q, k, v, q_ids, kv_ids, *, causal: bool):
                                       tpu=functools.partial(kernel, interpret=False),
                                       default=functools.partial(kernel, interpret=True))
 
-    partition = _PARTITION.get()
-    if partition is None:
+    part = partition.current()
+    if part is None:
         return run(q, k, v, q_ids, kv_ids)
-    mesh, batch_axes, head_axes = partition
-
-    def splits(length, axes):  # axes that do not divide the length: not split over
-        return axes if length % math.prod(mesh.shape[a] for a in axes) == 0 else ()
-
-    batch_axes, head_axes = splits(q.shape[0], batch_axes), splits(q.shape[1], head_axes)
+    batch_axes = part.divides(q.shape[0], part.batch_axes)  # not split where they do not divide
+    head_axes = part.divides(q.shape[1], part.head_axes)
     rows = P(batch_axes or None)
     heads = P(batch_axes or None, head_axes or None)
-    return jax.shard_map(run, mesh=mesh, in_specs=(heads, heads, heads, rows, rows),
+    return jax.shard_map(run, mesh=part.mesh, in_specs=(heads, heads, heads, rows, rows),
                          out_specs=heads, check_vma=False)(q, k, v, q_ids, kv_ids)
 
 

@@ -30,7 +30,7 @@ from transformer_jax import data as data_lib
 from transformer_jax.checkpoints import load_params
 from transformer_jax.inference import corpus_scores, make_translate_fn
 from transformer_jax.training.average import average_into_workdir
-from transformer_jax.training.distributed import to_local
+from transformer_jax.training.distributed import ordered_mesh, to_local
 from transformer_jax.training.parallel import DataParallel
 from transformer_jax.training.step import ModelDef, eval_step
 
@@ -71,8 +71,7 @@ def split_rows(decode_fn, devices) -> tuple:
 
     Returns ``(jitted_fn, mesh)``; place rows with ``NamedSharding(mesh, P("rows"))``.
     """
-    mesh = jax.make_mesh((len(devices),), (ROWS,), devices=devices,
-                         axis_types=(jax.sharding.AxisType.Explicit,))
+    mesh = ordered_mesh((len(devices),), (ROWS,), devices, jax.sharding.AxisType.Explicit)
     return jax.jit(jax.shard_map(decode_fn, mesh=mesh, in_specs=(P(), P(ROWS)),
                                  out_specs=P(ROWS), check_vma=False)), mesh
 

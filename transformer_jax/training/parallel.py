@@ -35,6 +35,7 @@ from jax.sharding import PartitionSpec as P
 
 from transformer_jax.training.distributed import (
     global_batch,
+    ordered_mesh,
     process_major,
     process_rows,
     put_global,
@@ -126,14 +127,13 @@ class DataParallel:
         self.devices = devices
         self.num_devices = len(devices)
         self.local_devices = [d for d in devices if d.process_index == jax.process_index()]
-        explicit = (jax.sharding.AxisType.Explicit,)
-        self.mesh = jax.make_mesh((len(devices),), (AXIS,), axis_types=explicit,
-                                  devices=devices)
+        explicit = jax.sharding.AxisType.Explicit
+        self.mesh = ordered_mesh((len(devices),), (AXIS,), devices, explicit)
         self._replicated = NamedSharding(self.mesh, P())
         self._split = NamedSharding(self.mesh, P(AXIS))
         # pmap takes (and returns) arrays with a leading axis over this process's devices
-        self._local_mesh = jax.make_mesh((len(self.local_devices),), (AXIS,),
-                                         axis_types=explicit, devices=self.local_devices)
+        self._local_mesh = ordered_mesh((len(self.local_devices),), (AXIS,),
+                                        self.local_devices, explicit)
         self._local_split = NamedSharding(self._local_mesh, P(AXIS))
         self._data_shard = process_rows(self._split, self.num_devices)
 

@@ -16,6 +16,8 @@ the micro-batches hold equally many target tokens (close to it with packed rows)
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from collections.abc import Callable
 from typing import Any
 
@@ -33,6 +35,7 @@ __all__ = [
     "create_train_state",
     "eval_step",
     "forward",
+    "params_before_use",
     "split_model",
     "train_step",
 ]
@@ -61,13 +64,32 @@ def create_train_state(params, tx: optax.GradientTransformation) -> TrainState:
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
 
+_BEFORE_USE: contextvars.ContextVar = contextvars.ContextVar("params_before_use", default=None)
+
+
+@contextlib.contextmanager
+def params_before_use(fn: Callable):
+    """Steps traced inside apply ``fn`` to the parameters before the forward pass.
+
+    ``parallelism="sharded"`` passes a sharding constraint that all-gathers the FSDP-split
+    weights (ZeRO-3: gather to use, reduce-scatter the gradient). Left alone, XLA may instead
+    keep the weights split and move the activations, holding every row of the batch on every
+    device."""
+    token = _BEFORE_USE.set(fn)
+    try:
+        yield
+    finally:
+        _BEFORE_USE.reset(token)
+
+
 def forward(model_def: ModelDef, params, batch: Batch, dropout_rng=None) -> jax.Array:
     """Teacher-forced logits ``[B, T, V]`` (float32) for a batch of (possibly packed) rows.
 
     Decoder inputs are ``shift_right(targets, targets_segmentation)``. A ``DecoderOnlyLM``
     reads only the ``targets*`` keys: it is a language model of the target side.
     """
-    model = model_def.merge(params)
+    before_use = _BEFORE_USE.get()
+    model = model_def.merge(params if before_use is None else before_use(params))
     tgt_segments = batch.get("targets_segmentation")
     tgt_in = shift_right(batch["targets"], tgt_segments)  # [B, T]
     if isinstance(model, DecoderOnlyLM):
