@@ -375,13 +375,19 @@ def process_major(devices: Sequence[Any]) -> list:
 
 def ordered_mesh(shape: Sequence[int], axis_names: Sequence[str], devices: Sequence[Any],
                  axis_type) -> jax.sharding.Mesh:
-    """A mesh over ``devices`` in exactly their order (all axes of ``axis_type``).
+    """A mesh over ``devices`` (all axes of ``axis_type``) that keeps each process's devices
+    together.
 
-    ``jax.make_mesh`` reorders TPU devices by their physical coordinates, which interleaves
-    the processes of a multi-host slice (on v5e-256, process 0 held batch blocks 0, 1, 16 and
-    17 of a 256-device data axis, and its rows were not one contiguous run to load). Meshes
-    built from ``process_major`` devices with this keep every process's devices together.
+    ``jax.make_mesh`` orders TPU devices by their physical coordinates; that order is kept
+    where it leaves every process's devices in one block, else the mesh takes ``devices`` in
+    their given (``process_major``) order: on v5e-256 the physical order gave process 0 batch
+    blocks 0, 1, 16 and 17 of a 256-device data axis, not one contiguous run of rows to load.
     """
+    mesh = jax.make_mesh(tuple(shape), tuple(axis_names), devices=list(devices),
+                         axis_types=(axis_type,) * len(axis_names))
+    processes = [d.process_index for d in mesh.devices.flat]
+    if processes == sorted(processes):
+        return mesh
     grid = np.empty(len(devices), dtype=object)
     grid[:] = list(devices)
     return jax.sharding.Mesh(grid.reshape(tuple(shape)), tuple(axis_names),

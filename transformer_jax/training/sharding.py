@@ -300,7 +300,7 @@ class Sharded:
         the batch on every device: 8.4x the temporaries of data parallelism on 8 chips) and
         inside ``ops.partition.partitioned`` (Pallas kernels per device on their rows, split
         over ("data", "fsdp"), and their heads)."""
-        heads = _rule_axes(self.config["rules"]["heads"])
+        heads = _rule_axes(dict(self.config["rules"]).get("heads", ""))
         gather = functools.partial(jax.lax.with_sharding_constraint,
                                    shardings=self._use_shardings)
         with partition.partitioned(self.mesh, BATCH_AXES, heads), params_before_use(gather):
