@@ -3,15 +3,7 @@
 No Flax here; every function works under ``jax.jit``, ``jax.vmap`` and ``jax.grad``.
 """
 
-from transformer_jax.ops.attention import (
-    IMPLEMENTATIONS,
-    dot_product_attention,
-    inert_key_bias,
-    masked_softmax,
-    multi_head_attention,
-    project_out,
-    project_qkv,
-)
+from transformer_jax.ops.attention import IMPLEMENTATIONS, dot_product_attention, masked_softmax
 from transformer_jax.ops.dropout import dropout, keep_mask, keep_scale
 from transformer_jax.ops.losses import cross_entropy, token_accuracy
 from transformer_jax.ops.masks import (
@@ -20,6 +12,12 @@ from transformer_jax.ops.masks import (
     combine_masks,
     padding_mask,
     segment_mask,
+)
+from transformer_jax.ops.multi_head import (
+    inert_key_bias,
+    multi_head_attention,
+    project_out,
+    project_qkv,
 )
 from transformer_jax.ops.positional import (
     alibi_bias,

@@ -1,4 +1,4 @@
-"""Scaled dot-product and multi-head attention as pure functions.
+"""Scaled dot-product attention as a pure function (multi-head projections: ``ops.multi_head``).
 
 Shapes use the letters B batch, T query length, S key length, N heads, H head dim, D model dim.
 Four interchangeable implementations of ``dot_product_attention`` give the same numbers:
@@ -27,8 +27,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -42,10 +40,6 @@ from transformer_jax.ops.masks import AttentionSpec, combine_masks
 __all__ = [
     "IMPLEMENTATIONS",
     "dot_product_attention",
-    "multi_head_attention",
-    "inert_key_bias",
-    "project_qkv",
-    "project_out",
     "masked_softmax",
 ]
 
@@ -352,150 +346,3 @@ def dot_product_attention(
     return _jax_attention(query, key, value, mask, bias, precision, jax_backend, is_causal,
                           key_value_seq_lengths)
 
-
-def inert_key_bias(bias):
-    """The key projection's bias ``[N, H]`` with its gradient set to exactly zero (or None).
-
-    Adding ``b`` to every key adds the same ``q . b`` to all logits of a query row, which the
-    softmax cancels: outputs never depend on ``b`` and its true gradient is zero. Computed, the
-    gradient is rounding noise, and Adam (which divides by its own running scale) turns noise
-    into steps of the learning rate's size — different for every summation order, so one
-    device and several would train different key biases. ``stop_gradient`` gives the exact 0.
-    """
-    return None if bias is None else lax.stop_gradient(bias)
-
-
-def project_qkv(inputs, kernel, bias=None, *, precision=None) -> jnp.ndarray:
-    """Projects ``[B, T, D]`` inputs to per-head ``[B, T, N, H]`` with a ``[D, N, H]`` kernel.
-
-    Args:
-      inputs: ``[B, T, D]``.
-      kernel: ``[D, N, H]``.
-      bias: optional ``[N, H]``.
-    """
-    out = jnp.einsum("BTD,DNH->BTNH", inputs, kernel, precision=precision)  # [B, T, N, H]
-    if bias is not None:
-        out = out + bias
-    return out
-
-
-def project_out(heads, kernel, bias=None, *, precision=None) -> jnp.ndarray:
-    """Merges heads ``[B, T, N, H]`` back to ``[B, T, D]`` with an ``[N, H, D]`` kernel.
-
-    Args:
-      heads: ``[B, T, N, H]``.
-      kernel: ``[N, H, D]``.
-      bias: optional ``[D]``.
-    """
-    out = jnp.einsum("BTNH,NHD->BTD", heads, kernel, precision=precision)  # [B, T, D]
-    if bias is not None:
-        out = out + bias
-    return out
-
-
-def _check_params(params: Mapping[str, Any], d_q: int, d_kv: int) -> tuple[int, int]:
-    missing = [k for k in ("query", "key", "value", "out") if k not in params]
-    if missing:
-        raise ValueError(
-            f"multi_head_attention params are missing {missing}; expected keys 'query', 'key', "
-            "'value' ([D, N, H]), 'out' ([N, H, D]) and optional '*_bias'."
-        )
-    unknown = sorted(
-        set(params)
-        - {"query", "key", "value", "out", "query_bias", "key_bias", "value_bias", "out_bias"}
-    )
-    if unknown:
-        raise ValueError(f"multi_head_attention got unknown params {unknown}.")
-    q_shape = _shape(params["query"])
-    if len(q_shape) != 3 or q_shape[0] != d_q:
-        raise ValueError(
-            f"params['query'] must have shape [D, N, H] with D = inputs_q.shape[-1] = {d_q}; "
-            f"got {q_shape}."
-        )
-    _, n, h = q_shape
-    expected = {
-        "key": (d_kv, n, h),
-        "value": (d_kv, n, h),
-        "out": (n, h, None),
-        "query_bias": (n, h),
-        "key_bias": (n, h),
-        "value_bias": (n, h),
-    }
-    for name, want in expected.items():
-        if name not in params or params[name] is None:
-            continue
-        got = _shape(params[name])
-        if len(got) != len(want) or any(
-            w is not None and g != w for g, w in zip(got, want, strict=True)
-        ):
-            shown = tuple("D_out" if w is None else w for w in want)
-            raise ValueError(f"params[{name!r}] must have shape {shown}; got {got}.")
-    d_out = _shape(params["out"])[-1]
-    if params.get("out_bias") is not None and _shape(params["out_bias"]) != (d_out,):
-        raise ValueError(
-            f"params['out_bias'] must have shape ({d_out},); got {_shape(params['out_bias'])}."
-        )
-    return n, h
-
-
-def multi_head_attention(
-    inputs_q,
-    inputs_kv,
-    params: Mapping[str, Any],
-    *,
-    mask=None,
-    bias=None,
-    dropout_rate: float = 0.0,
-    dropout_rng=None,
-    implementation: str = "xla",
-    return_weights: bool = False,
-    precision=None,
-    chunk_size: int = 512,
-    spec: AttentionSpec | None = None,
-):
-    """Multi-head attention: project, attend per head, merge heads.
-
-    Args:
-      inputs_q: ``[B, T, D]`` queries.
-      inputs_kv: ``[B, S, D]`` keys/values (pass ``inputs_q`` for self-attention).
-      params: ``{"query": [D, N, H], "key": [D, N, H], "value": [D, N, H], "out": [N, H, D]}``
-        plus optional ``"query_bias"``, ``"key_bias"``, ``"value_bias"`` ``[N, H]`` and
-        ``"out_bias"`` ``[D]``.
-      mask, bias, spec, dropout_rate, dropout_rng, implementation, precision, chunk_size: as
-        in ``dot_product_attention``.
-      return_weights: also return the ``[B, N, T, S]`` weights (``"xla"`` only).
-
-    Returns:
-      ``[B, T, D]`` or ``(out, weights)``.
-    """
-    inputs_q, inputs_kv = jnp.asarray(inputs_q), jnp.asarray(inputs_kv)
-    for name, x in (("inputs_q", inputs_q), ("inputs_kv", inputs_kv)):
-        if x.ndim != 3:
-            raise ValueError(f"{name} must have shape [B, length, D]; got {tuple(x.shape)}.")
-    if inputs_q.shape[0] != inputs_kv.shape[0]:
-        raise ValueError(
-            f"inputs_q {tuple(inputs_q.shape)} and inputs_kv {tuple(inputs_kv.shape)} have "
-            "different batch sizes."
-        )
-    _check_params(params, inputs_q.shape[-1], inputs_kv.shape[-1])
-    q = project_qkv(inputs_q, params["query"], params.get("query_bias"), precision=precision)
-    k = project_qkv(inputs_kv, params["key"], inert_key_bias(params.get("key_bias")),
-                    precision=precision)
-    v = project_qkv(inputs_kv, params["value"], params.get("value_bias"), precision=precision)
-    result = dot_product_attention(
-        q,
-        k,
-        v,
-        mask=mask,
-        bias=bias,
-        spec=spec,
-        dropout_rate=dropout_rate,
-        dropout_rng=dropout_rng,
-        implementation=implementation,
-        chunk_size=chunk_size,
-        return_weights=return_weights,
-        precision=precision,
-    )
-    heads, weights = result if return_weights else (result, None)
-    out = project_out(heads, params["out"], params.get("out_bias"), precision=precision)
-    return (out, weights) if return_weights else out
