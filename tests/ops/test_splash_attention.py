@@ -172,15 +172,7 @@ def test_model_with_splash_matches_xla_on_packed_rows_and_decodes():
 
 
 @pytest.mark.skipif(not HAS_LIBTPU, reason="libtpu is not installed (pip install -e .[aot])")
-@pytest.mark.parametrize("parallelism", [
-    "shard_map",
-    # Known failure: under jit with shardings (fsdp 2 x tensor 2) XLA:TPU of libtpu 0.0.42
-    # stops after optimisation with "INTERNAL: ... Bitcast cannot have different shape
-    # sizes"; it compiled before the FSDP gather / process-major mesh changes. Not bisected.
-    pytest.param("sharded", marks=pytest.mark.xfail(
-        strict=True, raises=jax.errors.JaxRuntimeError,
-        reason="XLA:TPU INTERNAL bitcast error for splash under parallelism='sharded'")),
-])
+@pytest.mark.parametrize("parallelism", ["shard_map", "sharded"])
 def test_splash_compiles_to_a_mosaic_kernel_for_a_tpu_topology(parallelism):
     from test_aot import tiny_config
 

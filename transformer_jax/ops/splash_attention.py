@@ -107,6 +107,14 @@ def splash_attention(query, key, value, *, spec=None, mask=None, bias=None,
     s = key.shape[1]
     causal = _check(spec, mask, bias, t, s, is_causal)
     q_ids, kv_ids = _segment_ids(spec, kv_lengths, b, t, s)
+    return _per_device(query, key, value, q_ids, kv_ids, causal=causal)
+
+
+def _attend(query, key, value, q_ids, kv_ids, *, causal: bool, interpret: bool):
+    """One device's rows and heads: ``[B, T, N, H]`` queries, ``[B, S, N, H]`` keys and
+    values, ``q_ids [B, T]``, ``kv_ids [B, S]`` -> ``[B, T, N, H]``."""
+    b, t, _, h = query.shape
+    s = key.shape[1]
     visible = q_ids[:, :, None] == kv_ids[:, None, :]  # [B, T, S] (fused into the reduce)
     if causal:
         visible &= jnp.arange(t)[:, None] >= jnp.arange(s)[None, :]
@@ -126,29 +134,28 @@ def splash_attention(query, key, value, *, spec=None, mask=None, bias=None,
         return jnp.pad(x, ((0, 0), (0, 0), (0, length - x.shape[2]), (0, 0)))
 
     q, k, v = heads_first(query * scale, tp), heads_first(key, sp), heads_first(value, sp)
-    out = _per_device(q, k, v, q_ids, kv_ids, causal=causal)  # [B, N, Tp, H]
+    out = _run_kernel(q, k, v, q_ids, kv_ids, causal=causal, interpret=interpret)
     out = jnp.swapaxes(out[:, :, :t], 1, 2)  # [B, T, N, H]
     return jnp.where(has_key[:, :, None, None], out, jnp.zeros((), out.dtype)).astype(
         query.dtype)
 
 
-def _per_device(q, k, v, q_ids, kv_ids, *, causal: bool):
-    """The kernel on ``[B, N, Tp, H]`` inputs, one call per device under ``partitioned``."""
-    def run(q, k, v, q_ids, kv_ids):
-        kernel = functools.partial(_run_kernel, causal=causal)
-        return lax.platform_dependent(q, k, v, q_ids, kv_ids,
-                                      tpu=functools.partial(kernel, interpret=False),
-                                      default=functools.partial(kernel, interpret=True))
+def _per_device(query, key, value, q_ids, kv_ids, *, causal: bool):
+    """:func:`_attend` on each device's rows and heads under ``partitioned``."""
+    def run(*args):
+        attend = functools.partial(_attend, causal=causal)
+        return lax.platform_dependent(*args, tpu=functools.partial(attend, interpret=False),
+                                      default=functools.partial(attend, interpret=True))
 
     part = partition.current()
     if part is None:
-        return run(q, k, v, q_ids, kv_ids)
-    batch_axes = part.divides(q.shape[0], part.batch_axes)  # not split where they do not divide
-    head_axes = part.divides(q.shape[1], part.head_axes)
+        return run(query, key, value, q_ids, kv_ids)
+    batch_axes = part.divides(query.shape[0], part.batch_axes)  # not split where they do not divide
+    head_axes = part.divides(query.shape[2], part.head_axes)
     rows = P(batch_axes or None)
-    heads = P(batch_axes or None, head_axes or None)
+    heads = P(batch_axes or None, None, head_axes or None)
     return jax.shard_map(run, mesh=part.mesh, in_specs=(heads, heads, heads, rows, rows),
-                         out_specs=heads, check_vma=False)(q, k, v, q_ids, kv_ids)
+                         out_specs=heads, check_vma=False)(query, key, value, q_ids, kv_ids)
 
 
 def _run_kernel(q, k, v, q_ids, kv_ids, *, causal: bool, interpret: bool):
