@@ -9,6 +9,7 @@ libtpu: ``pip install -e .[aot]``) of a model x layout x slice:
            fsdp   (parallelism="sharded", sharding.fsdp = all chips: ZeRO-3 style)
            tensor (parallelism="sharded", sharding.tensor = 4 (8 for lm1b), data the rest)
   slices   v5e-8 ... v5e-256 (``--slices``)
+  remat    model.remat of every cell (``--remat none|full|dots``, activation rematerialisation)
 
 The global batch is kept at the config's rows when the chips divide it, else rounded to a
 multiple of the batch shards (noted per row). Rows are appended to ``--out`` (JSON lines)
@@ -71,14 +72,16 @@ def layout_config(config, layout: str, chips: int):
     return config
 
 
-def measure(model: str, layout: str, topology: str) -> dict:
+def measure(model: str, layout: str, topology: str, remat: str = "none") -> dict:
     chips = SLICES.get(topology)
     config = layout_config(model_config(model), layout, chips or 0)
+    config.model.remat = remat
     start = time.perf_counter()
     cpu0 = resource.getrusage(resource.RUSAGE_SELF).ru_utime
     report = aot.run(config, topology=topology, decode=False)
     return {
-        "model": model, "layout": layout, "topology": topology, "chips": report["num_devices"],
+        "model": model, "layout": layout, "remat": remat, "topology": topology,
+        "chips": report["num_devices"],
         "params": report["params"], "batch": report["batch"], "mesh": report["mesh"],
         "per_device_bytes": report["per_device_bytes"],
         "device_memory_bytes": report["device_memory_bytes"], "fits": report["fits"],
@@ -97,13 +100,14 @@ def _tflop(row: dict) -> str:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| model | layout | slice | mesh | batch | per-chip memory | fits 16 GiB | "
+    lines = ["| model | layout | remat | slice | mesh | batch | per-chip memory | fits 16 GiB | "
              "TFLOP/step (all chips) | compile CPU s |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         mesh = "x".join(f"{k}{v}" for k, v in r["mesh"].items() if v > 1) or "1"
         lines.append(
-            f"| {r['model']} ({r['params'] / 1e6:.0f}M) | {r['layout']} | v5e-{r['chips']} | "
+            f"| {r['model']} ({r['params'] / 1e6:.0f}M) | {r['layout']} | "
+            f"{r.get('remat', 'none')} | v5e-{r['chips']} | "
             f"{mesh} | {r['batch'][0]}x{r['batch'][1]} | "
             f"{r['per_device_bytes'] / 2**30:.2f} GiB | {'yes' if r['fits'] else 'NO'} | "
             f"{_tflop(r)} | {r['compile_cpu_s']:.0f} |")
@@ -115,6 +119,8 @@ def main(argv=None) -> int:
     parser.add_argument("--models", default="base,big,lm1b")
     parser.add_argument("--layouts", default="data,fsdp,tensor")
     parser.add_argument("--slices", default=",".join(SLICES))
+    parser.add_argument("--remat", default="none", choices=("none", "full", "dots"),
+                        help="model.remat of every cell (activation rematerialisation)")
     parser.add_argument("--out", default=os.path.join(ROOT, "bench", "results",
                                                       "aot_table.jsonl"))
     parser.add_argument("--table", help="print the markdown table of this JSON-lines file")
@@ -126,14 +132,14 @@ def main(argv=None) -> int:
     done = set()
     if os.path.exists(args.out):
         with open(args.out) as f:
-            done = {(r["model"], r["layout"], r["topology"])
+            done = {(r["model"], r["layout"], r["topology"], r.get("remat", "none"))
                     for r in map(json.loads, filter(str.strip, f))}
     for model in args.models.split(","):
         for layout in args.layouts.split(","):
             for topology in args.slices.split(","):
-                if (model, layout, topology) in done:
+                if (model, layout, topology, args.remat) in done:
                     continue
-                row = measure(model, layout, topology)
+                row = measure(model, layout, topology, args.remat)
                 with open(args.out, "a") as f:
                     f.write(json.dumps(row) + "\n")
                 print(table([row]).splitlines()[-1], flush=True)

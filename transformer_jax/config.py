@@ -23,6 +23,7 @@ __all__ = [
     "DTYPES",
     "ModelConfig",
     "POSITIONAL_KINDS",
+    "REMAT_POLICIES",
     "count_params",
 ]
 
@@ -33,6 +34,10 @@ ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "quick_gelu", "silu", "tanh", "sigmo
                "relu6")
 ATTENTION_IMPLS = ("xla", "chunked", "jax", "splash")
 PRECISIONS = ("default", "high", "highest")
+# What a rematerialised layer keeps for the backward pass (``nn.stacks``): "none" = no remat,
+# "full" = only the layer's input (everything inside is recomputed), "dots" = also the results
+# of the matmuls with the weights (XLA recomputes the rest: softmax, LayerNorm, activations).
+REMAT_POLICIES = ("none", "full", "dots")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -86,6 +91,11 @@ class ModelConfig:
       num_decoder_heads: heads of the decoder's attention layers (None -> ``num_heads``,
         which is then the encoder's only).
       decoder_d_ff: feed-forward width of the decoder layers (None -> ``d_ff``).
+      remat: activation rematerialisation of every encoder and decoder layer in training,
+        one of ``REMAT_POLICIES``: "none" stores every activation for the backward pass;
+        "full" stores only each layer's input and recomputes the layer (about one more
+        forward pass of compute, activation memory ~ one layer's); "dots" also keeps the
+        matmul results with the weights. Numbers are unchanged; cached decoding never remats.
     """
 
     vocab_size: int = 32000
@@ -117,6 +127,7 @@ class ModelConfig:
     never_predict_pad: bool = False
     num_decoder_heads: int | None = None
     decoder_d_ff: int | None = None
+    remat: str = "none"
 
     def __post_init__(self):
         self._check_sizes()
@@ -182,6 +193,8 @@ class ModelConfig:
             raise ValueError(
                 f"attention_impl={self.attention_impl!r} is unknown; use one of {ATTENTION_IMPLS}."
             )
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"remat={self.remat!r} is unknown; use one of {REMAT_POLICIES}.")
         if self.attention_precision not in PRECISIONS:
             raise ValueError(
                 f"attention_precision={self.attention_precision!r} is unknown; use one of "

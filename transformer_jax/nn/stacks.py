@@ -83,6 +83,19 @@ def _check_segments(q_segments, k_segments, what: str) -> None:
         )
 
 
+_SAVED = {"full": None, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+
+
+def _apply(config: ModelConfig, layer, x, **kwargs):
+    """``layer(x, **kwargs)``, rematerialised per ``config.remat`` when there is no cache:
+    the backward pass recomputes the layer from its input instead of reading stored
+    activations (same numbers, less memory, more compute)."""
+    if config.remat == "none" or kwargs.get("cache") is not None:
+        return layer(x, **kwargs)
+    return nnx.remat(lambda layer, x: layer(x, **kwargs), policy=_SAVED[config.remat])(
+        layer, x)
+
+
 def _stack(weights: list[dict], key: str):
     """Stacks per-layer ``[B, N, T, S]`` weights to ``[L, B, N, T, S]`` (None if absent)."""
     arrays = [w[key] for w in weights if key in w]
@@ -131,7 +144,9 @@ class Encoder(nnx.Module):
         x = self.embedding(src_ids, positions, dropout_rng=fold(dropout_rng, 0))
         weights = []
         for i, layer in enumerate(self.layers):
-            x, _, w = layer(
+            x, _, w = _apply(
+                config,
+                layer,
                 x,
                 spec=spec,
                 positions=positions,
@@ -287,7 +302,9 @@ class Decoder(nnx.Module):
         x = self.embedding(tgt_ids, positions, dropout_rng=fold(dropout_rng, 0))
         new_layers, weights = [], []
         for i, layer in enumerate(self.layers):
-            x, layer_cache, w = layer(
+            x, layer_cache, w = _apply(
+                config,
+                layer,
                 x,
                 spec=self_spec,
                 positions=positions,
