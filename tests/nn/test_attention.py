@@ -151,7 +151,8 @@ def test_precomputed_cross_kv_equals_projection_each_call():
     module = _mha()
     xq, xkv = _inputs(8)
     kv = module.precompute_kv(xkv)
-    assert kv["key"].shape == (B, N, S, H) and "index" not in kv
+    assert kv["key"].shape == (B, N, H, S) and kv["value"].shape == (B, N, S, H)
+    assert "index" not in kv
     direct, _, _ = module(xq, xkv)
     cached, same, _ = module(xq, cache=kv)
     assert same is kv

@@ -201,8 +201,8 @@ class Decoder(nnx.Module):
           dtype: dtype of the keys/values (default: the compute dtype).
 
         Returns:
-          ``{"layers": [{"self": {"key": [B,L,N,H], "value": [B,L,N,H], "index": int32 []},
-          "cross": {"key": [B,S,N,H], "value": [B,S,N,H]}}, ...], "src_valid": [B,S] bool}``
+          ``{"layers": [{"self": {"key": [B,N,L,H], "value": [B,N,L,H], "index": int32 []},
+          "cross": {"key": [B,N,H,S], "value": [B,N,S,H]}}, ...], "src_valid": [B,S] bool}``
           ("cross" and "src_valid" only when ``encoded`` is given).
         """
         if self.config.positional == "learned" and max_len > self.config.max_len:
