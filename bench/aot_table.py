@@ -32,6 +32,7 @@ import time
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 from transformer_jax import aot  # noqa: E402
+from transformer_jax.config import REMAT_POLICIES  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SLICES = {"v5e:2x4": 8, "v5e:4x4": 16, "v5e:4x8": 32, "v5e:8x8": 64, "v5e:8x16": 128,
@@ -119,7 +120,7 @@ def main(argv=None) -> int:
     parser.add_argument("--models", default="base,big,lm1b")
     parser.add_argument("--layouts", default="data,fsdp,tensor")
     parser.add_argument("--slices", default=",".join(SLICES))
-    parser.add_argument("--remat", default="none", choices=("none", "full", "dots"),
+    parser.add_argument("--remat", default="none", choices=REMAT_POLICIES,
                         help="model.remat of every cell (activation rematerialisation)")
     parser.add_argument("--out", default=os.path.join(ROOT, "bench", "results",
                                                       "aot_table.jsonl"))

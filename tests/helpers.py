@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fcntl
 import functools
+import importlib.util
 import os
 import subprocess
 import sys
@@ -18,6 +19,7 @@ import time
 import jax
 import numpy as np
 import optax
+import pytest
 from flax import nnx
 
 from transformer_jax.checkpoints import load_params
@@ -30,6 +32,10 @@ from transformer_jax.training.step import create_train_state, train_step
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(REPO, "train.py")
 VOCAB = 64  # vocabulary of the tiny models and synthetic batches
+HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
+# for tests that compile for a TPU topology on this CPU (the "aot" extra installs libtpu)
+needs_libtpu = pytest.mark.skipif(not HAS_LIBTPU,
+                                  reason="libtpu is not installed (pip install -e .[aot])")
 
 
 # --------------------------------------------------------------------------- models

@@ -4,7 +4,6 @@ Exports run with tiny models on CPU stand-in devices; the TPU compile of the pap
 config needs libtpu (``pip install -e .[aot]``) and is skipped, saying so, without it.
 """
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -14,12 +13,12 @@ import textwrap
 import jax
 import jax.numpy as jnp
 import pytest
+from helpers import HAS_LIBTPU, needs_libtpu
 
 from transformer_jax import aot
 from transformer_jax.training import default_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
 TINY = dict(d_model=32, num_heads=2, num_layers=1, d_ff=64, max_len=16)
 
 
@@ -153,7 +152,7 @@ def test_missing_libtpu_is_one_clear_error(monkeypatch):
         aot.tpu_devices("v5e:2x2")
 
 
-@pytest.mark.skipif(not HAS_LIBTPU, reason="libtpu is not installed (pip install -e .[aot])")
+@needs_libtpu
 def test_compile_for_tpu_v5e_topology():
     # A tiny config: the paper's base config compiles the same way but takes minutes of CPU
     # (python -m transformer_jax.aot --config configs/wmt14_ende_base.py --topology v5e:2x2).
@@ -190,7 +189,7 @@ def test_program_refused_for_lack_of_hbm_is_reported_not_raised():
                                     "16.00 GiB a chip has"]
 
 
-@pytest.mark.skipif(not HAS_LIBTPU, reason="libtpu is not installed (pip install -e .[aot])")
+@needs_libtpu
 def test_multi_host_slice_meshes_keep_each_process_rows_together():
     # jax.make_mesh orders TPU devices by physical coordinates: on v5e-256 (64 hosts of 4
     # chips) process 0 held batch blocks 0, 1, 16 and 17, not one run of rows to load.

@@ -10,19 +10,12 @@ import jax
 import numpy as np
 import optax
 import pytest
-from helpers import init_state, packed_batch, tiny_model
+from helpers import init_state, needs_libtpu, packed_batch, tiny_model
 
 from transformer_jax import aot
 from transformer_jax.config import REMAT_POLICIES, ModelConfig
 from transformer_jax.training import default_config
 from transformer_jax.training.step import train_step
-
-try:
-    import libtpu  # noqa: F401
-
-    HAS_LIBTPU = True
-except ImportError:
-    HAS_LIBTPU = False
 
 
 def _one_step(remat: str, kind: str):
@@ -60,7 +53,7 @@ def test_bad_remat_is_one_sentence():
         ModelConfig(remat="layers")
 
 
-@pytest.mark.skipif(not HAS_LIBTPU, reason="libtpu is not installed (pip install -e .[aot])")
+@needs_libtpu
 def test_remat_lowers_per_chip_memory_on_a_tpu_topology():
     """A decoder-only LM of 8 layers at 1,024 tokens per row compiled for v5e:2x2: "full"
     keeps each layer's input instead of its attention weights and activations (measured with

@@ -2,12 +2,11 @@
 the numbers and gradients of the "xla" reference for the masks it takes, refuses the others
 with one clear sentence, and compiles to a Mosaic kernel for a TPU topology (libtpu)."""
 
-import importlib.util
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import needs_libtpu
 from references import HI
 
 from transformer_jax import aot, ops
@@ -15,7 +14,6 @@ from transformer_jax.config import ModelConfig
 from transformer_jax.ops import partition
 
 TOL = 2e-5
-HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
 
 
 def _rand(rng, *shape):
@@ -171,7 +169,7 @@ def test_model_with_splash_matches_xla_on_packed_rows_and_decodes():
     np.testing.assert_array_equal(translate(splash_model), translate(xla_model))
 
 
-@pytest.mark.skipif(not HAS_LIBTPU, reason="libtpu is not installed (pip install -e .[aot])")
+@needs_libtpu
 @pytest.mark.parametrize("parallelism", ["shard_map", "sharded"])
 def test_splash_compiles_to_a_mosaic_kernel_for_a_tpu_topology(parallelism):
     from test_aot import tiny_config

@@ -139,10 +139,6 @@ def test_fsdp_gathers_weights_instead_of_holding_every_row():
     # XLA, left alone, kept the FSDP-split weights split and moved the activations: every row
     # of the batch on every device (3.4x the temporaries of data parallelism here, 8.4x for
     # a D 256 model on 8 TPU chips). The sharded step gathers each weight before use.
-    import os
-    import sys
-
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from test_aot import tiny_config as aot_config
 
     from transformer_jax import aot

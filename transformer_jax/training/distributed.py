@@ -388,9 +388,8 @@ def ordered_mesh(shape: Sequence[int], axis_names: Sequence[str], devices: Seque
     processes = [d.process_index for d in mesh.devices.flat]
     if processes == sorted(processes):
         return mesh
-    grid = np.empty(len(devices), dtype=object)
-    grid[:] = list(devices)
-    return jax.sharding.Mesh(grid.reshape(tuple(shape)), tuple(axis_names),
+    grid = np.asarray(list(devices), dtype=object).reshape(tuple(shape))
+    return jax.sharding.Mesh(grid, tuple(axis_names),
                              axis_types=(axis_type,) * len(axis_names))
 
 
