@@ -113,3 +113,27 @@ def test_negative_time_limit_fails_in_one_line(tmp_path):
     assert proc.returncode == 2
     assert "max_train_minutes=-5.0 must be a number of minutes >= 0" in proc.stderr
     assert not os.path.exists(tmp_path / "w")
+
+
+def test_skipped_long_pairs_are_counted_and_reported(tmp_path):
+    """Pairs longer than data.max_length are left out of training: said on stderr, counted in
+    summary.json, so a user of their own corpus learns to raise max_length."""
+    workdir = str(tmp_path / "run")
+    proc = _train("--workdir", workdir, "--config.model.num_layers=1", *TINY,
+                  "--config.data.max_length=20")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(os.path.join(workdir, "summary.json")) as f:
+        dropped = json.load(f)["train_pairs_dropped"]
+    assert dropped > 0
+    assert (f"{dropped} distinct training pairs read so far were skipped as longer than "
+            "max_length") in proc.stderr
+    assert "(data.max_length=20); raise data.max_length to train on them." in proc.stderr
+
+
+def test_no_pair_fits_max_length_is_one_line_error(tmp_path):
+    proc = _train("--workdir", str(tmp_path / "run"), *TINY, "--config.data.max_length=6")
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = proc.stderr.strip().splitlines()
+    assert lines[-1] == ("error: none of 10000 training pairs in a row fits data.max_length=6 "
+                         "tokens (EOS included) and data.max_length_ratio; raise data.max_length.")
+    assert "Traceback" not in proc.stderr

@@ -65,8 +65,9 @@ class PipelineStats:
 
     def summary(self) -> str:
         trimmed = ", ".join(f"{k}: {len(v)}" for k, v in sorted(self.trimmed_eval_ids.items()))
-        return (f"{len(self.dropped_train_ids)} distinct training pairs dropped as longer than "
-                f"max_length; eval pairs trimmed: {trimmed or 'none'}")
+        return (f"{len(self.dropped_train_ids)} distinct training pairs read so far were "
+                f"skipped as longer than max_length or outside max_length_ratio; eval pairs "
+                f"trimmed: {trimmed or 'none'}")
 
     def __getstate__(self):  # worker processes get empty counters of their own
         return {}

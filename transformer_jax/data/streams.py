@@ -30,6 +30,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from transformer_jax.data.tokenizer import EOS_ID
+from transformer_jax.errors import ConfigError
 
 __all__ = ["BATCH_KEYS", "RowStream", "StreamSpec", "TrainBatches", "allgather_states",
            "merge_states"]
@@ -103,6 +104,9 @@ def _layout(examples: Sequence[np.ndarray], length: int) -> tuple[np.ndarray, ..
     return tokens, seg, pos
 
 
+_MAX_SKIPPED = 10_000  # consecutive dropped pairs that stop training with an error
+
+
 def _make_row(examples: list, length: int) -> dict[str, np.ndarray]:
     out = {}
     for side, key in enumerate(("inputs", "targets")):
@@ -148,12 +152,21 @@ class RowStream:
         bins: list[list] = [[] for _ in range(self.spec.bins)]
         used = [[0, 0] for _ in range(self.spec.bins)]
         k = self.window_start
+        skipped = 0  # dropped in a row; _MAX_SKIPPED or the whole data set: none fits
         while True:
             try:
                 example = self._example(k)
             except IndexError:  # finite epochs: the stream ended
                 break
-            if example is not None:
+            if example is None:
+                skipped += 1
+                if skipped >= max(len(self.spec.source), _MAX_SKIPPED):
+                    raise ConfigError(
+                        f"none of {skipped} training pairs in a row fits data.max_length="
+                        f"{self.spec.max_length} tokens (EOS included) and "
+                        "data.max_length_ratio; raise data.max_length.")
+            else:
+                skipped = 0
                 b = next((b for b in range(len(bins)) if self._fits(used[b], example)), None)
                 if b is None:
                     break  # closes the window; this example starts the next one

@@ -370,6 +370,12 @@ class Trainer:
         if self.out_of_time:
             log.warning("max_train_minutes=%s reached after update %d of %d; finishing there.",
                         self.config.max_train_minutes, self.step, total)
+        self._warn_dropped()
+
+    def _warn_dropped(self) -> None:
+        if self.prepared.stats.dropped_train_ids:  # too long, or outside data.max_length_ratio
+            log.warning("%s (data.max_length=%d); raise data.max_length to train on them.",
+                        self.prepared.stats.summary(), self.config.data.max_length)
 
     def _out_of_time(self) -> bool:
         budget = 60.0 * float(self.config.max_train_minutes)
@@ -383,6 +389,8 @@ class Trainer:
         if (step % config.log_every_steps == 0 or due_eval or due_ckpt or stopping
                 or step == self.first_step + 1):
             self._log_train()
+        if step == self.first_step + config.log_every_steps:
+            self._warn_dropped()  # early, so a long run is not wasted on half the data
         if due_ckpt or stopping:
             self.save()
         if stopping:
@@ -440,6 +448,7 @@ class Trainer:
             "train": self.last_train,
             "train_tokens_per_s": self.throughput.rate,
             "train_seconds": self.throughput.seconds,
+            "train_pairs_dropped": len(self.prepared.stats.dropped_train_ids),
         }
         try:
             if not self.interrupted:
