@@ -63,11 +63,9 @@ class PipelineStats:
     trimmed_eval_ids: dict[str, set[int]] = dataclasses.field(default_factory=dict)
     _lock: threading.Lock = dataclasses.field(default_factory=threading.Lock, repr=False)
 
-    def summary(self) -> str:
-        trimmed = ", ".join(f"{k}: {len(v)}" for k, v in sorted(self.trimmed_eval_ids.items()))
+    def dropped_summary(self) -> str:
         return (f"{len(self.dropped_train_ids)} distinct training pairs read so far were "
-                f"skipped as longer than max_length or outside max_length_ratio; eval pairs "
-                f"trimmed: {trimmed or 'none'}")
+                "skipped as longer than max_length or outside max_length_ratio")
 
     def __getstate__(self):  # worker processes get empty counters of their own
         return {}

@@ -375,7 +375,7 @@ class Trainer:
     def _warn_dropped(self) -> None:
         if self.prepared.stats.dropped_train_ids:  # too long, or outside data.max_length_ratio
             log.warning("%s (data.max_length=%d); raise data.max_length to train on them.",
-                        self.prepared.stats.summary(), self.config.data.max_length)
+                        self.prepared.stats.dropped_summary(), self.config.data.max_length)
 
     def _out_of_time(self) -> bool:
         budget = 60.0 * float(self.config.max_train_minutes)
