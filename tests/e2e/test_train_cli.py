@@ -6,7 +6,12 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
+from ml_collections import ConfigDict
+
+from transformer_jax.checkpoints import read_meta
+from transformer_jax.training.optim import make_schedule
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY = [  # seconds, not minutes: a tiny model, 300 training pairs, no decoding
@@ -137,3 +142,62 @@ def test_no_pair_fits_max_length_is_one_line_error(tmp_path):
     assert lines[-1] == ("error: none of 10000 training pairs in a row fits data.max_length=6 "
                          "tokens (EOS included) and data.max_length_ratio; raise data.max_length.")
     assert "Traceback" not in proc.stderr
+
+
+def test_fit_steps_to_time_ends_the_schedule_in_time_and_resume_keeps_the_count(tmp_path):
+    """fit_steps_to_time: after the warm-up the run lowers num_train_steps to what fits in
+    max_train_minutes, the cosine schedule spans the fitted count from there on, the
+    checkpoints keep the count, and a rerun (resume) trains to it, not to the configured one."""
+    workdir = str(tmp_path / "run")
+    args = [a for a in TINY if not a.startswith(("--config.num_train_steps",
+                                                 "--config.checkpoint_every_steps"))]
+    args += ["--config.num_train_steps=1000000", "--config.checkpoint_every_steps=1000000",
+             "--config.max_train_minutes=1", "--config.fit_steps_to_time=true",
+             "--config.log_every_steps=10",
+             "--config.data.numbers_max=3000",  # every pair fits max_length
+             "--config.eval_every_steps=0", "--config.optimizer.schedule=warmup_cosine",
+             "--config.optimizer.warmup_steps=20", "--config.optimizer.learning_rate=1e-3"]
+    proc = _train("--workdir", workdir, *args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(os.path.join(workdir, "summary.json")) as f:
+        summary = json.load(f)
+    fitted = summary["num_train_steps"]
+    assert 20 < fitted < 1000000
+    assert f"at update 20: training for {fitted} updates (num_train_steps=1000000)" in (
+        proc.stdout + proc.stderr)
+    # It ends at the fitted count unless the machine slowed down by more than the reserve.
+    assert summary["step"] == fitted or summary["stopped_by_time_limit"]
+    meta = read_meta(os.path.join(workdir, "checkpoints"), summary["step"])
+    assert meta["fitted_num_train_steps"] == fitted
+
+    # Every update after the fit used the cosine over the fitted count (a logged
+    # learning_rate is that of the last update before the log).
+    schedule = make_schedule(ConfigDict({"schedule": "warmup_cosine", "learning_rate": 1e-3,
+                                         "warmup_steps": 20}), d_model=32,
+                             num_train_steps=fitted)
+    with open(os.path.join(workdir, "history.jsonl")) as f:
+        logged = {r["step"]: r["learning_rate"] for r in map(json.loads, f)
+                  if r["split"] == "train"}
+    after = sorted(s for s in logged if s > 20)
+    assert after[-1] == summary["step"] and len(after) > 1
+    np.testing.assert_allclose([logged[s] for s in after],
+                               [float(schedule(s - 1)) for s in after], rtol=1e-6, atol=1e-10)
+
+    # A rerun with a shorter limit (the limit may change between runs; the count may not).
+    rerun = _train("--workdir", workdir, *args, "--config.max_train_minutes=0.3")
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    with open(os.path.join(workdir, "summary.json")) as f:
+        resumed = json.load(f)
+    assert f"resuming from step {summary['step']}" in rerun.stdout
+    assert "fit_steps_to_time:" not in rerun.stdout + rerun.stderr
+    assert resumed["num_train_steps"] == fitted
+    assert resumed["step"] == fitted or resumed["stopped_by_time_limit"]
+
+
+def test_fit_steps_to_time_needs_a_time_limit(tmp_path):
+    proc = _train("--workdir", str(tmp_path / "w"), *TINY, "--config.fit_steps_to_time=true")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "error: fit_steps_to_time=True fits the schedule to max_train_minutes, which is 0; "
+        "set max_train_minutes or fit_steps_to_time=False.")
+    assert not os.path.exists(tmp_path / "w")

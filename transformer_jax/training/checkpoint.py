@@ -5,7 +5,8 @@ Layout of a work directory::
   <workdir>/checkpoints/<step>/params      parameter pytree (orbax StandardSave, tensorstore)
                               /opt_state   optimizer state pytree
                               /meta        JSON: step, raw RNG key data, resolved config,
-                                           tokenizer reference (path + sha256)
+                                           tokenizer reference (path + sha256), the
+                                           trainer's extra keys (fitted_num_train_steps)
                               /data        JSON: state of the training data iterator
   <workdir>/averaged/<step>/params, meta   params-only checkpoint from ``average``
 
@@ -281,11 +282,13 @@ class Checkpointer:
         return sorted(self._manager.all_steps())
 
     def save(self, step: int, state, *, rng, data_state=None, config: Mapping | None = None,
-             tokenizer: Mapping | None = None) -> bool:
-        """Write ``state`` (a TrainState with host-fetchable arrays) as checkpoint ``step``."""
+             tokenizer: Mapping | None = None, extra: Mapping | None = None) -> bool:
+        """Write ``state`` (a TrainState with host-fetchable arrays) as checkpoint ``step``;
+        ``extra`` (JSON values) is added to its meta."""
         if step in self._manager.all_steps():
             return False
         meta = {
+            **dict(extra or {}),
             "step": int(step),
             "state_step": int(state.step),
             "rng": _key_to_json(rng),

@@ -11,7 +11,14 @@ Top-level keys:
   max_train_minutes       > 0: stop updating once this many minutes have passed since
                           train.py started (set-up included), checkpoint, and finish as at
                           num_train_steps (final evaluation, averaging); the learning-rate
-                          schedule still spans num_train_steps. 0: no time limit
+                          schedule still spans num_train_steps (see fit_steps_to_time).
+                          0: no time limit
+  fit_steps_to_time       True (needs max_train_minutes > 0): at the end of the warm-up,
+                          time the updates so far and lower num_train_steps to the updates
+                          that fit in the time left, so the learning-rate schedule anneals
+                          before the limit on a slow machine instead of being cut short.
+                          Fitted once; the checkpoints keep the count (resume uses it) and
+                          summary.json reports it. num_train_steps stays the upper bound
   batch_size              global rows per micro-batch, summed over devices and processes; a
                           row holds up to data.max_length source and data.max_length target
                           tokens (several packed pairs when data.packing), so one update sees
@@ -108,6 +115,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.seed = 0
     c.num_train_steps = 1000
     c.max_train_minutes = 0.0
+    c.fit_steps_to_time = False
     c.batch_size = 64
     c.eval_batch_size = 0
     c.log_every_steps = 50
@@ -194,6 +202,12 @@ def _check_schedule_keys(merged: dict) -> None:
     if isinstance(minutes, bool) or not isinstance(minutes, int | float) or not minutes >= 0:
         raise ConfigError(f"max_train_minutes={minutes!r} must be a number of minutes >= 0 "
                           "(0: no time limit).")
+    if not isinstance(merged["fit_steps_to_time"], bool):
+        raise ConfigError(f"fit_steps_to_time={merged['fit_steps_to_time']!r} must be True "
+                          "or False.")
+    if merged["fit_steps_to_time"] and not minutes > 0:
+        raise ConfigError("fit_steps_to_time=True fits the schedule to max_train_minutes, "
+                          "which is 0; set max_train_minutes or fit_steps_to_time=False.")
     if merged["average_last"] > merged["keep_checkpoints"]:
         raise ConfigError(
             f"average_last={merged['average_last']} needs keep_checkpoints >= "

@@ -323,6 +323,15 @@ class StopVote:
         previous, self._pending = self._pending, agreed
         return 0 if previous is None else int(previous.addressable_shards[0].data)
 
+    def agree_min(self, value: int) -> int:
+        """The smallest of every process's ``value``, now (waits for all of them)."""
+        if not self._multi:
+            return int(value)
+        flags = np.full((self._local,), -int(value), np.int32)
+        agreed = self._any(jax.make_array_from_process_local_data(
+            self._split, flags, (self._split.mesh.size,)))
+        return -int(agreed.addressable_shards[0].data)
+
 
 def put_global(tree, shardings):
     """``jax.device_put(tree, shardings)`` that also works with several processes; copies.

@@ -41,6 +41,7 @@ from transformer_jax.config import ModelConfig
 from transformer_jax.errors import ConfigError, TrainingDivergedError, WorkdirError
 from transformer_jax.nn import build_model, split_model
 from transformer_jax.runtime import take_early_signal
+from transformer_jax.training.budget import Throughput, fit_num_train_steps
 from transformer_jax.training.checkpoint import Checkpointer
 from transformer_jax.training.defaults import parse_metrics, validate_config
 from transformer_jax.training.distributed import StopVote, chief_first
@@ -147,35 +148,6 @@ def _all_finite(params) -> jax.Array:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
 
 
-class _Throughput:
-    """Source + target tokens per second between synchronisation points.
-
-    The interval that ends with the first update of a run (compilation) is not counted, nor
-    time spent in evaluation or checkpointing.
-    """
-
-    def __init__(self):
-        self.tokens = 0.0
-        self.seconds = 0.0
-        self._mark: float | None = None
-
-    def sync(self, tokens: float) -> None:
-        """Called right after the metrics of the last steps were fetched (device idle)."""
-        now = time.perf_counter()
-        if self._mark is not None:
-            self.tokens += tokens
-            self.seconds += now - self._mark
-        self._mark = now
-
-    def restart(self) -> None:
-        """Called after work that should not count (evaluation, checkpoints)."""
-        self._mark = time.perf_counter()
-
-    @property
-    def rate(self) -> float:
-        return self.tokens / self.seconds if self.seconds > 0 else float("nan")
-
-
 class _Keys:
     """An iterator of batches that keeps the keys starting with ``prefix`` (None: all)."""
 
@@ -230,9 +202,10 @@ class Trainer:
         self.step = 0
         self.interrupted = False
         self.out_of_time = False  # stopped by max_train_minutes (then finished normally)
+        self.fitted_steps: int | None = None  # num_train_steps fitted to max_train_minutes
         self.last_train: dict[str, float] = {}
         self.last_eval: tuple[int, dict] | None = None
-        self.throughput = _Throughput()
+        self.throughput = Throughput()
         self.signals = _StopFlag()
 
     def run(self) -> dict:
@@ -312,6 +285,9 @@ class Trainer:
             if restored["data_state"] is not None:
                 self.train_it.set_state(restored["data_state"])
             self.resumed_step = int(restored["meta"]["step"])
+            fitted = restored["meta"].get("fitted_num_train_steps")
+            if fitted is not None and config.fit_steps_to_time:
+                self._set_num_train_steps(int(fitted))  # the schedule the run started with
             log.info("resuming from step %d", self.resumed_step)
             print(f"resuming from step {self.resumed_step}", flush=True)
         self.micro = _local_int(state.step)
@@ -319,15 +295,30 @@ class Trainer:
         del state, restored
         self.rng_dev = self.dp.put_rng(self.rng)
 
-    def _compile(self) -> None:
-        config, opt, cfg = self.config, self.config.optimizer, self.model_cfg
+    def _make_step_fn(self) -> None:
+        """The jitted update for ``self.tx`` (compiled at its first call)."""
         per_device = functools.partial(
             train_step, model_def=self.model_def, tx=self.tx, schedule=self.schedule,
-            label_smoothing=float(opt.label_smoothing),
-            dropout=cfg.uses_dropout,
-            grad_accum_steps=self.accum, pad_id=cfg.pad_id,
+            label_smoothing=float(self.config.optimizer.label_smoothing),
+            dropout=self.model_cfg.uses_dropout,
+            grad_accum_steps=self.accum, pad_id=self.model_cfg.pad_id,
         )
         self.step_fn = self.dp.train_step(per_device)
+
+    def _set_num_train_steps(self, steps: int) -> None:
+        """Train for ``steps`` updates: the optimizer's schedule is rebuilt to span them (its
+        state's structure does not depend on the length) and the step re-made."""
+        self.fitted_steps = steps
+        self.config.num_train_steps = self.config_dict["num_train_steps"] = steps
+        self.tx, self.schedule = make_optimizer(self.config.optimizer,
+                                                d_model=self.model_cfg.d_model,
+                                                num_train_steps=steps)
+        if hasattr(self, "step_fn"):
+            self._make_step_fn()
+
+    def _compile(self) -> None:
+        config, opt, cfg = self.config, self.config.optimizer, self.model_cfg
+        self._make_step_fn()
         self.evaluator = evaluate.Evaluator(
             self.dp, self.model_def, self.prepared, label_smoothing=float(opt.label_smoothing),
             batch_size=self.eval_batch_size, metric_names=self.metric_names,
@@ -341,15 +332,14 @@ class Trainer:
     def train(self) -> None:
         """Run updates until ``num_train_steps``, ``max_train_minutes`` or an agreed stop (a
         signal to any process); every process stops after the same update."""
-        total = self.config.num_train_steps
         self.step = self.first_step = self.micro // self.accum
         self.pending: list = []
-        self.bar = tqdm(total=total, initial=self.step, desc="train",
+        self.bar = tqdm(total=self.config.num_train_steps, initial=self.step, desc="train",
                         disable=not self.is_chief, dynamic_ncols=True)
-        vote = StopVote(self.dp.devices)
+        vote = self.vote = StopVote(self.dp.devices)
         try:
             with self.signals as signals:
-                while self.step < total:
+                while self.step < self.config.num_train_steps:
                     batch = self.dp.put_batch(next(self.train_it))
                     self.state, metrics = self.step_fn(self.state, batch, self.rng_dev)
                     self.pending.append(metrics)
@@ -369,7 +359,7 @@ class Trainer:
             self.checkpointer.wait()
         if self.out_of_time:
             log.warning("max_train_minutes=%s reached after update %d of %d; finishing there.",
-                        self.config.max_train_minutes, self.step, total)
+                        self.config.max_train_minutes, self.step, self.config.num_train_steps)
         self._warn_dropped()
 
     def _warn_dropped(self) -> None:
@@ -381,16 +371,44 @@ class Trainer:
         budget = 60.0 * float(self.config.max_train_minutes)
         return budget > 0 and time.perf_counter() - self.wall_start >= budget
 
+    def _fit_due(self) -> bool:
+        """fit_steps_to_time: fit at the first update after the warm-up that follows a timed
+        one (the first update of a process compiles and is not timed)."""
+        return (self.config.fit_steps_to_time and self.fitted_steps is None
+                and self.step >= max(int(self.config.optimizer.warmup_steps),
+                                     self.first_step + 2))
+
+    def _fit_steps_to_time(self) -> None:
+        """Lower num_train_steps to the updates that fit in the time left (all processes
+        agree on the smallest count); called right after a metrics fetch, so the timing is of
+        finished updates."""
+        config = self.config
+        per_update = self.throughput.seconds_per_update
+        left = 60.0 * float(config.max_train_minutes) - (time.perf_counter() - self.wall_start)
+        asked = config.num_train_steps
+        steps = self.vote.agree_min(fit_num_train_steps(self.step, per_update, left, asked))
+        self._set_num_train_steps(steps)
+        self.bar.total = steps
+        message = (f"fit_steps_to_time: {per_update:.3f} s per update and "
+                   f"{left / 60:.1f} of max_train_minutes={config.max_train_minutes:g} left "
+                   f"at update {self.step}: training for {steps} updates (num_train_steps="
+                   f"{asked})")
+        log.info(message)
+        self.bar.write(message)
+
     def _after_update(self, stopping: bool) -> bool:
         """Logging, checkpoint and evaluation due after this update; True to stop now."""
         config, step = self.config, self.step
         due_eval = bool(config.eval_every_steps) and step % config.eval_every_steps == 0
         due_ckpt = step % config.checkpoint_every_steps == 0 or step == config.num_train_steps
-        if (step % config.log_every_steps == 0 or due_eval or due_ckpt or stopping
+        fit_now = not stopping and self._fit_due()
+        if (step % config.log_every_steps == 0 or due_eval or due_ckpt or stopping or fit_now
                 or step == self.first_step + 1):
             self._log_train()
         if step == self.first_step + config.log_every_steps:
             self._warn_dropped()  # early, so a long run is not wasted on half the data
+        if fit_now:
+            self._fit_steps_to_time()
         if due_ckpt or stopping:
             self.save()
         if stopping:
@@ -406,7 +424,8 @@ class Trainer:
     def _log_train(self) -> None:
         rows = [self.dp.metrics(m) for m in self.pending]  # waits for the device
         self.pending.clear()
-        self.throughput.sync(sum(r["tokens"] + r["src_tokens"] for r in rows))
+        self.throughput.sync(sum(r["tokens"] + r["src_tokens"] for r in rows),
+                             len(rows) / self.accum)
         last = self.last_train = reporting.mean_metrics(rows)
         if not all(math.isfinite(last[k]) for k in ("loss", "grad_norm")):
             self.checkpointer.wait()  # the same numbers on every process: all stop here
@@ -425,8 +444,9 @@ class Trainer:
         if not bool(_all_finite(view.params)):
             raise TrainingDivergedError(_diverged_message("parameters", self.step,
                                                           self.checkpointer))
+        extra = {} if self.fitted_steps is None else {"fitted_num_train_steps": self.fitted_steps}
         self.checkpointer.save(self.step, view, rng=self.rng, data_state=self.train_it.get_state(),
-                               config=self.config_dict, tokenizer=self.tokenizer_ref)
+                               config=self.config_dict, tokenizer=self.tokenizer_ref, extra=extra)
 
     def evaluate(self, split: str, num_sentences: int, *, params=None, tag=None) -> dict:
         params = self.dp.get_state(self.state).params if params is None else params
@@ -443,6 +463,7 @@ class Trainer:
         summary: dict = {
             "workdir": self.workdir,
             "step": self.step,
+            "num_train_steps": self.config.num_train_steps,
             "interrupted": self.interrupted,
             "stopped_by_time_limit": self.out_of_time,
             "train": self.last_train,
