@@ -10,7 +10,6 @@ import textwrap
 import pytest
 
 from transformer_jax import runtime
-from transformer_jax.training import loop
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GLIBC = runtime._is_glibc()
@@ -115,7 +114,7 @@ def test_a_stop_signal_during_start_up_is_kept_for_the_training_loop():
     try:
         runtime.defer_stop_signals()
         os.kill(os.getpid(), signal.SIGTERM)  # delivered to this (main) thread at once
-        flag = loop._StopFlag()
+        flag = runtime.StopFlag()
         with flag:  # the loop's handler takes over and acts on the recorded signal
             assert flag.signum == signal.SIGTERM
         assert runtime.take_early_signal() is None  # taken once

@@ -30,13 +30,14 @@ Only glibc-based Linux is touched; ``TRANSFORMER_JAX_MALLOC=default`` changes no
 
 from __future__ import annotations
 
+import logging
 import os
 import platform
 import signal
 import sys
 import threading
 
-__all__ = ["MALLOC_ENV", "MALLOC_TUNABLES", "configure_malloc", "defer_stop_signals",
+__all__ = ["MALLOC_ENV", "StopFlag", "MALLOC_TUNABLES", "configure_malloc", "defer_stop_signals",
            "malloc_environment", "mimalloc_library", "skip_absent_tpu", "take_early_signal"]
 
 MALLOC_ENV = "TRANSFORMER_JAX_MALLOC"
@@ -46,6 +47,9 @@ MALLOC_TUNABLES = (
     "glibc.malloc.tcache_count=0",
     "glibc.malloc.trim_threshold=1073741824",
 )
+
+
+_log = logging.getLogger(__name__)
 
 
 def _is_glibc() -> bool:
@@ -179,3 +183,41 @@ def take_early_signal() -> int | None:
     signum = _EARLY_SIGNALS[0] if _EARLY_SIGNALS else None
     _EARLY_SIGNALS.clear()
     return signum
+
+
+class StopFlag:
+    """Set by SIGTERM/SIGINT while set up or training; restores the old handlers on exit.
+
+    Re-entrant: the trainer enters it around set-up and training (a signal that arrives while
+    compiling is acted on at the first update) and around training alone. A signal that came
+    while the program was still importing (``defer_stop_signals``) is taken over on entry.
+    """
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._old = {}
+        self._depth = 0
+
+    def __enter__(self):
+        self._depth += 1
+        if self._depth == 1 and threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._old[sig] = signal.signal(sig, self._handle)
+            early = take_early_signal()  # one that arrived while train.py was importing
+            if early is not None and self.signum is None:
+                self._handle(early, None)
+        return self
+
+    def _handle(self, signum, _frame):
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # second Ctrl-C: stop at once
+        self.signum = signum
+        _log.warning("received signal %d: finishing this update, then saving", signum)
+
+    def __exit__(self, *exc):
+        self._depth -= 1
+        if self._depth == 0:
+            for sig, handler in self._old.items():
+                signal.signal(sig, handler)
+            self._old = {}
+        return False

@@ -23,8 +23,6 @@ import logging
 import math
 import os
 import shutil
-import signal
-import threading
 import time
 
 import jax
@@ -40,7 +38,7 @@ from transformer_jax.checkpoints import check_compatible, load_params
 from transformer_jax.config import ModelConfig
 from transformer_jax.errors import ConfigError, TrainingDivergedError, WorkdirError
 from transformer_jax.nn import build_model, split_model
-from transformer_jax.runtime import take_early_signal
+from transformer_jax.runtime import StopFlag
 from transformer_jax.training.budget import Throughput, fit_num_train_steps
 from transformer_jax.training.checkpoint import Checkpointer
 from transformer_jax.training.defaults import parse_metrics, validate_config
@@ -58,43 +56,6 @@ log = logging.getLogger(__name__)
 # Reasons to stop early, agreed across processes by StopVote (the largest wins).
 _OUT_OF_TIME = 1  # max_train_minutes reached: checkpoint, then finish as usual
 _SIGNALLED = 2  # SIGTERM/SIGINT: checkpoint and exit (resume later)
-
-
-class _StopFlag:
-    """Set by SIGTERM/SIGINT while set up or training; restores the old handlers on exit.
-
-    Re-entrant: entered by ``Trainer.run`` around set-up and training (a signal that arrives
-    while compiling is acted on at the first update) and by ``Trainer.train`` alone.
-    """
-
-    def __init__(self):
-        self.signum: int | None = None
-        self._old = {}
-        self._depth = 0
-
-    def __enter__(self):
-        self._depth += 1
-        if self._depth == 1 and threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                self._old[sig] = signal.signal(sig, self._handle)
-            early = take_early_signal()  # one that arrived while train.py was importing
-            if early is not None and self.signum is None:
-                self._handle(early, None)
-        return self
-
-    def _handle(self, signum, _frame):
-        if self.signum is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # second Ctrl-C: stop at once
-        self.signum = signum
-        log.warning("received signal %d: finishing this update, then saving", signum)
-
-    def __exit__(self, *exc):
-        self._depth -= 1
-        if self._depth == 0:
-            for sig, handler in self._old.items():
-                signal.signal(sig, handler)
-            self._old = {}
-        return False
 
 
 def _model_config(config: ml_collections.ConfigDict, vocab_size: int) -> ModelConfig:
@@ -206,7 +167,7 @@ class Trainer:
         self.last_train: dict[str, float] = {}
         self.last_eval: tuple[int, dict] | None = None
         self.throughput = Throughput()
-        self.signals = _StopFlag()
+        self.signals = StopFlag()
 
     def run(self) -> dict:
         with self.signals:
