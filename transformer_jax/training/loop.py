@@ -328,9 +328,13 @@ class Trainer:
             log.warning("%s (data.max_length=%d); raise data.max_length to train on them.",
                         self.prepared.stats.dropped_summary(), self.config.data.max_length)
 
+    def _seconds_left(self) -> float:
+        """Time until max_train_minutes (counted from the start of the process)."""
+        return (60.0 * float(self.config.max_train_minutes)
+                - (time.perf_counter() - self.wall_start))
+
     def _out_of_time(self) -> bool:
-        budget = 60.0 * float(self.config.max_train_minutes)
-        return budget > 0 and time.perf_counter() - self.wall_start >= budget
+        return float(self.config.max_train_minutes) > 0 and self._seconds_left() <= 0
 
     def _fit_due(self) -> bool:
         """fit_steps_to_time: fit at the first update after the warm-up that follows a timed
@@ -345,7 +349,7 @@ class Trainer:
         finished updates."""
         config = self.config
         per_update = self.throughput.seconds_per_update
-        left = 60.0 * float(config.max_train_minutes) - (time.perf_counter() - self.wall_start)
+        left = self._seconds_left()
         asked = config.num_train_steps
         steps = self.vote.agree_min(fit_num_train_steps(self.step, per_update, left, asked))
         self._set_num_train_steps(steps)
