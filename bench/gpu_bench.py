@@ -76,6 +76,7 @@ def peak_section(smoke: bool) -> dict:
         out[f"jax_{name}_tflops"] = 2 * n**3 / sec / 1e12
     torch = _torch()
     dev = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.backends.cuda.matmul.allow_tf32 = True  # as in the train rows (off by default)
     for name, dtype in (("bf16", torch.bfloat16), ("tf32", torch.float32)):
         a = torch.ones((n, n), dtype=dtype, device=dev)
         sec = _torch_timed(lambda a=a: a @ a, 5 if smoke else 20)
@@ -214,7 +215,20 @@ def torch_train(cfg: ModelConfig, batch: dict, steps: int, bf16: bool) -> dict:
 # ------------------------------------------------------------------------------ sections
 
 
-def train_section(size: str, peaks: dict) -> list[dict]:
+def _free_memory() -> None:
+    """Hands the memory of the run before back: torch's caching allocator keeps what it freed
+    (28 GiB after the base model), which the next jax program then cannot get."""
+    import gc
+
+    gc.collect()
+    jax.clear_caches()
+    torch = _torch()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def train_section(size: str, peaks: dict, only: set[str] | None = None) -> list[dict]:
+    """Rows ``model/precision/impl``; ``only`` picks some of them (e.g. ``{"big/tf32/ours"}``)."""
     rows_out = []
     for name, (overrides, rows, length, steps) in SIZES[size].items():
         batch = _batch(rows, length, VOCAB[size])
@@ -225,16 +239,26 @@ def train_section(size: str, peaks: dict) -> list[dict]:
                               **overrides)
             flops = model_flops(cfg, rows, length, length)
             for impl in ("ours", "torch"):
-                if impl == "ours":
-                    res = ours_train(cfg, batch, steps)
-                else:
-                    res = torch_train(cfg, batch, steps, bf16=precision == "bf16")
+                if only and f"{name}/{precision}/{impl}" not in only:
+                    continue
+                row = {"model": name, "precision": precision, "impl": impl,
+                       "params": count_params(cfg), "rows": rows, "length": length,
+                       "tokens_per_step": tokens}
+                try:
+                    if impl == "ours":
+                        res = ours_train(cfg, batch, steps)
+                    else:
+                        res = torch_train(cfg, batch, steps, bf16=precision == "bf16")
+                except Exception as err:  # e.g. out of memory: keep the other rows
+                    traceback.print_exc()
+                    rows_out.append({**row, "skipped": f"{type(err).__name__}: {err}"[:300]})
+                    continue
+                finally:
+                    _free_memory()
                 sec = res["seconds_per_step"]
                 peak = peaks.get(f"{precision}_tflops")
                 rows_out.append({
-                    "model": name, "precision": precision, "impl": impl,
-                    "params": count_params(cfg), "rows": rows, "length": length,
-                    "tokens_per_step": tokens, "tokens_per_s": tokens / sec,
+                    **row, "tokens_per_s": tokens / sec,
                     "seconds_per_step": sec, "model_tflops": flops / sec / 1e12,
                     "mfu": flops / sec / 1e12 / peak if peak else None,
                     "peak_gib": None if res["peak_bytes"] is None else res["peak_bytes"] / 2**30,
@@ -301,6 +325,14 @@ def _fmt(row: dict) -> str:
             f"MFU {mfu:>6}  peak {mem}")
 
 
+def _write(report: dict, out: str) -> None:
+    """Writes ``report`` to ``out`` whole (temporary file, then rename)."""
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out + ".tmp", "w") as f:
+        json.dump(report, f, indent=2, default=str)
+    os.replace(out + ".tmp", out)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, any device")
@@ -308,6 +340,10 @@ def main(argv=None) -> int:
     parser.add_argument("--budget_s", type=float, default=420.0,
                         help="skip sections not started within this many seconds")
     parser.add_argument("--sections", default="peak,train,attention,decode")
+    parser.add_argument("--train_rows", default="",
+                        help="comma-separated model/precision/impl rows of the train section "
+                             "(default all), e.g. big/tf32/ours: one process per row when "
+                             "jax's allocator pool, grown by an earlier row, starves a later one")
     args = parser.parse_args(argv)
     start = time.perf_counter()
     size = "smoke" if args.smoke else "full"
@@ -319,9 +355,11 @@ def main(argv=None) -> int:
     report["machine"]["torch"] = torch.__version__
     report["machine"]["forbidden_imported"] = [m for m in FORBIDDEN if m in sys.modules]
     peaks: dict = {}
+    out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                                   f"gpu_{'smoke' if args.smoke else 'run'}.json")
     jobs = {
         "peak": lambda: peak_section(args.smoke),
-        "train": lambda: train_section(size, peaks),
+        "train": lambda: train_section(size, peaks, set(filter(None, args.train_rows.split(",")))),
         "attention": lambda: attention_section(args.smoke),
         "decode": lambda: decode_section(size),
     }
@@ -338,13 +376,9 @@ def main(argv=None) -> int:
         if name == "peak" and "skipped" not in result:
             peaks.update(result)
         report["sections"][name] = result
-        print(f"[{time.perf_counter() - start:.0f} s] {name}: done", flush=True)
-    report["seconds"] = time.perf_counter() - start
-    out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                   f"gpu_{'smoke' if args.smoke else 'run'}.json")
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(report, f, indent=2, default=str)
+        report["seconds"] = time.perf_counter() - start
+        _write(report, out)  # after every section: a run killed by its time limit keeps the rest
+        print(f"[{report['seconds']:.0f} s] {name}: done", flush=True)
     print(f"wrote {out}")
     failed = [k for k, v in report["sections"].items() if isinstance(v, dict) and "skipped" in v]
     return 1 if failed and args.smoke else 0
