@@ -7,7 +7,8 @@ Each process owns 2 CPU devices. For each parallelism MODE ("shard_map": replica
 tensor 4, so the tensor axis spans the processes and both load every row) the processes
 train a tiny Transformer for MP_STEPS steps on a fixed global batch (each feeds its half of the
 rows), save one orbax checkpoint collectively into WORKDIR/MODE, and process 0 writes the
-losses to WORKDIR/MODE/losses.json.
+losses to WORKDIR/MODE/losses.json. Before that they check, across the two processes, the
+refusal of an interleaved mesh, ``chief_first``'s error passing and ``StopVote``.
 """
 
 import json
@@ -30,6 +31,7 @@ def main(process_id: int, port: int, workdir: str, modes: str) -> None:
     assert how == "config" and jax.process_count() == 2 and jax.device_count() == 4, how
     check_interleaved_mesh_is_refused()
     check_chief_failure_reaches_everyone(process_id)
+    check_stop_vote(process_id)
     for mode in modes.split(","):
         train(process_id, os.path.join(workdir, mode), mode)
 
@@ -78,6 +80,21 @@ def check_chief_failure_reaches_everyone(process_id: int) -> None:
             assert "waited 2 s for process 0" in str(err), err
         else:
             raise AssertionError("from_chief did not time out")
+
+
+def check_stop_vote(process_id: int) -> None:
+    """StopVote across the processes, as the trainer uses it: ``vote`` answers the previous
+    update's largest flag, and ``agree_min`` (the fitted num_train_steps) the smallest value
+    now, also between votes; each process passes a different value."""
+    from transformer_jax.training.distributed import StopVote
+
+    votes = StopVote()
+    assert votes.vote(0) == 0  # nothing agreed before the first vote
+    assert votes.vote(3 if process_id == 1 else 0) == 0  # the previous vote: nobody stopped
+    assert votes.agree_min(1000 + 7 * process_id) == 1000
+    assert votes.agree_min(-5 if process_id == 0 else 9) == -5
+    assert votes.vote(0) == 3  # process 1's flag of the vote before reaches process 0 too
+    assert votes.agree_min(4200 - process_id) == 4199
 
 
 def train(process_id: int, workdir: str, parallelism: str) -> None:
