@@ -7,7 +7,8 @@ Sections (each writes its rows into one JSON file):
   tokens per update (96 rows x 256), fp32 (TF32 matmuls) and bf16: ours (jit, donated state)
   and ``torch.nn.Transformer`` (same sizes, tied embeddings, label smoothing 0.1,
   ``Adam(fused=True)``, ``autocast`` for bf16). Tokens/s, MFU against the measured peak of the
-  same precision, peak memory.
+  same precision, peak memory. Each row runs in a process of its own (``--train_rows``), so
+  the memory one row's framework keeps cannot starve the next.
 * ``attention``: forward + backward of one attention call, bf16, causal, B 8 x T 2048 x N 16 x
   H 64: "xla" vs "chunked" vs cuDNN (``implementation="jax"``).
 * ``decode``: cached greedy decoding of the base model (batch 64, 64 source tokens, 64 steps).
@@ -267,6 +268,39 @@ def train_section(size: str, peaks: dict, only: set[str] | None = None) -> list[
     return rows_out
 
 
+def isolated_train_section(size: str, peaks: dict, smoke: bool) -> list[dict]:
+    """:func:`train_section`, each row in a process of its own (this script with
+    ``--train_rows``): jax's allocator keeps the pool an earlier row grew (40 GiB for big in
+    fp32) and torch its cache, so in one process the big rows run out of memory on an 80 GiB
+    GPU. MFU is taken against this process's measured ``peaks``."""
+    import subprocess
+    import tempfile
+
+    rows_out = []
+    keys = [f"{name}/{precision}/{impl}" for name in SIZES[size]
+            for precision in ("tf32", "bf16") for impl in ("ours", "torch")]
+    with tempfile.TemporaryDirectory() as tmp:
+        for key in keys:
+            out = os.path.join(tmp, key.replace("/", "_") + ".json")
+            cmd = [sys.executable, os.path.abspath(__file__), "--sections", "train",
+                   "--train_rows", key, "--out", out] + (["--smoke"] if smoke else [])
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            try:
+                with open(out) as f:
+                    (row,) = json.load(f)["sections"]["train"]
+            except (OSError, ValueError, KeyError) as err:
+                row = {"row": key, "skipped": f"exit {proc.returncode} ({err}): "
+                                              f"{proc.stderr[-300:]}"}
+            if "skipped" in row:
+                print(f"{key}: skipped: {row['skipped']}", flush=True)
+            else:
+                peak = peaks.get(f"{row['precision']}_tflops")
+                row["mfu"] = row["model_tflops"] / peak if peak else None
+                print(_fmt(row), flush=True)
+            rows_out.append(row)
+    return rows_out
+
+
 def attention_section(smoke: bool) -> list[dict]:
     b, t, n, h = (2, 64, 2, 16) if smoke else (8, 2048, 16, 64)
     keys = jax.random.split(jax.random.key(0), 3)
@@ -341,9 +375,9 @@ def main(argv=None) -> int:
                         help="skip sections not started within this many seconds")
     parser.add_argument("--sections", default="peak,train,attention,decode")
     parser.add_argument("--train_rows", default="",
-                        help="comma-separated model/precision/impl rows of the train section "
-                             "(default all), e.g. big/tf32/ours: one process per row when "
-                             "jax's allocator pool, grown by an earlier row, starves a later one")
+                        help="comma-separated model/precision/impl rows of the train section, "
+                             "e.g. big/tf32/ours, run in this process (default: every row, "
+                             "each in a process of its own)")
     args = parser.parse_args(argv)
     start = time.perf_counter()
     size = "smoke" if args.smoke else "full"
@@ -359,7 +393,8 @@ def main(argv=None) -> int:
                                    f"gpu_{'smoke' if args.smoke else 'run'}.json")
     jobs = {
         "peak": lambda: peak_section(args.smoke),
-        "train": lambda: train_section(size, peaks, set(filter(None, args.train_rows.split(",")))),
+        "train": lambda: (train_section(size, peaks, set(args.train_rows.split(",")))
+                          if args.train_rows else isolated_train_section(size, peaks, args.smoke)),
         "attention": lambda: attention_section(args.smoke),
         "decode": lambda: decode_section(size),
     }
