@@ -46,10 +46,12 @@ def machine_info(*packages: str, **extra) -> dict:
 
 
 def write_json(path: str, result: dict) -> None:
-    """Write a benchmark result as indented JSON (creating the folder)."""
+    """Write a benchmark result as indented JSON (creating the folder), whole: a temporary file
+    renamed over ``path``, so a reader (or a run killed mid-write) never sees half a file."""
     import json
 
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(result, f, indent=2)
+    with open(path + ".tmp", "w") as f:
+        json.dump(result, f, indent=2, default=str)
         f.write("\n")
+    os.replace(path + ".tmp", path)

@@ -35,7 +35,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
-from benchlib import machine_info  # noqa: E402
+from benchlib import machine_info, write_json  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from transformer_jax import decoding, ops  # noqa: E402
@@ -51,6 +51,8 @@ SIZES = {  # name: (model overrides, rows, length, timed steps)
               "big": (dict(d_model=64, num_heads=4, d_ff=128, num_layers=1), 4, 16, 1)},
 }
 VOCAB = {"full": 37000, "smoke": 128}
+PRECISIONS = ("tf32", "bf16")
+IMPLS = ("ours", "torch")
 
 
 def timed(fn, steps: int) -> float:
@@ -234,12 +236,12 @@ def train_section(size: str, peaks: dict, only: set[str] | None = None) -> list[
     for name, (overrides, rows, length, steps) in SIZES[size].items():
         batch = _batch(rows, length, VOCAB[size])
         tokens = int((batch["inputs"] != 0).sum() + (batch["targets"] != 0).sum())
-        for precision in ("tf32", "bf16"):
+        for precision in PRECISIONS:
             cfg = ModelConfig(vocab_size=VOCAB[size], max_len=max(length, 16),
                               dtype="bfloat16" if precision == "bf16" else "float32",
                               **overrides)
             flops = model_flops(cfg, rows, length, length)
-            for impl in ("ours", "torch"):
+            for impl in IMPLS:
                 if only and f"{name}/{precision}/{impl}" not in only:
                     continue
                 row = {"model": name, "precision": precision, "impl": impl,
@@ -278,7 +280,7 @@ def isolated_train_section(size: str, peaks: dict, smoke: bool) -> list[dict]:
 
     rows_out = []
     keys = [f"{name}/{precision}/{impl}" for name in SIZES[size]
-            for precision in ("tf32", "bf16") for impl in ("ours", "torch")]
+            for precision in PRECISIONS for impl in IMPLS]
     with tempfile.TemporaryDirectory() as tmp:
         for key in keys:
             out = os.path.join(tmp, key.replace("/", "_") + ".json")
@@ -359,14 +361,6 @@ def _fmt(row: dict) -> str:
             f"MFU {mfu:>6}  peak {mem}")
 
 
-def _write(report: dict, out: str) -> None:
-    """Writes ``report`` to ``out`` whole (temporary file, then rename)."""
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out + ".tmp", "w") as f:
-        json.dump(report, f, indent=2, default=str)
-    os.replace(out + ".tmp", out)
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, any device")
@@ -412,7 +406,7 @@ def main(argv=None) -> int:
             peaks.update(result)
         report["sections"][name] = result
         report["seconds"] = time.perf_counter() - start
-        _write(report, out)  # after every section: a run killed by its time limit keeps the rest
+        write_json(out, report)  # after every section: a run stopped by its limit keeps the rest
         print(f"[{report['seconds']:.0f} s] {name}: done", flush=True)
     print(f"wrote {out}")
     failed = [k for k, v in report["sections"].items() if isinstance(v, dict) and "skipped" in v]

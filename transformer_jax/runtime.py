@@ -37,7 +37,7 @@ import signal
 import sys
 import threading
 
-__all__ = ["MALLOC_ENV", "StopFlag", "MALLOC_TUNABLES", "configure_malloc", "defer_stop_signals",
+__all__ = ["MALLOC_ENV", "MALLOC_TUNABLES", "StopFlag", "configure_malloc", "defer_stop_signals",
            "malloc_environment", "mimalloc_library", "skip_absent_tpu", "take_early_signal"]
 
 MALLOC_ENV = "TRANSFORMER_JAX_MALLOC"
