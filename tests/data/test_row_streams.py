@@ -159,9 +159,7 @@ def test_train_iterator_two_processes_equal_one(prepared_numbers):
 
 def test_more_bins_per_row_pack_more_pairs(prepared_numbers):
     def pairs_per_row(bins):
-        prepared = prepared_numbers.__class__(
-            **{**prepared_numbers.__dict__,
-               "config": small_numbers_config(packing_bins_per_row=bins, max_length=24)})
+        prepared = with_data(prepared_numbers, packing_bins_per_row=bins, max_length=24)
         it = train_iterator(prepared, 16, seed=0, process_index=0, process_count=1)
         batches = [next(it) for _ in range(10)]
         return np.mean([b["inputs_segmentation"].max(axis=1).mean() for b in batches])
@@ -176,3 +174,40 @@ def test_prefetching_gives_the_same_batches_and_ends_cleanly():
     with pytest.raises(StopIteration):
         next(prefetched)
     prefetched.close()
+
+
+def with_data(prepared, **overrides):
+    """``prepared_numbers`` read with ``small_numbers_config(**overrides)`` as its data config."""
+    return prepared.__class__(**{**prepared.__dict__, "config": small_numbers_config(**overrides)})
+
+def test_subword_sampling_keeps_the_text_and_resumes_bit_identically(prepared_numbers):
+    """Sampled segmentations spell the same pairs, differ from the best ones, and are a
+    function of the position in the data: a resumed run under another process count reads
+    the same tokens."""
+    sampling = {"subword_sampling_alpha": 0.2, "subword_sampling_nbest": 8}
+    on = with_data(prepared_numbers, **sampling)
+
+    def build(prepared, p=0, n=1):
+        return train_iterator(prepared, 8, seed=4, process_index=p, process_count=n)
+
+    # One pair per row: the same pairs in the same order, segmented differently.
+    plain, drawn = (global_batches([build(with_data(prepared_numbers, packing=False, **s))], 10)
+                    for s in ({}, sampling))
+    tok = prepared_numbers.tokenizer
+    for key in ("inputs", "targets"):
+        want = [s for b in plain for s in tok.decode(b[key])]
+        assert [s for b in drawn for s in tok.decode(b[key])] == want
+        differ = [not np.array_equal(p[key], d[key]) for p, d in zip(plain, drawn, strict=True)]
+        assert sum(differ) >= 5, f"{key}: sampling changed only {sum(differ)} of 10 batches"
+
+    reference = global_batches([build(on)], 12)
+    two = [build(on, 0, 2), build(on, 1, 2)]
+    head = global_batches(two, 5)
+    state = merge_states([it.local_state() for it in two])
+    assert state["subword_sampling"] == [0.2, 8]
+    one = build(on)
+    one.set_state(json.loads(json.dumps(state)))
+    assert_same(head + global_batches([one], 7), reference)
+    with pytest.raises(ValueError, match=r"saved with subword_sampling=\[0.2, 8\] but this run "
+                                         "uses subword_sampling=None"):
+        build(prepared_numbers).set_state(state)

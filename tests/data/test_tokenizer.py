@@ -1,12 +1,15 @@
-"""Tokenizer: special ids, round trip, EOS/pad handling in decode, determinism, atomic save."""
+"""Tokenizer: special ids, round trip, EOS/pad handling in decode, determinism, atomic save,
+subword sampling."""
 
 import os
+import re
 
 import numpy as np
 import pytest
 import sentencepiece as spm
 
 from transformer_jax.data import EOS_ID, PAD_ID, UNK_ID, DataError, Tokenizer
+from transformer_jax.data.config import check_data_config, default_data_config
 from transformer_jax.data.numbers import english_words, german_words
 
 SENTENCES = [
@@ -103,3 +106,49 @@ def test_unknown_model_type():
 def test_load_missing_file(tmp_path):
     with pytest.raises(DataError, match="No tokenizer model at"):
         Tokenizer.load(str(tmp_path / "missing.model"))
+
+
+def test_sampled_segmentations_spell_the_text_and_follow_p_to_the_alpha(tokenizer):
+    text = "Zwei junge Mädchen spielen im Gras neben einem Brunnen."
+    keys = range(4000)
+
+    def draws(alpha, nbest_size=4, seed=0):
+        return tokenizer.encode_sampled([text] * len(keys), list(keys), alpha=alpha,
+                                        nbest_size=nbest_size, seed=seed)
+
+    got = draws(0.5)
+    assert set(tokenizer.decode([ids + [EOS_ID] for ids in got])) == {text}
+    assert got == draws(0.5)  # a function of (seed, key)
+    assert got != draws(0.5, seed=1)
+    # The frequencies follow P(segmentation) ** alpha over the n best, computed independently
+    # from SentencePiece's own n-best scores.
+    sp = spm.SentencePieceProcessor(model_proto=tokenizer.model_proto)
+    nbest = sp.nbest_encode_as_ids(text, nbest_size=4)
+    assert len(set(map(tuple, nbest))) == 4
+    log_p = np.array([sum(sp.get_score(i) for i in ids) for ids in nbest])
+    want = np.exp(0.5 * log_p) / np.exp(0.5 * log_p).sum()
+    freq = np.array([sum(g == ids for g in got) for ids in nbest]) / len(keys)
+    assert np.all(np.abs(freq - want) <= 4 * np.sqrt(want * (1 - want) / len(keys)) + 1e-3), (
+        freq, want)  # within 4 standard errors
+    # The most frequent draw is the best segmentation, which is what encode gives.
+    assert nbest[0] == tokenizer.encode_one(text) and freq.argmax() == 0
+
+
+def test_sampling_needs_a_unigram_model():
+    bpe = Tokenizer.train(SENTENCES, vocab_size=100, model_type="bpe")
+    with pytest.raises(DataError, match="needs a unigram tokenizer"):
+        bpe.encode_sampled(["a b"], [0], alpha=0.1, nbest_size=4, seed=0)
+
+
+@pytest.mark.parametrize(("overrides", "words"), [
+    ({"subword_sampling_alpha": -0.1}, "data.subword_sampling_alpha=-0.1 must be >= 0"),
+    ({"subword_sampling_alpha": 0.1, "tokenizer_model_type": "bpe"},
+     "needs data.tokenizer_model_type='unigram'"),
+    ({"subword_sampling_alpha": 0.1, "subword_sampling_nbest": 1},
+     "data.subword_sampling_nbest=1 must be >= 2"),
+])
+def test_bad_sampling_settings_are_named(overrides, words):
+    cfg = default_data_config()
+    cfg.update(overrides)
+    with pytest.raises(ValueError, match=re.escape(words)):
+        check_data_config(cfg)

@@ -12,6 +12,8 @@ import pytest
 from multihost_helpers import Job, compare_params, run_single
 
 STEPS = 3
+# Subword sampling on: the segmentation drawn for a pair must not depend on which process reads it.
+SAMPLING = ["--config.data.subword_sampling_alpha=0.5", "--config.data.subword_sampling_nbest=4"]
 TIMEOUT_S = 300  # generous: the CI machine is shared; a healthy 2-process run takes ~40 s
 
 
@@ -20,16 +22,18 @@ def single_process(tmp_path_factory):
     """The reference: one process, one device, dropout on."""
     workdir = tmp_path_factory.mktemp("single") / "run"
     proc = run_single(workdir, f"--config.num_train_steps={STEPS}", "--config.parallelism=none",
-                      "--config.model.dropout_rate=0.1")
+                      "--config.model.dropout_rate=0.1", *SAMPLING)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return workdir
 
 
 @pytest.mark.parametrize("mode", ["pmap", "sharded"])
 def test_two_processes_match_one_process(mode, single_process, tmp_path):
-    """2 processes x 2 devices == 1 process x 1 device (dropout on: masks follow global rows)."""
+    """2 processes x 2 devices == 1 process x 1 device (dropout on: masks follow global rows;
+    subword sampling on: segmentations follow positions in the data order)."""
     args = [f"--config.num_train_steps={STEPS}", f"--config.parallelism={mode}",
-            "--config.model.dropout_rate=0.1", f"--config.checkpoint_every_steps={STEPS}"]
+            "--config.model.dropout_rate=0.1", f"--config.checkpoint_every_steps={STEPS}",
+            *SAMPLING]
     if mode == "sharded":  # parameters split over fsdp across the processes
         args += ["--config.sharding.data=2", "--config.sharding.fsdp=2"]
     with Job(tmp_path / "run", *args) as job:
@@ -39,6 +43,26 @@ def test_two_processes_match_one_process(mode, single_process, tmp_path):
     with open(tmp_path / "run" / "summary.json") as f:
         assert json.load(f)["step"] == STEPS
     assert compare_params(tmp_path / "run", single_process) <= 1e-5
+
+
+def test_time_fitted_run_agrees_on_one_update_count(tmp_path):
+    """fit_steps_to_time on 2 processes: each times its own updates, both train for the
+    smallest fitted count and stop after the same update (a disagreement would leave one
+    process waiting in a collective until the timeout)."""
+    args = ["--config.num_train_steps=1000000", "--config.checkpoint_every_steps=1000000",
+            "--config.parallelism=shard_map", "--config.max_train_minutes=1",
+            "--config.fit_steps_to_time=true", "--config.log_every_steps=10",
+            "--config.optimizer.schedule=warmup_cosine", "--config.optimizer.warmup_steps=20"]
+    with Job(tmp_path / "run", *args) as job:
+        codes = job.wait(TIMEOUT_S)
+        assert codes == [0, 0], job.tails()
+    with open(tmp_path / "run" / "summary.json") as f:
+        summary = json.load(f)
+    fitted = summary["num_train_steps"]
+    assert 20 < fitted < 1000000, summary
+    assert f"at update 20: training for {fitted} updates" in job.log(0), job.tails()
+    assert summary["step"] == fitted or summary["stopped_by_time_limit"], summary
+    assert os.listdir(tmp_path / "run" / "checkpoints") == [str(summary["step"])]
 
 
 def test_sigterm_to_one_process_saves_on_all(tmp_path):

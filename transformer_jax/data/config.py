@@ -33,6 +33,11 @@ def default_data_config() -> ml_collections.ConfigDict:
     c.tokenizer_sample_size = 1_000_000  # at most this many training pairs feed the tokenizer.
     c.tokenizer_character_coverage = 1.0  # share of characters kept (0.9995 for CJK scripts).
     c.tokenizer_seed = 0  # seed of the pair sample used to train the tokenizer.
+    # Subword regularisation (unigram only): > 0 segments each training sentence, every epoch,
+    # by one of its subword_sampling_nbest best segmentations drawn with probability
+    # proportional to P ** alpha (0 = off: always the best, as evaluation and translate do).
+    c.subword_sampling_alpha = 0.0
+    c.subword_sampling_nbest = 16  # candidates per sentence (cost grows with it).
     # Preprocessing (data/preprocess.py), applied to every pair read and, by translate, to its
     # input: the same text normalisation at training and at translation time.
     c.lowercase = False  # lower-case source and target (the model then writes lowercase).
@@ -71,6 +76,15 @@ def check_data_config(c) -> None:
         raise ValueError(f"data.tokenizer_sample_size={c.tokenizer_sample_size} must be >= 1.")
     if not c.train_split or not c.eval_split:
         raise ValueError("data.train_split and data.eval_split must name splits of the dataset.")
+    if c.subword_sampling_alpha < 0:
+        raise ValueError(f"data.subword_sampling_alpha={c.subword_sampling_alpha} must be >= 0.")
+    if c.subword_sampling_alpha > 0:
+        if c.tokenizer_model_type != "unigram":
+            raise ValueError("data.subword_sampling_alpha > 0 needs "
+                             "data.tokenizer_model_type='unigram' (BPE has no n-best list).")
+        if c.subword_sampling_nbest < 2:
+            raise ValueError(f"data.subword_sampling_nbest={c.subword_sampling_nbest} must be "
+                             ">= 2 for subword sampling.")
     Preprocessor.from_config(c)  # unicode_normalization / max_length_ratio
     if c.packing_bins_per_row < 1:
         raise ValueError(f"data.packing_bins_per_row={c.packing_bins_per_row} must be >= 1.")

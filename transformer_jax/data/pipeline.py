@@ -248,7 +248,9 @@ def train_iterator(
     spec = streams.StreamSpec(
         prepared.source(split or cfg.train_split), prepared.tokenizer, prepared.stats,
         batch_size=batch_size, seed=seed, max_length=cfg.max_length, packing=cfg.packing,
-        bins=cfg.packing_bins_per_row, num_epochs=num_epochs)
+        bins=cfg.packing_bins_per_row, num_epochs=num_epochs,
+        subword_sampling=((cfg.subword_sampling_alpha, cfg.subword_sampling_nbest)
+                          if cfg.subword_sampling_alpha > 0 else None))
     iterator = streams.TrainBatches(
         spec, process_index * rows, (process_index + 1) * rows,
         gather=_gather_for(process_count), prefetch=cfg.prefetch_batches)

@@ -5,7 +5,9 @@ own stream, and only from it::
 
     order  = the training indices, shuffled with ``seed`` and reshuffled every epoch, repeated
     stream r = order[r], order[r + B], order[r + 2B], ...     (example k of row r: order[r + kB])
-      -> read + tokenize, append EOS; pairs longer than max_length are skipped (and counted)
+      -> read + tokenize (with data.subword_sampling_alpha > 0: a segmentation drawn per
+         example, side and epoch, keyed by the global position), append EOS; pairs longer
+         than max_length are skipped (and counted)
       -> packed: windows of ``bins`` rows filled first-fit; a window closes at the first
          example that fits none of its rows, and its rows are emitted in order
          padded: one example per row
@@ -47,8 +49,10 @@ class StreamSpec:
     """What fixes the streams: the data order, global batch size, length and packing."""
 
     def __init__(self, source, tokenizer, stats, *, batch_size: int, seed: int,
-                 max_length: int, packing: bool, bins: int, num_epochs: int | None = None):
+                 max_length: int, packing: bool, bins: int, num_epochs: int | None = None,
+                 subword_sampling: tuple[float, int] | None = None):
         self.source, self.tokenizer, self.stats = source, tokenizer, stats
+        self.subword_sampling = subword_sampling  # (alpha, nbest_size) or None
         self.batch_size, self.seed, self.max_length = batch_size, seed, max_length
         self.packing, self.bins = packing, bins if packing else 1
         self.order = grain.MapDataset.range(len(source)).shuffle(seed=seed).repeat(num_epochs)
@@ -57,7 +61,8 @@ class StreamSpec:
     def identity(self) -> dict:
         """The settings a saved state is only valid for."""
         return {"batch_size": self.batch_size, "seed": self.seed, "max_length": self.max_length,
-                "packing": self.packing, "bins": self.bins}
+                "packing": self.packing, "bins": self.bins,
+                "subword_sampling": list(self.subword_sampling) if self.subword_sampling else None}
 
     def read(self, row: int, start: int, count: int) -> list:
         """Examples ``start .. start+count-1`` of row ``row``'s stream (fewer at the end).
@@ -73,7 +78,14 @@ class StreamSpec:
         if not indices:
             return []
         pairs = self.source.__getitems__(indices)
-        ids = self.tokenizer.encode([s for s, _ in pairs] + [t for _, t in pairs])
+        texts = [s for s, _ in pairs] + [t for _, t in pairs]
+        if self.subword_sampling:  # a new draw for every side of every example and epoch
+            alpha, nbest_size = self.subword_sampling
+            keys = [2 * p for p in positions] + [2 * p + 1 for p in positions]
+            ids = self.tokenizer.encode_sampled(texts, keys, alpha=alpha,
+                                                nbest_size=nbest_size, seed=self.seed)
+        else:
+            ids = self.tokenizer.encode(texts)
         preprocessor = getattr(self.source, "preprocessor", None)  # PairSource has one
         out = []
         dropped = []

@@ -5,6 +5,11 @@ the caller passes the sentences in a fixed order, SentencePiece neither samples 
 them (``input_sentence_size=0``, ``shuffle_input_sentence=False``) and runs a fixed number of
 threads, so the same sentences give byte-identical models. Models are written atomically
 (temporary file + rename): a crash never leaves a half-written ``spm.model`` behind.
+
+Subword regularisation (Kudo, 2018) for training: :meth:`Tokenizer.encode_sampled` segments
+each string by one of its ``nbest_size`` most probable segmentations under the unigram model,
+drawn with probability proportional to ``P(segmentation) ** alpha``. The draw is a function of
+``(seed, key)`` alone, so a resumed or re-sharded run reads the same segmentations.
 """
 
 from __future__ import annotations
@@ -55,6 +60,8 @@ class Tokenizer:
     def __init__(self, model_proto: bytes):
         self._proto = bytes(model_proto)
         self._sp = spm.SentencePieceProcessor(model_proto=self._proto)
+        # log P(piece) of every piece: a segmentation's log probability is their sum.
+        self._log_probs = np.array([self._sp.get_score(i) for i in range(self.vocab_size)])
         ids = (self._sp.pad_id(), self._sp.eos_id(), self._sp.unk_id(), self._sp.bos_id())
         if ids != (PAD_ID, EOS_ID, UNK_ID, -1):
             raise DataError(
@@ -147,6 +154,37 @@ class Tokenizer:
         if isinstance(texts, str):
             raise TypeError("Tokenizer.encode takes a list of strings; wrap a single one in [].")
         return self._sp.encode(list(texts))
+
+    def encode_sampled(self, texts: Sequence[str], keys: Sequence[int], *, alpha: float,
+                       nbest_size: int, seed: int) -> list[list[int]]:
+        """Ids of each string (no EOS), segmented by a sample from its n best segmentations.
+
+        Segmentation ``j`` of ``texts[i]`` is drawn with probability proportional to
+        ``P_j ** alpha`` among the ``nbest_size`` most probable ones (``alpha`` -> 0: uniform;
+        large ``alpha``: the best one, as :meth:`encode`). The draw depends only on
+        ``(seed, keys[i])`` (non-negative ints): give each string and epoch its own key.
+        Unigram models only (SentencePiece has no n-best list for BPE).
+        """
+        if isinstance(texts, str):
+            raise TypeError("Tokenizer.encode_sampled takes a list of strings.")
+        try:
+            candidates = self._sp.nbest_encode_as_ids(list(texts), nbest_size=nbest_size)
+        except RuntimeError as e:
+            raise DataError(
+                f"subword sampling needs a unigram tokenizer ({e}); set "
+                "data.tokenizer_model_type='unigram' or data.subword_sampling_alpha=0."
+            ) from None
+        out = []
+        for segmentations, key in zip(candidates, keys, strict=True):
+            if len(segmentations) == 1:
+                out.append(segmentations[0])
+                continue
+            log_p = alpha * np.array([self._log_probs[ids].sum() for ids in segmentations])
+            cdf = np.cumsum(np.exp(log_p - log_p.max()))
+            u = np.random.default_rng((seed, key)).random() * cdf[-1]
+            out.append(segmentations[min(int(np.searchsorted(cdf, u, side="right")),
+                                         len(segmentations) - 1)])
+        return out
 
     def decode(self, ids) -> list[str]:
         """Text of each row of ``ids`` (``[B, T]`` array or list of lists).
