@@ -8,6 +8,7 @@ configuration:
 * examples/s — pairs delivered per second;
 * tokens/s — real (non-pad) source + target tokens per second;
 * fill — real tokens / all token slots in the batches (what packing buys);
+* the cost of subword sampling (``data.subword_sampling_*``: n-best segmentations per sentence);
 * headroom — tokens/s divided by what a training step consumes (``--step-tokens-per-s``, the
   real tokens per second of the training step on this machine); > 1 means the pipeline keeps
   up. Left empty until that number is given.
@@ -108,6 +109,12 @@ def main(argv=None) -> int:
             ("packed, 4 bins per row, no prefetch", dict(packing=True, prefetch_batches=0)),
             ("packed, 1 bin per row, no prefetch", dict(packing=True, packing_bins_per_row=1,
                                                         prefetch_batches=0)),
+            ("packed, subword sampling alpha 0.2 of 16-best, no prefetch",
+             dict(packing=True, prefetch_batches=0, subword_sampling_alpha=0.2,
+                  subword_sampling_nbest=16)),
+            ("packed, subword sampling alpha 0.1 of 64-best, no prefetch",
+             dict(packing=True, prefetch_batches=0, subword_sampling_alpha=0.1,
+                  subword_sampling_nbest=64)),
         ]
         rows = []
         for name, overrides in cases:
