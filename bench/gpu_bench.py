@@ -259,15 +259,20 @@ def train_section(size: str, peaks: dict, only: set[str] | None = None) -> list[
                 finally:
                     _free_memory()
                 sec = res["seconds_per_step"]
-                peak = peaks.get(f"{precision}_tflops")
-                rows_out.append({
+                rows_out.append(_with_mfu({
                     **row, "tokens_per_s": tokens / sec,
                     "seconds_per_step": sec, "model_tflops": flops / sec / 1e12,
-                    "mfu": flops / sec / 1e12 / peak if peak else None,
                     "peak_gib": None if res["peak_bytes"] is None else res["peak_bytes"] / 2**30,
-                })
+                }, peaks))
                 print(_fmt(rows_out[-1]), flush=True)
     return rows_out
+
+
+def _with_mfu(row: dict, peaks: dict) -> dict:
+    """``row`` with ``mfu``: its model TFLOP/s over the measured peak of its precision (None
+    when that peak was not measured in this run)."""
+    peak = peaks.get(f"{row['precision']}_tflops")
+    return {**row, "mfu": row["model_tflops"] / peak if peak else None}
 
 
 def isolated_train_section(size: str, peaks: dict, smoke: bool) -> list[dict]:
@@ -296,8 +301,7 @@ def isolated_train_section(size: str, peaks: dict, smoke: bool) -> list[dict]:
             if "skipped" in row:
                 print(f"{key}: skipped: {row['skipped']}", flush=True)
             else:
-                peak = peaks.get(f"{row['precision']}_tflops")
-                row["mfu"] = row["model_tflops"] / peak if peak else None
+                row = _with_mfu(row, peaks)
                 print(_fmt(row), flush=True)
             rows_out.append(row)
     return rows_out

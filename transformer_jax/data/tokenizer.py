@@ -14,6 +14,7 @@ drawn with probability proportional to ``P(segmentation) ** alpha``. The draw is
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 import re
@@ -60,8 +61,6 @@ class Tokenizer:
     def __init__(self, model_proto: bytes):
         self._proto = bytes(model_proto)
         self._sp = spm.SentencePieceProcessor(model_proto=self._proto)
-        # log P(piece) of every piece: a segmentation's log probability is their sum.
-        self._log_probs = np.array([self._sp.get_score(i) for i in range(self.vocab_size)])
         ids = (self._sp.pad_id(), self._sp.eos_id(), self._sp.unk_id(), self._sp.bos_id())
         if ids != (PAD_ID, EOS_ID, UNK_ID, -1):
             raise DataError(
@@ -133,6 +132,12 @@ class Tokenizer:
     def save(self, path: str) -> None:
         """Writes the model bytes to ``path`` atomically."""
         _atomic_write(path, self._proto)
+
+    @functools.cached_property
+    def _log_probs(self) -> np.ndarray:
+        """log P(piece) of every piece (a segmentation's log probability is their sum); built
+        on first use, so only training with subword sampling pays for it."""
+        return np.array([self._sp.get_score(i) for i in range(self.vocab_size)])
 
     @property
     def model_proto(self) -> bytes:
