@@ -13,12 +13,12 @@ tokenizer is one 6000-piece SentencePiece model shared by both languages.
 Sizing for about 60 minutes on 2 CPU cores: a *small* Transformer trained for many epochs beats
 a wider one trained for few, and a shallower one beats a deeper one (docs/training.md,
 "Multi30k: measured"). D 128, 4 heads, 3+3 layers, F 512 and one 6,000-piece vocabulary (2.2M
-parameters; 0.76 s per update on this project's 2-core VM on the day it was measured, whose
+parameters; 0.76 s per update on one 2-core VM, 0.39-0.44 s on a newer one, and either's
 speed differs from day to day). Batches of 40 packed rows of 64 tokens (2,560 token slots a
 side per update; about 2,300 real target tokens). The run is sized by the clock, not by a step
 count: ``max_train_minutes=55`` (set-up included) with ``fit_steps_to_time``, so at the end of
 the 400-update warm-up the trainer times the updates and sets the number of updates to what
-fits (at most ``num_train_steps=5000``; 4,160 on a day the VM ran 0.76 s per update). The
+fits (at most ``num_train_steps=10000``; 4,160 at 0.76 s per update, 7,210 at 0.44 s). The
 learning rate warms up to 2e-3 and decays to zero along a cosine by that last update, so the
 final weights are annealed on any machine (checkpoint averaging measured to hurt, so it is
 off; set ``average_last`` to try it). ``summary.json`` reports the fitted ``num_train_steps``;
@@ -36,7 +36,7 @@ from transformer_jax.training import default_config
 def get_config():
     c = default_config()
     c.seed = 0
-    c.num_train_steps = 5000  # an upper bound: fit_steps_to_time sets the count
+    c.num_train_steps = 10000  # an upper bound: fit_steps_to_time sets the count
     # Train for 55 minutes (set-up included; the final test2016 evaluation comes after), with
     # the schedule fitted to them at the end of the warm-up.
     c.max_train_minutes = 55.0
