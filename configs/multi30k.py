@@ -65,7 +65,7 @@ def get_config():
     d.packing = True
 
     m = c.model
-    m.d_model = 192  # D 192 beat 128 (over-fits) and 256 (fewer updates) in the hour
+    m.d_model = 192  # widths compared in docs/training.md, rows 13, 15 and 16
     m.num_heads = 4
     m.num_layers = 3  # 3+3 beat 4+4 in the same hour (more updates)
     m.d_ff = 768
