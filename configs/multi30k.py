@@ -21,7 +21,7 @@ update; about 2,300 real target tokens). The run is sized by the clock, not by a
 most ``num_train_steps=10000``). The learning rate warms up to 2e-3 and decays to zero along a
 cosine by that last update, so the final weights are annealed on any machine (checkpoint
 averaging measured to hurt, so it is off; set ``average_last`` to try it). A small corpus
-over-fits: AdamW's decoupled weight decay of 0.3 regularises without slowing early learning,
+over-fits: AdamW's decoupled weight decay of 1.0 regularises without slowing early learning,
 where dropout above 0.1 cost more than it gave in this budget. ``summary.json``
 reports the fitted ``num_train_steps``; rerun with ``--config.fit_steps_to_time=false
 --config.num_train_steps=N`` to repeat a run without the clock. Nothing here is specific to
@@ -79,7 +79,7 @@ def get_config():
 
     o = c.optimizer
     o.name = "adamw"  # decoupled weight decay: the regulariser that paid (docs, rows 15, 17-19)
-    o.weight_decay = 0.3  # on matrices and embeddings; biases and LayerNorms are not decayed
+    o.weight_decay = 1.0  # on matrices and embeddings; biases and LayerNorms are not decayed
     o.b1, o.b2, o.eps = 0.9, 0.98, 1e-9
     o.schedule = "warmup_cosine"
     o.learning_rate = 2e-3
