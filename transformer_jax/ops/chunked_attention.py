@@ -12,10 +12,10 @@ queries N (grouped-query attention): the blocks are multiplied group-wise (``ops
 Structured terms (``masks.AttentionSpec``: causal order, sliding window, packed segments, key
 padding, ALiBi slopes) are built for each block from ``[B, T]`` / ``[B, S]`` positions and ids,
 so the model never holds a ``[T, S]`` mask or bias. With a sliding window ``(left, right)`` and
-the spec's default positions (query ``i`` at ``S - T + i``), query block ``i`` visits only the
-W key blocks its window can reach — a static count, ``ceil((Cq + left + right - 1) / Ck) + 1``
-at most (``right`` is 0 under a causal mask) — starting at the first such block, so the work
-grows with T times the window instead of T times S. Dense ``mask`` / ``bias`` arrays are also
+the spec's default positions (query ``i`` at ``S - T + i``), each query block visits only the
+W key blocks its window can reach (``visited_key_blocks``: a static count, about
+``(Cq + left + right) / Ck + 1``), starting at the first such block, so the work grows with
+T times the window instead of T times S. Dense ``mask`` / ``bias`` arrays are also
 accepted (broadcast shapes, any axis 1); a full query or key axis is sliced block by block.
 Queries and keys are padded to whole blocks (padded keys are masked, padded query rows are cut
 off). Dropout draws the keep mask of block (query block ``i``, key block ``j``) from
@@ -77,15 +77,24 @@ def _blocks(t: int, s: int, chunk_size: int, query_chunk_size: int | None):
     return cq, ck, -(-t // cq), -(-s // ck)
 
 
-def visited_key_blocks(spec: masks_lib.AttentionSpec | None, cq: int, ck: int, nk: int) -> int:
-    """How many of the ``nk`` key blocks each query block visits: fewer than ``nk`` only for a
-    sliding window with the spec's default positions (window static in the indices)."""
+def visited_key_blocks(spec: masks_lib.AttentionSpec | None, t: int, s: int, chunk_size: int,
+                       query_chunk_size: int | None = None) -> int:
+    """How many key blocks each query block visits (of ``ceil(S / Ck)``): fewer only for a
+    sliding window with the spec's default positions (a window static in the indices).
+
+    Query block ``i`` (queries ``i*Cq ..``, at key positions ``S - T + i*Cq ..``) can see the
+    keys ``[i*Cq + S - T - left, i*Cq + Cq - 1 + S - T + right]`` (``right`` 0 under a causal
+    mask); the count is the most key blocks any query block's range touches.
+    """
+    cq, ck, nq, nk = _blocks(t, s, chunk_size, query_chunk_size)
     if spec is None or spec.window is None or not spec.by_index:
         return nk
     left, right = spec.window
     right = min(right, 0) if spec.causal else right
-    span = cq + left + right  # key indices that one query block's windows cover
-    return min(nk, -(-(span - 1) // ck) + 1)
+    first, span = s - t - left, cq + left + right  # key range of block 0: [first, first+span)
+    touched = max((i * cq + first + span - 1) // ck - (i * cq + first) // ck + 1
+                  for i in range(nq))
+    return min(nk, touched)
 
 
 def _slice(x, axis: int, start, size: int):
@@ -361,7 +370,7 @@ def chunked_dot_product_attention(query, key, value, *, mask=None, bias=None,
     spec = spec or masks_lib.AttentionSpec()
     aux = _padded_terms(spec, mask, bias, t, s, tp, sp)
     rng = dropout_rng if (dropout_rng is not None and dropout_rate > 0.0) else None
-    nw = visited_key_blocks(spec, cq, ck, nk)
+    nw = visited_key_blocks(spec, t, s, chunk_size, query_chunk_size)
     first_key = s - t - (spec.window[0] if spec.window else 0)
     plan = _Plan(cq, ck, nq, nk, nw, first_key, spec.causal, spec.window, float(dropout_rate),
                  precision, bool(unroll))
