@@ -23,6 +23,8 @@ from transformer_jax.ops.positional import (
     alibi_bias,
     alibi_slopes,
     apply_rope,
+    relative_position_bias,
+    relative_position_buckets,
     sinusoidal_encoding,
 )
 
@@ -45,6 +47,8 @@ __all__ = [
     "project_out",
     "inert_key_bias",
     "project_qkv",
+    "relative_position_bias",
+    "relative_position_buckets",
     "segment_mask",
     "sinusoidal_encoding",
     "token_accuracy",
