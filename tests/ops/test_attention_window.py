@@ -112,6 +112,19 @@ def test_window_by_position_in_the_spec():
         outs["xla"], jax.nn.dot_product_attention(q, k, v, local_window_size=(2, 1)), atol=TOL)
 
 
+@pytest.mark.parametrize("t, s", [(4, 9), (9, 4)])
+def test_is_causal_keyword_is_top_left_as_in_jax_nn(t, s):
+    # jax.nn: query i attends keys j <= i whatever T and S (the spec's default is bottom-right)
+    q, k, v, cot, _ = _qkv(t * s, 2, t, s, 2, 1)
+    mask = np.arange(s)[None, :] <= np.arange(t)[:, None]
+    lengths = np.array([s, 2], np.int32)
+    mask = mask[None, None] & (np.arange(s) < lengths[:, None])[:, None, None, :]
+    outs = _check_all(q, k, v, cot, dict(is_causal=True, key_value_seq_lengths=lengths),
+                      mask)
+    np.testing.assert_allclose(outs["jax"], jax.nn.dot_product_attention(
+        q, k, v, is_causal=True, key_value_seq_lengths=jnp.asarray(lengths)), atol=TOL)
+
+
 @pytest.mark.parametrize("t, s, chunk, q_chunk, window, causal", [
     (37, 37, 4, 3, (5, 2), False),  # ragged blocks; windows clamped at both ends
     (40, 40, 8, 8, (8, 0), True),
