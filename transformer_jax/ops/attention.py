@@ -34,7 +34,6 @@ everywhere gives zeros); ``"jax"`` detects fully masked rows from the masks only
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 
 import jax
@@ -137,24 +136,28 @@ def _native_terms(spec: AttentionSpec | None, b: int, t: int, s: int, cudnn: boo
 
 
 def _rows_with_keys(mask, kw, t: int, s: int):
-    """``[b, T, n, 1]`` bool: which query rows see at least one key, or None if all do.
+    """``[b, T, n or 1, 1]`` bool: which query rows see at least one key, or None if all do.
 
     ``jax.nn`` returns the average of the values on a fully masked row; we return zeros. The
-    mask is reduced where it is built (fused by XLA), never stored.
+    keywords leave query ``i`` the key range ``[lo_i, hi_i]`` (``[B, T]`` with lengths); a
+    dense mask is reduced within that range where it is built (fused by XLA), never stored.
     """
     lengths = kw.get("key_value_seq_lengths")
     if mask is None and lengths is None:
         return None  # T == S with causal / window by index: query i always sees key i
-    i, j = jnp.arange(t)[:, None], jnp.arange(s)[None, :]
-    terms = [] if mask is None else [mask]
+    i = jnp.arange(t)
+    lo, hi = jnp.zeros_like(i), jnp.full_like(i, s - 1)
     if kw.get("is_causal"):
-        terms.append((j <= i)[None, None])
+        hi = jnp.minimum(hi, i)
     if "local_window_size" in kw:
         left, right = kw["local_window_size"]
-        terms.append(((i - left <= j) & (j <= i + right))[None, None])
-    if lengths is not None:
-        terms.append((j < lengths[:, None, None])[:, None])  # [B, 1, 1, S]
-    row_any = jnp.any(functools.reduce(jnp.logical_and, terms), axis=-1)  # [b, n, T]
+        lo, hi = jnp.maximum(lo, i - left), jnp.minimum(hi, i + right)
+    hi = hi[None] if lengths is None else jnp.minimum(hi[None], lengths[:, None] - 1)  # [b, T]
+    if mask is None:
+        return (lo[None] <= hi)[:, :, None, None]
+    j = jnp.arange(s)
+    in_range = (lo[:, None] <= j) & (j <= hi[..., None])  # [b, T, S]
+    row_any = jnp.any(mask & in_range[:, None], axis=-1)  # [b, n, T]
     return jnp.transpose(row_any, (0, 2, 1))[..., None]
 
 
