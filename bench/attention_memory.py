@@ -21,6 +21,16 @@ sinusoidal and ALiBi positions, "xla" vs "chunked" attention, and records the co
 bytes as rows ``{model, positional, impl, length, peak_bytes}``:
 
   python bench/attention_memory.py --model --json bench/results/attention_memory_model.json
+
+``--window`` compiles (runs nothing) causal self-attention forward + backward with and without
+a sliding window (``local_window_size=(W, 0)``, default W = 512) for "xla" and "chunked" and
+records the compiler's FLOPs and peak bytes per length. XLA's cost analysis counts a loop body
+once, so the FLOPs of "chunked" come from the same program with its block loops unrolled
+(``chunked_dot_product_attention(unroll=True)``; unrolled, XLA may also merge the forward's
+and the backward's recomputation of the same block of scores), and the peak bytes from the
+program as it runs (loops rolled):
+
+  python bench/attention_memory.py --window --json bench/results/attention_window.json
 """
 
 from __future__ import annotations
@@ -214,6 +224,96 @@ def run_model_bench(args) -> int:
     return 0
 
 
+WINDOW_LENGTHS = "1024,2048,4096,8192,16384"
+
+
+def window_case(impl: str, window: int | None, length: int, args) -> dict:
+    """Compiled FLOPs and peak bytes of causal self-attention fwd+bwd (nothing is run)."""
+    import jax
+    import jax.numpy as jnp
+
+    from transformer_jax import ops
+    from transformer_jax.ops.chunked_attention import chunked_dot_product_attention
+
+    x = jax.ShapeDtypeStruct((args.batch, length, args.heads, args.head_dim), jnp.float32)
+    kv = jax.ShapeDtypeStruct((args.batch, length, args.kv_heads, args.head_dim), jnp.float32)
+    local = None if window is None else (window, 0)
+
+    def compiled(unroll: bool):
+        def loss(q, k, v):
+            if unroll:
+                spec = ops.AttentionSpec(causal=True, window=local)
+                out = chunked_dot_product_attention(q, k, v, spec=spec, unroll=True,
+                                                    chunk_size=args.chunk_size)
+            else:
+                out = ops.dot_product_attention(q, k, v, is_causal=True, local_window_size=local,
+                                                implementation=impl, chunk_size=args.chunk_size)
+            return jnp.sum(out)
+        return jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(x, kv, kv).compile()
+
+    t0 = time.perf_counter()
+    rolled = compiled(unroll=False)
+    ma = rolled.memory_analysis()
+    row = {"implementation": impl, "window": window, "length": length,
+           "peak_bytes": int(ma.argument_size_in_bytes + ma.output_size_in_bytes
+                             + ma.temp_size_in_bytes - ma.alias_size_in_bytes)}
+    blocks = -(-length // args.chunk_size)
+    unrolled_blocks = blocks * blocks if window is None else blocks
+    if impl == "chunked" and unrolled_blocks > args.max_unrolled_blocks:
+        row["flops"] = None  # too many blocks to unroll in reasonable compile time
+    else:
+        counted = compiled(unroll=True) if impl == "chunked" else rolled
+        cost = counted.cost_analysis()
+        cost = cost[0] if isinstance(cost, list) else cost
+        row["flops"] = float(cost["flops"])
+    row["compile_s"] = round(time.perf_counter() - t0, 2)
+    return row
+
+
+def window_table(rows: list[dict], key: str, scale: float, unit: str) -> str:
+    lengths = sorted({r["length"] for r in rows})
+    head = " | ".join(f"{n // 1024}k" for n in lengths)
+    lines = [f"| impl | window | {head} | growth, last doubling |",
+             "|---|---|" + "---:|" * (len(lengths) + 1)]
+    for impl, window in sorted({(r["implementation"], r["window"] or 0) for r in rows}):
+        got = {r["length"]: r[key] for r in rows if r["implementation"] == impl
+               and (r["window"] or 0) == window and r.get(key) is not None}
+        cells = [f"{got[n] / scale:,.1f}" if n in got else "-" for n in lengths]
+        have = [n for n in lengths if n in got]
+        a, b = (have[-2], have[-1]) if len(have) > 1 else (None, None)
+        growth = f"{got[b] / got[a]:.2f}x ({a // 1024}k->{b // 1024}k)" if a else "-"
+        label = f"({window}, 0)" if window else "none"
+        lines.append(f"| {impl} | {label} | " + " | ".join(cells) + f" | {growth} |")
+    return f"{unit}:\n\n" + "\n".join(lines)
+
+
+def run_window_bench(args) -> int:
+    rows = []
+    for impl in [x for x in args.implementations.split(",") if x]:
+        for window in (None, args.window):
+            for length in [int(x) for x in args.lengths.split(",") if x]:
+                rows.append(window_case(impl, window, length, args))
+                print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    table = (window_table(rows, "flops", 1e9, "GFLOP (compiled, fwd+bwd)") + "\n\n"
+             + window_table(rows, "peak_bytes", 2**20, "peak MiB (compiled, fwd+bwd)"))
+    print(table)
+    result = {
+        "benchmark": "causal self-attention fwd+bwd with a sliding window: compiled FLOPs "
+                     "(chunked: loops unrolled) and peak bytes (memory_analysis)",
+        "config": {"batch": args.batch, "heads": args.heads, "kv_heads": args.kv_heads,
+                   "head_dim": args.head_dim, "dtype": "float32", "chunk_size": args.chunk_size,
+                   "window": [args.window, 0]},
+        "machine": machine_info("jax"),
+        "rows": rows,
+        "table": table,
+    }
+    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+    with open(args.json, "w") as f:
+        json.dump(result, f, indent=2)
+    print(f"wrote {args.json}")
+    return 0
+
+
 def markdown_table(rows: list[dict]) -> str:
     lines = [
         "| impl | tokens | XLA peak (GiB) | growth per doubling | RSS delta (GiB) | fwd+bwd (s) |",
@@ -255,7 +355,17 @@ def main(argv=None) -> int:
     p.add_argument("--vocab", type=int, default=1024, help="--model: vocabulary size")
     p.add_argument("--max-xla-length", type=int, default=16384,
                    help="--model: longest length compiled for 'xla'")
+    p.add_argument("--window", type=int, nargs="?", const=512, default=None,
+                   help="sliding-window FLOPs and memory (left window W, default 512)")
+    p.add_argument("--kv-heads", type=int, default=None, help="--window: K (default N)")
+    p.add_argument("--max-unrolled-blocks", type=int, default=256,
+                   help="--window: most query x key blocks unrolled to count chunked FLOPs")
     args = p.parse_args(argv)
+    if args.window is not None:
+        args.kv_heads = args.kv_heads or args.heads
+        if args.json.endswith("attention_memory.json"):
+            args.json = args.json.replace("attention_memory.json", "attention_window.json")
+        return run_window_bench(args)
     if args.model:
         if args.lengths == DEFAULT_LENGTHS:
             args.lengths = MODEL_LENGTHS

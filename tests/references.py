@@ -62,3 +62,24 @@ def row_attention(q, k, v, mask=None, bias=None, keep=None):
     f = jax.vmap(f, in_axes=(1, 1, 1, 0, 0, 0), out_axes=1)  # over n
     f = jax.vmap(f, in_axes=(0, 0, 0, 0, 0, 0))  # over b
     return f(q, k, v, mask, bias, keep)  # [B, T, N, H]
+
+
+def repeat_kv_heads(x, num_heads):
+    """Grouped-query reference: key/value heads [B, S, K, H] repeated to [B, S, N, H], head k
+    serving query heads k*G .. k*G + G-1 (jnp.repeat, so gradients sum back over the group)."""
+    return jnp.repeat(x, num_heads // x.shape[2], axis=2)
+
+
+def band_mask(q_positions, k_positions, left, right):
+    """Sliding-window mask by loops: [B, 1, T, S] bool, True iff
+    q_pos - left <= k_pos <= q_pos + right. Positions are [B, T] / [B, S] (or [T] / [S])."""
+    qp = np.atleast_2d(np.asarray(q_positions))
+    kp = np.atleast_2d(np.asarray(k_positions))
+    out = np.zeros((max(qp.shape[0], kp.shape[0]), 1, qp.shape[1], kp.shape[1]), bool)
+    for b in range(out.shape[0]):
+        for i in range(qp.shape[1]):
+            for j in range(kp.shape[1]):
+                q = qp[min(b, qp.shape[0] - 1), i]
+                k = kp[min(b, kp.shape[0] - 1), j]
+                out[b, 0, i, j] = q - left <= k <= q + right
+    return out

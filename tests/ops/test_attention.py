@@ -267,7 +267,8 @@ def test_jax_implementation_rejects_dropout():
         ((2, 3, 4), (2, 3, 1, 4), (2, 3, 1, 4), {}, r"query must have rank 4.*\(2, 3, 4\)"),
         ((2, 3, 1, 4), (2, 5, 1, 4), (2, 6, 1, 4), {}, r"key \(2, 5, 1, 4\) and value \(2, 6"),
         ((2, 3, 1, 4), (2, 5, 1, 8), (2, 5, 1, 8), {}, r"head dim H; got query H=4, key H=8"),
-        ((2, 3, 2, 4), (2, 5, 1, 4), (2, 5, 1, 4), {}, r"numbers of heads 2 != 1"),
+        ((2, 3, 3, 4), (2, 5, 2, 4), (2, 5, 2, 4), {}, r"3 heads, which is not a multiple of "
+         r"the key/value heads 2"),
         ((2, 3, 1, 4), (3, 5, 1, 4), (3, 5, 1, 4), {}, r"batch sizes 2 != 3"),
         (
             (2, 3, 1, 4),

@@ -138,3 +138,29 @@ def test_model_decoder_self_attention_reaches_cudnn_causal_mask(claim_cudnn, mon
     calls = cuda_custom_calls(jax.value_and_grad(loss), params, src, src)
     assert {"__cudnn$fmhaSoftmax", "__cudnn$fmhaSoftmaxBackward"} <= calls, calls
     assert "__cudnn$fmhaScaleBiasSoftmax" in calls, calls
+
+
+def test_grouped_query_and_sliding_window_lower_to_cudnn(claim_cudnn):
+    # 4 query heads on 2 key/value heads; a causal window reaches cuDNN as its own sliding
+    # window (no [T, S] array); a window with a right side and no causal mask, which cuDNN's
+    # window cannot express, arrives as a dense bias instead of failing.
+    keys = jax.random.split(jax.random.key(2), 3)
+    q = jax.random.normal(keys[0], (B, T, 4, H), jnp.bfloat16)
+    k, v = (jax.random.normal(x, (B, T, 2, H), jnp.bfloat16) for x in keys[1:])
+
+    def loss(q, k, v, causal, window):
+        out = ops.dot_product_attention(q, k, v, is_causal=causal, local_window_size=window,
+                                        implementation="jax", jax_backend="cudnn")
+        return jnp.sum(out.astype(jnp.float32))
+
+    for causal, window, kernel in ((True, (3, 0), "__cudnn$fmhaSoftmax"),
+                                   (False, (3, 0), "__cudnn$fmhaSoftmax"),
+                                   (False, (2, 1), "__cudnn$fmhaScaleBiasSoftmax")):
+        fn = jax.value_and_grad(lambda q, k, v, c=causal, w=window: loss(q, k, v, c, w),
+                                argnums=(0, 1, 2))
+        calls = cuda_custom_calls(fn, q, k, v)
+        assert calls == {kernel, f"{kernel}Backward"}, (causal, window, calls)
+    text = jax.jit(lambda q, k, v: loss(q, k, v, True, (3, 0))).trace(q, k, v).lower(
+        lowering_platforms=("cuda",)).as_text()
+    # keys i-3 .. i: cuDNN's window counts the query itself, (i - 4, i]
+    assert re.search(r"sliding_window_length\\22: 4\b", text), text[:2000]

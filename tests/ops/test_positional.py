@@ -1,4 +1,5 @@
-"""Sinusoidal encodings, RoPE and ALiBi against their formulas."""
+"""Sinusoidal encodings, RoPE and ALiBi against their formulas; T5 relative position buckets
+and biases against a loop over the definition and against transformers' T5Attention."""
 
 import math
 
@@ -101,3 +102,115 @@ def test_alibi_bias_values():
         for i in range(3):
             for j in range(4):
                 assert got[0, n, i, j] == pytest.approx(-slopes[n] * abs(i - j))
+
+
+# ----------------------------------------------------------------------------- T5 buckets
+
+
+def _bucket_by_definition(rel, bidirectional, num_buckets, max_distance):
+    """One relative position at a time, in Python floats where T5 uses float32 (away from a
+    bucket boundary the two agree)."""
+    bucket = 0
+    if bidirectional:
+        num_buckets //= 2
+        bucket = num_buckets if rel > 0 else 0
+        dist = abs(rel)
+    else:
+        dist = max(-rel, 0)
+    exact = num_buckets // 2
+    if dist < exact:
+        return bucket + dist
+    steps = math.log(dist / exact) / math.log(max_distance / exact) * (num_buckets - exact)
+    return bucket + min(exact + int(steps), num_buckets - 1)
+
+
+@pytest.mark.parametrize("bidirectional", [True, False])
+@pytest.mark.parametrize("num_buckets, max_distance", [(32, 128), (8, 20), (64, 256)])
+def test_relative_position_buckets_match_the_definition(bidirectional, num_buckets, max_distance):
+    rel = np.arange(-400, 401)
+    got = np.asarray(ops.relative_position_buckets(
+        rel, bidirectional=bidirectional, num_buckets=num_buckets, max_distance=max_distance))
+    want = [_bucket_by_definition(int(r), bidirectional, num_buckets, max_distance) for r in rel]
+    np.testing.assert_array_equal(got, want)
+    assert got.dtype == np.int32 and got.min() == 0 and got.max() == num_buckets - 1
+    if not bidirectional:  # later keys share the query's own bucket
+        assert np.all(got[rel >= 0] == 0)
+
+
+def test_relative_position_bucket_errors():
+    with pytest.raises(ValueError, match="num_buckets >= 4 and max_distance"):
+        ops.relative_position_buckets(np.arange(3), bidirectional=True, num_buckets=2)
+    with pytest.raises(ValueError, match="max_distance=4"):
+        ops.relative_position_buckets(np.arange(3), num_buckets=32, max_distance=4)
+    with pytest.raises(ValueError, match=r"table must be \[num_buckets, N\]"):
+        ops.relative_position_bias(np.zeros(32), np.arange(3), np.arange(3))
+
+
+def test_relative_position_bias_gradient_sums_over_each_bucket():
+    rng = np.random.default_rng(0)
+    table = jnp.asarray(rng.standard_normal((8, 3)), jnp.float32)
+    q_pos, k_pos = np.array([[0, 1, 2, 9]]), np.array([[0, 3, 5, 6, 30]])
+    cot = rng.standard_normal((1, 3, 4, 5))
+    grad = jax.grad(lambda t: jnp.sum(ops.relative_position_bias(
+        t, q_pos, k_pos, bidirectional=False, max_distance=10) * cot))(table)
+    want = np.zeros((8, 3))
+    for i in range(4):
+        for j in range(5):
+            b = _bucket_by_definition(int(k_pos[0, j] - q_pos[0, i]), False, 8, 10)
+            want[b] += cot[0, :, i, j]
+    np.testing.assert_allclose(grad, want, atol=1e-5)
+
+
+def _t5_attention(bidirectional, num_buckets, max_distance, d_model=16, heads=4):
+    torch = pytest.importorskip("torch")
+    t5 = pytest.importorskip("transformers.models.t5.modeling_t5")
+    config = t5.T5Config(d_model=d_model, d_kv=d_model // heads, num_heads=heads,
+                         relative_attention_num_buckets=num_buckets,
+                         relative_attention_max_distance=max_distance,
+                         is_decoder=not bidirectional, dropout_rate=0.0)
+    config._attn_implementation = "eager"
+    torch.manual_seed(0)
+    attn = t5.T5Attention(config, has_relative_attention_bias=True, layer_idx=0).eval()
+    with torch.no_grad():  # a random table instead of the zero-ish initialisation
+        attn.relative_attention_bias.weight.normal_()
+    return torch, attn
+
+
+@pytest.mark.parametrize("bidirectional", [True, False])
+@pytest.mark.parametrize("t, s, past", [(7, 7, 0), (5, 300, 0), (1, 200, 150), (300, 4, 0)])
+def test_relative_position_bias_matches_transformers_t5(bidirectional, t, s, past):
+    torch, attn = _t5_attention(bidirectional, num_buckets=32, max_distance=128)
+    table = attn.relative_attention_bias.weight.detach().numpy()  # [num_buckets, N]
+    with torch.no_grad():
+        want = attn.compute_bias(t, s, past_seen_tokens=past).numpy()  # [1, N, T, S]
+    got = ops.relative_position_bias(table, past + np.arange(t), np.arange(s),
+                                     bidirectional=bidirectional, max_distance=128)
+    assert got.shape == want.shape == (1, 4, t, s)
+    np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+@pytest.mark.parametrize("bidirectional", [True, False])
+def test_attention_with_t5_bias_matches_transformers_t5_attention(bidirectional):
+    # T5 does not scale its logits: the query kernel carries sqrt(H) here instead.
+    torch, attn = _t5_attention(bidirectional, num_buckets=8, max_distance=12)
+    b, t, d, n = 2, 20, 16, 4
+    h = d // n
+    x = np.random.default_rng(1).standard_normal((b, t, d)).astype(np.float32)
+    mask = None if bidirectional else torch.triu(torch.full((t, t), -1e9), 1)[None, None]
+    with torch.no_grad():
+        want = attn(torch.from_numpy(x), mask=mask)[0].numpy()
+
+    def kernel(layer, heads):  # torch Linear [out, in] -> [D, heads, H]
+        return layer.weight.detach().numpy().T.reshape(d, heads, h)
+
+    params = {"query": kernel(attn.q, n) * math.sqrt(h), "key": kernel(attn.k, n),
+              "value": kernel(attn.v, n),
+              "out": attn.o.weight.detach().numpy().T.reshape(n, h, d)}
+    bias = ops.relative_position_bias(attn.relative_attention_bias.weight.detach().numpy(),
+                                      np.arange(t), np.arange(t), bidirectional=bidirectional,
+                                      max_distance=12)
+    spec = None if bidirectional else ops.AttentionSpec(causal=True)
+    for impl in ("xla", "chunked"):
+        got = ops.multi_head_attention(x, x, params, bias=bias, spec=spec, implementation=impl,
+                                       chunk_size=8, precision="highest")
+        np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5, err_msg=impl)

@@ -109,7 +109,8 @@ def test_partitioned_runs_one_kernel_per_device_with_equal_numbers():
     (dict(mask=jnp.ones((1, 1, 4, 4), bool)), "no dense mask or bias"),
     (dict(bias=jnp.zeros((1, 1, 4, 4))), "no dense mask or bias"),
     (dict(spec=ops.AttentionSpec(alibi_slopes=jnp.ones(2))), "no ALiBi"),
-    (dict(dropout_rate=0.1, dropout_rng=jax.random.key(0)), "no attention dropout"),
+    (dict(dropout_rate=0.1, dropout_rng=jax.random.key(0)),
+     "'splash' does not support attention dropout"),
     (dict(return_weights=True), "never materialises the weights"),
     (dict(spec=ops.AttentionSpec(causal=True, q_positions=jnp.arange(4)[None],
                                  k_positions=jnp.arange(4)[None])), "explicit positions"),
@@ -118,8 +119,9 @@ def test_splash_refuses_what_it_cannot_express(kwargs, message):
     x = jnp.zeros((1, 4, 2, 8))
     with pytest.raises(ValueError, match=message):
         ops.dot_product_attention(x, x, x, implementation="splash", **kwargs)
-    with pytest.raises(ValueError, match="needs T == S for a causal mask"):
-        ops.dot_product_attention(x[:, :3], x, x, implementation="splash", is_causal=True)
+    for kwargs in (dict(is_causal=True), dict(local_window_size=(1, 1))):
+        with pytest.raises(ValueError, match="needs T == S for a causal mask or a sliding"):
+            ops.dot_product_attention(x[:, :3], x, x, implementation="splash", **kwargs)
 
 
 def test_model_config_refuses_splash_with_attention_dropout_or_alibi():

@@ -6,14 +6,19 @@ maximum ``m``, the softmax denominator ``l`` and the unnormalised output — so 
 ``[B, N, Cq, Ck]`` block of scores exists at any time (Rabe & Staats 2021; Dao et al. 2022).
 The backward pass is a ``jax.custom_vjp`` that saves only the inputs, the output and the
 per-row log-sum-exp ``[B, N, T]`` and recomputes each block's probabilities, so gradient memory
-is also O(T + S) per head instead of O(T * S).
+is also O(T + S) per head instead of O(T * S). Keys and values may have fewer heads K than the
+queries N (grouped-query attention): the blocks are multiplied group-wise (``ops.grouped``).
 
-Structured terms (``masks.AttentionSpec``: causal order, packed segments, key padding, ALiBi
-slopes) are built for each block from ``[B, T]`` / ``[B, S]`` positions and ids, so the model
-never holds a ``[T, S]`` mask or bias. Dense ``mask`` / ``bias`` arrays are also accepted
-(broadcast shapes, any axis 1); a full query or key axis is sliced block by block. Queries and
-keys are padded to whole blocks (padded keys are masked, padded query rows are cut off).
-Dropout draws the keep mask of block (query block ``i``, key block ``j``) from
+Structured terms (``masks.AttentionSpec``: causal order, sliding window, packed segments, key
+padding, ALiBi slopes) are built for each block from ``[B, T]`` / ``[B, S]`` positions and ids,
+so the model never holds a ``[T, S]`` mask or bias. With a sliding window ``(left, right)`` and
+the spec's default positions (query ``i`` at ``S - T + i``), each query block visits only the
+W key blocks its window can reach (``visited_key_blocks``: a static count, about
+``(Cq + left + right) / Ck + 1``), starting at the first such block, so the work grows with
+T times the window instead of T times S. Dense ``mask`` / ``bias`` arrays are also
+accepted (broadcast shapes, any axis 1); a full query or key axis is sliced block by block.
+Queries and keys are padded to whole blocks (padded keys are masked, padded query rows are cut
+off). Dropout draws the keep mask of block (query block ``i``, key block ``j``) from
 ``jax.random.fold_in(dropout_rng, i * num_key_blocks + j)``, in the forward and again in the
 backward pass (``block_dropout_keep`` rebuilds the whole mask for tests).
 
@@ -33,20 +38,12 @@ import jax.numpy as jnp
 from jax import lax
 
 from transformer_jax.ops import masks as masks_lib
+from transformer_jax.ops.grouped import attention_logits, key_gradient, weighted_values
+from transformer_jax.ops.shapes import check_head_dims
 
-__all__ = ["chunked_dot_product_attention", "block_dropout_keep", "check_head_dims"]
+__all__ = ["chunked_dot_product_attention", "block_dropout_keep", "visited_key_blocks"]
 
 _F32 = jnp.float32
-
-
-def check_head_dims(query, key, value) -> None:
-    """Raises ValueError unless query, key and value ``[..., H]`` share one head dim H."""
-    hq, hk, hv = (jnp.shape(x)[-1] for x in (query, key, value))
-    if not hq == hk == hv:
-        raise ValueError(
-            f"query, key and value must have the same head dim H; got query H={hq}, key "
-            f"H={hk}, value H={hv}; project them to one head dim (d_model / num_heads)."
-        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,9 +54,47 @@ class _Plan:
     ck: int
     nq: int
     nk: int
+    nw: int  # key blocks visited per query block (nk without a window)
+    first_key: int  # key index of query 0's window start (S - T - left) when nw < nk
     causal: bool
+    window: tuple[int, int] | None
     rate: float
     precision: Any
+    unroll: bool
+
+    def key_block(self, qi, w):
+        """Absolute index of the ``w``-th key block visited by query block ``qi``."""
+        if self.nw == self.nk:
+            return w
+        start = jnp.floor_divide(qi * self.cq + self.first_key, self.ck)
+        return jnp.clip(start, 0, self.nk - self.nw) + w
+
+
+def _blocks(t: int, s: int, chunk_size: int, query_chunk_size: int | None):
+    """(Cq, Ck, nq, nk) for T queries and S keys."""
+    ck = min(int(chunk_size), s)
+    cq = min(int(query_chunk_size or chunk_size), t)
+    return cq, ck, -(-t // cq), -(-s // ck)
+
+
+def visited_key_blocks(spec: masks_lib.AttentionSpec | None, t: int, s: int, chunk_size: int,
+                       query_chunk_size: int | None = None) -> int:
+    """How many key blocks each query block visits (of ``ceil(S / Ck)``): fewer only for a
+    sliding window with the spec's default positions (a window static in the indices).
+
+    Query block ``i`` (queries ``i*Cq ..``, at key positions ``S - T + i*Cq ..``) can see the
+    keys ``[i*Cq + S - T - left, i*Cq + Cq - 1 + S - T + right]`` (``right`` 0 under a causal
+    mask); the count is the most key blocks any query block's range touches.
+    """
+    cq, ck, nq, nk = _blocks(t, s, chunk_size, query_chunk_size)
+    if spec is None or spec.window is None or not spec.by_index:
+        return nk
+    left, right = spec.window
+    right = min(right, 0) if spec.causal else right
+    first, span = s - t - left, cq + left + right  # key range of block 0: [first, first+span)
+    touched = max((i * cq + first + span - 1) // ck - (i * cq + first) // ck + 1
+                  for i in range(nq))
+    return min(nk, touched)
 
 
 def _slice(x, axis: int, start, size: int):
@@ -69,18 +104,17 @@ def _slice(x, axis: int, start, size: int):
     return lax.dynamic_slice_in_dim(x, start, size, axis)
 
 
-def _block_scores(plan: _Plan, q_blk, k_blk, aux, qi, ki):
-    """Scaled, biased, masked scores of query block ``qi`` vs key block ``ki``:
+def _block_scores(plan: _Plan, q_blk, k_blk, aux, qi, kb):
+    """Scaled, biased, masked scores of query block ``qi`` vs key block ``kb``:
     ``[B, N, Cq, Ck]`` float32, masked = -inf."""
-    q0, k0 = qi * plan.cq, ki * plan.ck
-    s = jnp.einsum(
-        "BTNH,BCNH->BNTC", q_blk, k_blk, precision=plan.precision, preferred_element_type=_F32
-    )  # [B, N, Cq, Ck]
+    q0, k0 = qi * plan.cq, kb * plan.ck
+    s = attention_logits(q_blk, k_blk, plan.precision)  # [B, N, Cq, Ck]
     s = s * (1.0 / math.sqrt(q_blk.shape[-1]))
     mask, bias = masks_lib.structured_terms(
         _slice(aux["q_positions"], 1, q0, plan.cq),
         _slice(aux["k_positions"], 1, k0, plan.ck),
         causal=plan.causal,
+        window=plan.window,
         q_segments=_slice(aux["q_segments"], 1, q0, plan.cq),
         k_segments=_slice(aux["k_segments"], 1, k0, plan.ck),
         k_valid=_slice(aux["k_valid"], 1, k0, plan.ck),
@@ -101,13 +135,6 @@ def _keep_scale(rng, block_index, rate, shape):
     """Inverted-dropout multiplier for one block: 0 or 1/(1-rate), ``shape`` float32."""
     keep = jax.random.bernoulli(jax.random.fold_in(rng, block_index), 1.0 - rate, shape)
     return jnp.where(keep, 1.0 / (1.0 - rate), 0.0).astype(_F32)
-
-
-def _blocks(t: int, s: int, chunk_size: int, query_chunk_size: int | None):
-    """(Cq, Ck, nq, nk) for T queries and S keys."""
-    ck = min(int(chunk_size), s)
-    cq = min(int(query_chunk_size or chunk_size), t)
-    return cq, ck, -(-t // cq), -(-s // ck)
 
 
 def block_dropout_keep(dropout_rng, dropout_rate, shape, seq_len, chunk_size,
@@ -138,29 +165,25 @@ def block_dropout_keep(dropout_rng, dropout_rate, shape, seq_len, chunk_size,
     return jnp.concatenate(rows, axis=-2)[:, :, :t, :seq_len]
 
 
-def _pv(p, v_blk, precision):
-    """``[B, N, Cq, Ck] x [B, Ck, N, H] -> [B, N, Cq, H]`` float32."""
-    p = p if v_blk.dtype == _F32 else p.astype(v_blk.dtype)
-    return jnp.einsum("BNTC,BCNH->BNTH", p, v_blk, precision=precision, preferred_element_type=_F32)
-
-
 def _forward_block(plan: _Plan, q_blk, k, v, aux, rng, qi):
-    """One query block over all key blocks: out ``[B, Cq, N, H]`` f32, lse ``[B, N, Cq]``."""
+    """One query block over its key blocks: out ``[B, Cq, N, H]`` f32, lse ``[B, N, Cq]``."""
     bsz, cq, n, h = q_blk.shape
 
-    def step(carry, ki):
+    def step(carry, w):
         m, denom, acc = carry  # [B, N, Cq], [B, N, Cq], [B, N, Cq, H]
-        k_blk = lax.dynamic_slice_in_dim(k, ki * plan.ck, plan.ck, 1)
-        v_blk = lax.dynamic_slice_in_dim(v, ki * plan.ck, plan.ck, 1)
-        s = _block_scores(plan, q_blk, k_blk, aux, qi, ki)  # [B, N, Cq, Ck]
+        kb = plan.key_block(qi, w)
+        k_blk = lax.dynamic_slice_in_dim(k, kb * plan.ck, plan.ck, 1)
+        v_blk = lax.dynamic_slice_in_dim(v, kb * plan.ck, plan.ck, 1)
+        s = _block_scores(plan, q_blk, k_blk, aux, qi, kb)  # [B, N, Cq, Ck]
         m_new = jnp.maximum(m, jnp.max(s, axis=-1))
         m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
         p = jnp.exp(s - m_safe[..., None])  # masked -> 0
         corr = jnp.exp(m - m_safe)  # 0 while nothing was attended yet
         denom = denom * corr + jnp.sum(p, axis=-1)
         if rng is not None:
-            p = p * _keep_scale(rng, qi * plan.nk + ki, plan.rate, p.shape)
-        acc = acc * corr[..., None] + _pv(p, v_blk, plan.precision)
+            p = p * _keep_scale(rng, qi * plan.nk + kb, plan.rate, p.shape)
+        pv = weighted_values(p, v_blk, plan.precision, heads_first=True)  # [B, N, Cq, H]
+        acc = acc * corr[..., None] + pv
         return (m_new, denom, acc), None
 
     init = (
@@ -168,7 +191,7 @@ def _forward_block(plan: _Plan, q_blk, k, v, aux, rng, qi):
         jnp.zeros((bsz, n, cq), _F32),
         jnp.zeros((bsz, n, cq, h), _F32),
     )
-    (m, denom, acc), _ = lax.scan(step, init, jnp.arange(plan.nk))
+    (m, denom, acc), _ = lax.scan(step, init, jnp.arange(plan.nw), unroll=plan.unroll)
     out = acc / jnp.where(denom == 0.0, 1.0, denom)[..., None]  # fully masked rows -> 0
     safe = jnp.where(denom > 0.0, denom, 1.0)
     lse = jnp.where(denom > 0.0, m + jnp.log(safe), jnp.inf)  # [B, N, Cq]
@@ -179,13 +202,13 @@ def _forward(plan: _Plan, q, k, v, aux, rng):
     """out ``[B, Tp, N, H]`` (query dtype), lse ``[B, N, Tp]`` float32."""
     bsz, tp, n, h = q.shape
 
-    def one(qi):
+    def one(_, qi):
         q_blk = lax.dynamic_slice_in_dim(q, qi * plan.cq, plan.cq, 1)
-        return _forward_block(plan, q_blk, k, v, aux, rng, qi)
+        return None, _forward_block(plan, q_blk, k, v, aux, rng, qi)
 
-    outs, lses = lax.map(one, jnp.arange(plan.nq))  # [nq, B, Cq, N, H], [nq, B, N, Cq]
-    out = jnp.moveaxis(outs, 0, 1).reshape(bsz, tp, n, h)
-    lse = jnp.moveaxis(lses, 0, 2).reshape(bsz, n, tp)
+    _, (outs, lses) = lax.scan(one, None, jnp.arange(plan.nq), unroll=plan.unroll)
+    out = jnp.moveaxis(outs, 0, 1).reshape(bsz, tp, n, h)  # from [nq, B, Cq, N, H]
+    lse = jnp.moveaxis(lses, 0, 2).reshape(bsz, n, tp)  # from [nq, B, N, Cq]
     return out.astype(q.dtype), lse
 
 
@@ -195,54 +218,54 @@ def _reduce_to(x, shape):
     return jnp.sum(x, axis=axes, keepdims=True) if axes else x
 
 
-def _add_block(total, blk, plan: _Plan, qi, ki):
+def _add_block(total, blk, plan: _Plan, qi, kb):
     """``total[..., q block, k block] += blk`` for a (broadcast) bias-shaped ``total``."""
     start = [0, 0, qi * plan.cq if total.shape[2] != 1 else 0,
-             ki * plan.ck if total.shape[3] != 1 else 0]
+             kb * plan.ck if total.shape[3] != 1 else 0]
     old = lax.dynamic_slice(total, start, blk.shape)
     return lax.dynamic_update_slice(total, old + blk, start)
+
+
+def _add_rows(total, blk, start):
+    """``total[:, start:start + len(blk)] += blk`` along axis 1."""
+    old = lax.dynamic_slice_in_dim(total, start, blk.shape[1], 1)
+    return lax.dynamic_update_slice_in_dim(total, old + blk, start, 1)
 
 
 def _backward_block(plan: _Plan, q_blk, do_blk, lse_blk, delta_blk, k, v, aux, rng, qi, carry):
     """Gradients of one query block: (dq ``[B, Cq, N, H]``, (dk, dv, dbias) accumulated)."""
     scale = 1.0 / math.sqrt(q_blk.shape[-1])
     do_v = do_blk if v.dtype == _F32 else do_blk.astype(v.dtype)
-    prec = plan.precision
+    prec, kh = plan.precision, k.shape[2]
 
-    def step(inner, ki):
+    def step(inner, w):
         dq, dk, dv, dbias = inner
-        k_blk = lax.dynamic_slice_in_dim(k, ki * plan.ck, plan.ck, 1)
-        v_blk = lax.dynamic_slice_in_dim(v, ki * plan.ck, plan.ck, 1)
-        s = _block_scores(plan, q_blk, k_blk, aux, qi, ki)
+        kb = plan.key_block(qi, w)
+        k_blk = lax.dynamic_slice_in_dim(k, kb * plan.ck, plan.ck, 1)
+        v_blk = lax.dynamic_slice_in_dim(v, kb * plan.ck, plan.ck, 1)
+        s = _block_scores(plan, q_blk, k_blk, aux, qi, kb)
         p = jnp.exp(s - lse_blk[..., None])  # [B, N, Cq, Ck]; masked -> 0
-        dp = jnp.einsum("BTNH,BCNH->BNTC", do_v, v_blk, precision=prec,
-                        preferred_element_type=_F32)  # [B, N, Cq, Ck]
+        dp = attention_logits(do_v, v_blk, prec)  # [B, N, Cq, Ck]
         p_drop = p
         if rng is not None:
-            z = _keep_scale(rng, qi * plan.nk + ki, plan.rate, p.shape)
+            z = _keep_scale(rng, qi * plan.nk + kb, plan.rate, p.shape)
             p_drop, dp = p * z, dp * z
-        dv_blk = jnp.einsum("BNTC,BTNH->BCNH", p_drop.astype(do_v.dtype), do_v, precision=prec,
-                            preferred_element_type=_F32)  # [B, Ck, N, H]
+        dv_blk = key_gradient(p_drop.astype(do_v.dtype), do_v, kh, prec)  # [B, Ck, K, H]
         # D_i = sum_j P_ij dP_ij = dO_i . O_i (also with dropout, since O uses the dropped P).
         ds = p * (dp - delta_blk[..., None])  # d loss / d (biased) logits
         ds_q = ds if q_blk.dtype == _F32 else ds.astype(q_blk.dtype)
-        dq = dq + scale * jnp.einsum("BNTC,BCNH->BTNH", ds_q, k_blk, precision=prec,
-                                     preferred_element_type=_F32)
-        dk_blk = scale * jnp.einsum("BNTC,BTNH->BCNH", ds_q, q_blk, precision=prec,
-                                    preferred_element_type=_F32)
-        dk = lax.dynamic_update_slice_in_dim(
-            dk, lax.dynamic_slice_in_dim(dk, ki * plan.ck, plan.ck, 1) + dk_blk, ki * plan.ck, 1)
-        dv = lax.dynamic_update_slice_in_dim(
-            dv, lax.dynamic_slice_in_dim(dv, ki * plan.ck, plan.ck, 1) + dv_blk, ki * plan.ck, 1)
+        dq = dq + scale * weighted_values(ds_q, k_blk, prec)  # [B, Cq, N, H]
+        dk = _add_rows(dk, scale * key_gradient(ds_q, q_blk, kh, prec), kb * plan.ck)
+        dv = _add_rows(dv, dv_blk, kb * plan.ck)
         if dbias is not None:
             blk_shape = (*dbias.shape[:2], 1 if dbias.shape[2] == 1 else plan.cq,
                          1 if dbias.shape[3] == 1 else plan.ck)
-            dbias = _add_block(dbias, _reduce_to(ds, blk_shape), plan, qi, ki)
+            dbias = _add_block(dbias, _reduce_to(ds, blk_shape), plan, qi, kb)
         return (dq, dk, dv, dbias), None
 
     dk, dv, dbias = carry
     init = (jnp.zeros(q_blk.shape, _F32), dk, dv, dbias)
-    (dq, dk, dv, dbias), _ = lax.scan(step, init, jnp.arange(plan.nk))
+    (dq, dk, dv, dbias), _ = lax.scan(step, init, jnp.arange(plan.nw), unroll=plan.unroll)
     return dq, (dk, dv, dbias)
 
 
@@ -258,7 +281,6 @@ def _flash_fwd(q, k, v, aux, rng, plan):
 
 def _flash_bwd(plan, res, g):
     q, k, v, aux, rng, out, lse = res
-    bsz, tp, n, h = q.shape
     g32 = g.astype(_F32)
     delta = jnp.einsum("BTNH,BTNH->BNT", g32, out.astype(_F32))  # [B, N, Tp]
     bias = aux["bias"]
@@ -274,7 +296,7 @@ def _flash_bwd(plan, res, g):
 
     init = (jnp.zeros(k.shape, _F32), jnp.zeros(v.shape, _F32),
             None if bias is None else jnp.zeros(bias.shape, _F32))
-    (dk, dv, dbias), dq_blocks = lax.scan(q_step, init, jnp.arange(plan.nq))
+    (dk, dv, dbias), dq_blocks = lax.scan(q_step, init, jnp.arange(plan.nq), unroll=plan.unroll)
     dq = jnp.moveaxis(dq_blocks, 0, 1).reshape(q.shape)  # [B, Tp, N, H]
     daux = {name: None for name in aux}
     if bias is not None:
@@ -294,24 +316,32 @@ def _pad_axis(x, axis: int, target: int, value):
     return jnp.pad(x, widths, constant_values=value)
 
 
-def chunked_dot_product_attention(
-    query,
-    key,
-    value,
-    *,
-    mask=None,
-    bias=None,
-    spec: masks_lib.AttentionSpec | None = None,
-    dropout_rate=0.0,
-    dropout_rng=None,
-    chunk_size=512,
-    query_chunk_size=None,
-    precision=None,
-):
+def _padded_terms(spec: masks_lib.AttentionSpec, mask, bias, t, s, tp, sp) -> dict:
+    """The per-block inputs (spec arrays, dense mask and bias) padded to whole blocks."""
+    terms = spec.arrays(t, s)
+    k_valid = terms["k_valid"]
+    if k_valid is None and sp != s:
+        k_valid = jnp.ones((1, s), bool)
+    return {
+        "q_positions": _pad_axis(terms["q_positions"], 1, tp, 0),
+        "k_positions": _pad_axis(terms["k_positions"], 1, sp, 0),
+        "q_segments": _pad_axis(terms["q_segments"], 1, tp, 0),
+        "k_segments": _pad_axis(terms["k_segments"], 1, sp, 0),
+        "k_valid": _pad_axis(k_valid, 1, sp, False),
+        "alibi_slopes": terms["alibi_slopes"],
+        "mask": _pad_axis(_pad_axis(mask, 2, tp, True), 3, sp, False),
+        "bias": _pad_axis(_pad_axis(bias, 2, tp, 0), 3, sp, 0),
+    }
+
+
+def chunked_dot_product_attention(query, key, value, *, mask=None, bias=None,
+                                  spec: masks_lib.AttentionSpec | None = None, dropout_rate=0.0,
+                                  dropout_rng=None, chunk_size=512, query_chunk_size=None,
+                                  precision=None, unroll: bool = False):
     """Chunked attention; same contract as ``dot_product_attention``.
 
     Args:
-      query: ``[B, T, N, H]``; key, value: ``[B, S, N, H]``.
+      query: ``[B, T, N, H]``; key, value: ``[B, S, K, H]`` (K divides N).
       mask: optional bool ``[b, n, t, s]`` broadcastable to ``[B, N, T, S]``.
       bias: optional float, same broadcasting rule (differentiable).
       spec: optional ``masks.AttentionSpec`` (built block by block; slopes get no gradient).
@@ -319,6 +349,9 @@ def chunked_dot_product_attention(
       chunk_size: key block size Ck.
       query_chunk_size: query block size Cq (default ``chunk_size``).
       precision: matmul precision.
+      unroll: unroll the block loops (the same numbers). XLA's cost analysis counts a loop
+        body once; unrolled, ``compiled.cost_analysis()`` counts every block
+        (``bench/attention_memory.py --window``).
 
     Returns:
       ``[B, T, N, H]`` in the query dtype.
@@ -329,29 +362,18 @@ def chunked_dot_product_attention(
             f"chunk_size and query_chunk_size must be positive integers; got {chunk_size} and "
             f"{query_chunk_size}."
         )
-    bsz, t, n, h = query.shape
-    s = key.shape[1]
+    t, s = query.shape[1], key.shape[1]
     if s == 0 or t == 0:
         return jnp.zeros(query.shape, query.dtype)
     cq, ck, nq, nk = _blocks(t, s, chunk_size, query_chunk_size)
     tp, sp = nq * cq, nk * ck
     spec = spec or masks_lib.AttentionSpec()
-    terms = spec.arrays(t, s)
-    k_valid = terms["k_valid"]
-    if k_valid is None and sp != s:
-        k_valid = jnp.ones((1, s), bool)
-    aux = {
-        "q_positions": _pad_axis(terms["q_positions"], 1, tp, 0),
-        "k_positions": _pad_axis(terms["k_positions"], 1, sp, 0),
-        "q_segments": _pad_axis(terms["q_segments"], 1, tp, 0),
-        "k_segments": _pad_axis(terms["k_segments"], 1, sp, 0),
-        "k_valid": _pad_axis(k_valid, 1, sp, False),
-        "alibi_slopes": terms["alibi_slopes"],
-        "mask": _pad_axis(_pad_axis(mask, 2, tp, True), 3, sp, False),
-        "bias": _pad_axis(_pad_axis(bias, 2, tp, 0), 3, sp, 0),
-    }
+    aux = _padded_terms(spec, mask, bias, t, s, tp, sp)
     rng = dropout_rng if (dropout_rng is not None and dropout_rate > 0.0) else None
-    plan = _Plan(cq, ck, nq, nk, spec.causal, float(dropout_rate), precision)
+    nw = visited_key_blocks(spec, t, s, chunk_size, query_chunk_size)
+    first_key = s - t - (spec.window[0] if spec.window else 0)
+    plan = _Plan(cq, ck, nq, nk, nw, first_key, spec.causal, spec.window, float(dropout_rate),
+                 precision, bool(unroll))
     out = _flash(
         _pad_axis(query, 1, tp, 0), _pad_axis(key, 1, sp, 0), _pad_axis(value, 1, sp, 0),
         aux, rng, plan,

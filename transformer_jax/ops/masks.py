@@ -3,15 +3,17 @@
 All masks have rank 4 so they can be combined with ``combine_masks`` and passed straight to
 ``transformer_jax.ops.dot_product_attention``. Singleton axes broadcast.
 
-``AttentionSpec`` describes the same terms (causal order, packed segments, key padding, ALiBi)
-with ``[B, T]`` / ``[B, S]`` arrays only. ``dot_product_attention(spec=...)`` builds them
-densely for "xla" / "jax" and block by block for "chunked", which then never holds a
-``[T, S]`` array — the model passes its masks this way.
+``AttentionSpec`` describes the same terms (causal order, sliding windows, packed segments, key
+padding, ALiBi) with ``[B, T]`` / ``[B, S]`` arrays only. ``dot_product_attention(spec=...)``
+builds them densely for "xla" / "jax" and block by block for "chunked", which then never holds
+a ``[T, S]`` array — the model passes its masks this way.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import operator
 from typing import Any
 
 import jax
@@ -23,6 +25,8 @@ __all__ = [
     "causal_mask",
     "segment_mask",
     "combine_masks",
+    "normalize_window",
+    "spec_from_keywords",
     "structured_terms",
 ]
 
@@ -128,14 +132,41 @@ def combine_masks(*masks) -> jnp.ndarray | None:
     return out
 
 
-def structured_terms(q_positions, k_positions, *, causal: bool = False, q_segments=None,
-                     k_segments=None, k_valid=None, alibi_slopes=None):
+def normalize_window(window) -> tuple[int, int] | None:
+    """``local_window_size`` as ``(left, right)``: an int ``w`` is ``(w, w)``, None stays None.
+
+    Query ``i`` attends key ``j`` iff ``i - left <= j <= i + right`` (positions, or indices),
+    the convention of ``jax.nn.dot_product_attention``.
+    """
+    if window is None:
+        return None
+    pair = (window, window) if isinstance(window, int) and not isinstance(window, bool) else window
+    try:
+        left, right = (operator.index(w) for w in pair)
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"local_window_size must be None, an int or a pair (left, right) of ints; got "
+            f"{window!r}."
+        ) from None
+    if left < 0 or right < 0:
+        raise ValueError(
+            f"local_window_size={window!r} has a negative side; query i attends keys "
+            "i - left .. i + right, so both sides must be >= 0 (use is_causal=True or "
+            "right=0 to attend no later key)."
+        )
+    return int(left), int(right)
+
+
+def structured_terms(q_positions, k_positions, *, causal: bool = False, window=None,
+                     q_segments=None, k_segments=None, k_valid=None, alibi_slopes=None):
     """Mask and bias from per-token arrays (any block of queries and keys).
 
     Args:
-      q_positions: ``[b, t]`` int query positions (needed for ``causal`` / ALiBi, else None).
+      q_positions: ``[b, t]`` int query positions (needed for ``causal``, ``window`` and ALiBi,
+        else None).
       k_positions: ``[b, s]`` int key positions (same).
       causal: key visible iff ``k_pos <= q_pos``.
+      window: ``(left, right)``: key visible iff ``q_pos - left <= k_pos <= q_pos + right``.
       q_segments, k_segments: ``[b, t]`` / ``[b, s]`` int ids; attend within equal non-zero ids.
       k_valid: ``[b, s]`` bool, False at padding keys.
       alibi_slopes: ``[N]``; bias ``-slope * |q_pos - k_pos|``.
@@ -143,18 +174,19 @@ def structured_terms(q_positions, k_positions, *, causal: bool = False, q_segmen
     Returns:
       ``(mask [b, 1, t, s] bool or None, bias [b, N, t, s] float32 or None)``.
     """
-    mask = None
-
-    def both(m):
-        return m if mask is None else mask & m
-
-    if causal:
-        mask = both(k_positions[:, None, None, :] <= q_positions[:, None, :, None])
+    terms = []
+    if causal or window is not None:
+        q_pos, k_pos = q_positions[:, None, :, None], k_positions[:, None, None, :]
+        if causal:
+            terms.append(k_pos <= q_pos)
+        if window is not None:
+            terms.append((q_pos - window[0] <= k_pos) & (k_pos <= q_pos + window[1]))
     if q_segments is not None:
         same = q_segments[:, None, :, None] == k_segments[:, None, None, :]
-        mask = both(same & (q_segments != 0)[:, None, :, None])
+        terms.append(same & (q_segments != 0)[:, None, :, None])
     if k_valid is not None:
-        mask = both(k_valid[:, None, None, :])
+        terms.append(k_valid[:, None, None, :])
+    mask = functools.reduce(jnp.logical_and, terms) if terms else None
     bias = None
     if alibi_slopes is not None:
         dist = jnp.abs(q_positions[:, :, None].astype(jnp.float32)
@@ -169,13 +201,18 @@ class AttentionSpec:
 
     Attributes:
       causal: key ``j`` is visible to query ``i`` iff ``k_positions[j] <= q_positions[i]``.
-      q_positions, k_positions: int positions (for ``causal`` and ALiBi). Default
+      q_positions, k_positions: int positions (for ``causal``, ``window`` and ALiBi). Default
         ``arange(S)`` for keys and, bottom-right aligned, ``S - T + arange(T)`` for queries
         (the queries are the last T keys; equal to ``arange(T)`` when T == S).
       q_segments, k_segments: int segment ids of packed rows (0 = padding, never attended).
       k_valid: bool key padding (False = padding key).
       alibi_slopes: ``[N]`` ALiBi slopes (``positional.alibi_slopes``); adds
         ``-slope * |q_pos - k_pos|``.
+      window: ``(left, right)`` (or an int for both sides): a sliding window, key ``j`` is
+        visible to query ``i`` iff ``q_pos - left <= k_pos <= q_pos + right``. With default
+        positions "chunked" skips the key blocks outside the window.
+      k_lengths: ``[B]`` int key lengths: keys at index ``>= k_lengths[b]`` are padding (what
+        cuDNN takes as its own padding mask through ``implementation="jax"``).
     """
 
     causal: bool = False
@@ -185,30 +222,44 @@ class AttentionSpec:
     k_segments: Any = None
     k_valid: Any = None
     alibi_slopes: Any = None
+    window: tuple[int, int] | None = None
+    k_lengths: Any = None
+
+    def __post_init__(self):
+        object.__setattr__(self, "window", normalize_window(self.window))
+
+    @property
+    def by_index(self) -> bool:
+        """True when the positions are the defaults (query ``i`` at ``S - T + i``, key ``j``
+        at ``j``), so causal and window terms are static in the indices."""
+        return self.q_positions is None and self.k_positions is None
 
     def arrays(self, t: int, s: int) -> dict[str, Any]:
-        """The arrays with default positions filled in where they are needed."""
+        """The arrays with default positions filled in where they are needed and the key
+        lengths folded into ``k_valid``."""
         q_pos, k_pos = self.q_positions, self.k_positions
-        if self.causal or self.alibi_slopes is not None:
+        if self.causal or self.window is not None or self.alibi_slopes is not None:
             if k_pos is None:
                 k_pos = jnp.arange(s, dtype=jnp.int32)[None]
             if q_pos is None:
                 q_pos = (s - t + jnp.arange(t, dtype=jnp.int32))[None]
+        k_valid = None if self.k_valid is None else jnp.asarray(self.k_valid, bool)
+        if self.k_lengths is not None:
+            lengths = jnp.asarray(self.k_lengths).reshape(-1, 1)  # [b, 1]
+            by_length = jnp.arange(s)[None, :] < lengths  # [b, S]
+            k_valid = by_length if k_valid is None else k_valid & by_length
         return {
             "q_positions": None if q_pos is None else jnp.asarray(q_pos),
             "k_positions": None if k_pos is None else jnp.asarray(k_pos),
             "q_segments": self.q_segments,
             "k_segments": self.k_segments,
-            "k_valid": None if self.k_valid is None else jnp.asarray(self.k_valid, bool),
+            "k_valid": k_valid,
             "alibi_slopes": self.alibi_slopes,
         }
 
     def dense(self, t: int, s: int):
         """``(mask [b, 1, T, S] or None, bias [b, N, T, S] or None)`` (the "xla" path)."""
-        a = self.arrays(t, s)
-        return structured_terms(
-            a["q_positions"], a["k_positions"], causal=self.causal, q_segments=a["q_segments"],
-            k_segments=a["k_segments"], k_valid=a["k_valid"], alibi_slopes=a["alibi_slopes"])
+        return structured_terms(causal=self.causal, window=self.window, **self.arrays(t, s))
 
     def check(self, b: int, n: int, t: int, s: int) -> None:
         """Raises ValueError unless every array fits ``[B, N, T, S] = [b, n, t, s]``."""
@@ -229,11 +280,57 @@ class AttentionSpec:
                 f"AttentionSpec.alibi_slopes has shape {tuple(jnp.shape(self.alibi_slopes))}; "
                 f"it must be [{n}] (one slope per head)."
             )
+        lengths = self.k_lengths
+        if lengths is not None and (jnp.ndim(lengths) != 1 or jnp.shape(lengths)[0] not in (1, b)
+                                    or not jnp.issubdtype(jnp.result_type(lengths), jnp.integer)):
+            raise ValueError(
+                f"key lengths (key_value_seq_lengths / AttentionSpec.k_lengths) must be integers "
+                f"of shape [{b}] (one per row); got {jnp.result_type(lengths)} "
+                f"{tuple(jnp.shape(lengths))}."
+            )
 
 
 jax.tree_util.register_dataclass(
     AttentionSpec,
     data_fields=["q_positions", "k_positions", "q_segments", "k_segments", "k_valid",
-                 "alibi_slopes"],
-    meta_fields=["causal"],
+                 "alibi_slopes", "k_lengths"],
+    meta_fields=["causal", "window"],
 )
+
+
+def spec_from_keywords(spec: AttentionSpec | None, t: int, s: int, *, is_causal: bool = False,
+                       key_value_seq_lengths=None, local_window_size=None):
+    """``spec`` with ``jax.nn.dot_product_attention``'s mask keywords folded in.
+
+    ``is_causal`` and ``local_window_size`` work on indices as in ``jax.nn`` (query ``i`` and
+    key ``j`` compared as ``j <= i`` and ``i - left <= j <= i + right``, query 0 at key 0);
+    ``key_value_seq_lengths`` becomes ``k_lengths``. Returns ``spec`` unchanged (possibly
+    None) when no keyword is given.
+    """
+    window = normalize_window(local_window_size)
+    if not is_causal and window is None and key_value_seq_lengths is None:
+        return spec
+    spec = spec or AttentionSpec()
+    changes: dict[str, Any] = {}
+    if key_value_seq_lengths is not None:
+        if spec.k_lengths is not None:
+            raise ValueError("key lengths are given twice (key_value_seq_lengths and "
+                             "spec.k_lengths); pass one.")
+        changes["k_lengths"] = jnp.asarray(key_value_seq_lengths)
+    if is_causal or window is not None:
+        if window is not None and spec.window is not None:
+            raise ValueError("a sliding window is given twice (local_window_size and "
+                             "spec.window); pass one.")
+        positional = spec.causal or spec.window is not None or spec.alibi_slopes is not None
+        if not spec.by_index or (t != s and positional):
+            raise ValueError(
+                "is_causal / local_window_size compare query and key indices (query 0 at key "
+                "0, as jax.nn); this spec places queries by its own positions, so give the "
+                "causal order and window in the spec instead (AttentionSpec(causal=..., "
+                "window=...)).")
+        if t != s:  # the spec's default positions are bottom-right aligned; jax.nn's top-left
+            changes["q_positions"] = jnp.arange(t, dtype=jnp.int32)[None]
+            changes["k_positions"] = jnp.arange(s, dtype=jnp.int32)[None]
+        changes["causal"] = spec.causal or bool(is_causal)
+        changes["window"] = window if window is not None else spec.window
+    return dataclasses.replace(spec, **changes)

@@ -13,8 +13,9 @@ from typing import Any
 import jax.numpy as jnp
 from jax import lax
 
-from transformer_jax.ops.attention import _shape, dot_product_attention
+from transformer_jax.ops.attention import dot_product_attention
 from transformer_jax.ops.masks import AttentionSpec
+from transformer_jax.ops.shapes import shape_of
 
 __all__ = ["inert_key_bias", "multi_head_attention", "project_out", "project_qkv"]
 
@@ -32,7 +33,8 @@ def inert_key_bias(bias):
 
 
 def project_qkv(inputs, kernel, bias=None, *, precision=None) -> jnp.ndarray:
-    """Projects ``[B, T, D]`` inputs to per-head ``[B, T, N, H]`` with a ``[D, N, H]`` kernel.
+    """Projects ``[B, T, D]`` inputs to per-head ``[B, T, N, H]`` with a ``[D, N, H]`` kernel
+    (keys and values of grouped-query attention: ``[D, K, H]`` -> ``[B, S, K, H]``).
 
     Args:
       inputs: ``[B, T, D]``.
@@ -59,49 +61,59 @@ def project_out(heads, kernel, bias=None, *, precision=None) -> jnp.ndarray:
     return out
 
 
-def _check_params(params: Mapping[str, Any], d_q: int, d_kv: int) -> tuple[int, int]:
+_PARAM_NAMES = ("query", "key", "value", "out", "query_bias", "key_bias", "value_bias",
+                "out_bias")
+
+
+def _check_names(params: Mapping[str, Any]) -> None:
     missing = [k for k in ("query", "key", "value", "out") if k not in params]
     if missing:
         raise ValueError(
-            f"multi_head_attention params are missing {missing}; expected keys 'query', 'key', "
-            "'value' ([D, N, H]), 'out' ([N, H, D]) and optional '*_bias'."
+            f"multi_head_attention params are missing {missing}; expected keys 'query' "
+            "([D, N, H]), 'key', 'value' ([D, K, H], K dividing N), 'out' ([N, H, D]) and "
+            "optional '*_bias'."
         )
-    unknown = sorted(
-        set(params)
-        - {"query", "key", "value", "out", "query_bias", "key_bias", "value_bias", "out_bias"}
-    )
+    unknown = sorted(set(params) - set(_PARAM_NAMES))
     if unknown:
         raise ValueError(f"multi_head_attention got unknown params {unknown}.")
-    q_shape = _shape(params["query"])
+
+
+def _check_params(params: Mapping[str, Any], d_q: int, d_kv: int) -> tuple[int, int, int]:
+    """Validates the projection shapes; returns (N, K, H)."""
+    _check_names(params)
+    q_shape = shape_of(params["query"])
     if len(q_shape) != 3 or q_shape[0] != d_q:
         raise ValueError(
             f"params['query'] must have shape [D, N, H] with D = inputs_q.shape[-1] = {d_q}; "
             f"got {q_shape}."
         )
     _, n, h = q_shape
+    k_shape = shape_of(params["key"])
+    kh = k_shape[1] if len(k_shape) == 3 and k_shape[1] > 0 and n % k_shape[1] == 0 else n
     expected = {
-        "key": (d_kv, n, h),
-        "value": (d_kv, n, h),
+        "key": (d_kv, kh, h),
+        "value": (d_kv, kh, h),
         "out": (n, h, None),
         "query_bias": (n, h),
-        "key_bias": (n, h),
-        "value_bias": (n, h),
+        "key_bias": (kh, h),
+        "value_bias": (kh, h),
     }
     for name, want in expected.items():
         if name not in params or params[name] is None:
             continue
-        got = _shape(params[name])
+        got = shape_of(params[name])
         if len(got) != len(want) or any(
             w is not None and g != w for g, w in zip(got, want, strict=True)
         ):
             shown = tuple("D_out" if w is None else w for w in want)
-            raise ValueError(f"params[{name!r}] must have shape {shown}; got {got}.")
-    d_out = _shape(params["out"])[-1]
-    if params.get("out_bias") is not None and _shape(params["out_bias"]) != (d_out,):
+            raise ValueError(f"params[{name!r}] must have shape {shown}; got {got}"
+                             + (" (key/value heads K must divide N)." if name == "key" else "."))
+    d_out = shape_of(params["out"])[-1]
+    if params.get("out_bias") is not None and shape_of(params["out_bias"]) != (d_out,):
         raise ValueError(
-            f"params['out_bias'] must have shape ({d_out},); got {_shape(params['out_bias'])}."
+            f"params['out_bias'] must have shape ({d_out},); got {shape_of(params['out_bias'])}."
         )
-    return n, h
+    return n, kh, h
 
 
 def multi_head_attention(
@@ -124,8 +136,9 @@ def multi_head_attention(
     Args:
       inputs_q: ``[B, T, D]`` queries.
       inputs_kv: ``[B, S, D]`` keys/values (pass ``inputs_q`` for self-attention).
-      params: ``{"query": [D, N, H], "key": [D, N, H], "value": [D, N, H], "out": [N, H, D]}``
-        plus optional ``"query_bias"``, ``"key_bias"``, ``"value_bias"`` ``[N, H]`` and
+      params: ``{"query": [D, N, H], "key": [D, K, H], "value": [D, K, H], "out": [N, H, D]}``
+        (K = N, or fewer key/value heads dividing N: grouped-query attention) plus optional
+        ``"query_bias"`` ``[N, H]``, ``"key_bias"``, ``"value_bias"`` ``[K, H]`` and
         ``"out_bias"`` ``[D]``.
       mask, bias, spec, dropout_rate, dropout_rng, implementation, precision, chunk_size: as
         in ``dot_product_attention``.

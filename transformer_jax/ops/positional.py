@@ -1,6 +1,8 @@
-"""Positional information: sinusoidal encodings, rotary embeddings (RoPE) and ALiBi biases.
+"""Positional information: sinusoidal encodings, rotary embeddings (RoPE), ALiBi biases and
+T5's bucketed relative position biases.
 
-All results are float32 (``apply_rope`` returns the input dtype).
+All results are float32 (``apply_rope`` returns the input dtype, ``relative_position_bias``
+the table's).
 """
 
 from __future__ import annotations
@@ -10,7 +12,14 @@ import math
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["sinusoidal_encoding", "apply_rope", "alibi_slopes", "alibi_bias"]
+__all__ = [
+    "sinusoidal_encoding",
+    "apply_rope",
+    "alibi_slopes",
+    "alibi_bias",
+    "relative_position_buckets",
+    "relative_position_bias",
+]
 
 
 def sinusoidal_encoding(positions, d_model: int, max_wavelength: float = 10000.0, *,
@@ -141,17 +150,94 @@ def alibi_bias(num_heads: int, q_positions, k_positions) -> jnp.ndarray:
     Returns:
       ``[B, N, T, S]`` float32 (B is 1 when both positions are rank 1).
     """
-    q_positions = jnp.asarray(q_positions)
-    k_positions = jnp.asarray(k_positions)
-    q_positions = q_positions[None] if q_positions.ndim == 1 else q_positions
-    k_positions = k_positions[None] if k_positions.ndim == 1 else k_positions
-    if q_positions.ndim != 2 or k_positions.ndim != 2:
-        raise ValueError(
-            f"alibi_bias positions must be [B, T] and [B, S]; got q_positions "
-            f"{tuple(q_positions.shape)} and k_positions {tuple(k_positions.shape)}."
-        )
+    q_positions, k_positions = _positions_2d("alibi_bias", q_positions, k_positions)
     slopes = alibi_slopes(num_heads)  # [N]
     dist = jnp.abs(
         q_positions[:, :, None].astype(jnp.float32) - k_positions[:, None, :].astype(jnp.float32)
     )  # [B, T, S]
     return -slopes[None, :, None, None] * dist[:, None]  # [B, N, T, S]
+
+
+def _positions_2d(caller: str, q_positions, k_positions):
+    """``[T]`` / ``[B, T]`` query and ``[S]`` / ``[B, S]`` key positions as rank-2 arrays."""
+    q_positions, k_positions = jnp.asarray(q_positions), jnp.asarray(k_positions)
+    q_positions = q_positions[None] if q_positions.ndim == 1 else q_positions
+    k_positions = k_positions[None] if k_positions.ndim == 1 else k_positions
+    if q_positions.ndim != 2 or k_positions.ndim != 2:
+        raise ValueError(
+            f"{caller} positions must be [B, T] and [B, S]; got q_positions "
+            f"{tuple(q_positions.shape)} and k_positions {tuple(k_positions.shape)}."
+        )
+    return q_positions, k_positions
+
+
+def relative_position_buckets(relative_position, *, bidirectional: bool = True,
+                              num_buckets: int = 32, max_distance: int = 128) -> jnp.ndarray:
+    """T5's bucket of each relative position ``key_position - query_position`` (Raffel et al.
+    2020; Mesh TensorFlow's ``_relative_position_bucket``).
+
+    Bidirectional: half of the buckets for keys after the query (``relative_position > 0``),
+    half for the rest. Unidirectional (a causal decoder): only keys at or before the query are
+    told apart; every later key falls into bucket 0 with the query itself. Within each half,
+    distances below ``max_exact = buckets_in_half / 2`` get a bucket each; larger distances
+    share logarithmically wider buckets up to ``max_distance``, beyond which all distances share
+    the last bucket.
+
+    Args:
+      relative_position: int array of any shape (``k_pos - q_pos``).
+      bidirectional: encoder-style (True) or causal decoder (False).
+      num_buckets: buckets in all (both halves when bidirectional).
+      max_distance: distance from which all positions share the last bucket.
+
+    Returns:
+      int32 array of ``relative_position``'s shape with values in ``[0, num_buckets)``.
+    """
+    half = num_buckets // 2 if bidirectional else num_buckets
+    max_exact = half // 2
+    if max_exact < 1 or max_distance <= max_exact:
+        raise ValueError(
+            f"relative_position_buckets needs num_buckets >= {4 if bidirectional else 2} and "
+            f"max_distance > the {max_exact} exact buckets; got num_buckets={num_buckets}, "
+            f"max_distance={max_distance} (T5: 32 and 128).")
+    rel = jnp.asarray(relative_position).astype(jnp.int32)
+    if bidirectional:
+        offset = jnp.where(rel > 0, half, 0)
+        distance = jnp.abs(rel)
+    else:
+        offset = 0
+        distance = -jnp.minimum(rel, 0)  # later keys: distance 0
+    # float32 as in T5 (and transformers), truncated toward zero
+    scaled = (jnp.log(jnp.maximum(distance, 1).astype(jnp.float32) / max_exact)
+              / math.log(max_distance / max_exact) * (half - max_exact))
+    large = jnp.minimum(max_exact + scaled.astype(jnp.int32), half - 1)
+    return offset + jnp.where(distance < max_exact, distance, large)
+
+
+def relative_position_bias(table, q_positions, k_positions, *, bidirectional: bool = True,
+                           max_distance: int = 128) -> jnp.ndarray:
+    """T5's relative position bias: ``table[bucket(k_pos - q_pos)]`` per head.
+
+    Pass it as ``bias=`` to ``dot_product_attention`` (it composes with every mask). T5 shares
+    one table across the layers of a stack, bidirectional in the encoder, unidirectional in the
+    decoder, and does not scale its logits by ``1/sqrt(H)`` (its initialisation absorbs it):
+    attention here scales them, so for T5's exact logits multiply the queries by ``sqrt(H)``.
+
+    Args:
+      table: ``[num_buckets, N]`` learned biases (differentiable).
+      q_positions: ``[B, T]`` (or ``[T]``) integer query positions, e.g. ``index + arange(T)``
+        when decoding with a cache.
+      k_positions: ``[B, S]`` (or ``[S]``) integer key positions.
+      bidirectional, max_distance: as in :func:`relative_position_buckets`.
+
+    Returns:
+      ``[B, N, T, S]`` in the table's dtype (B is 1 when both positions are rank 1).
+    """
+    table = jnp.asarray(table)
+    if table.ndim != 2:
+        raise ValueError(f"relative_position_bias table must be [num_buckets, N]; got shape "
+                         f"{tuple(table.shape)}.")
+    q_positions, k_positions = _positions_2d("relative_position_bias", q_positions, k_positions)
+    relative = k_positions[:, None, :] - q_positions[:, :, None]  # [B, T, S]
+    buckets = relative_position_buckets(relative, bidirectional=bidirectional,
+                                        num_buckets=table.shape[0], max_distance=max_distance)
+    return jnp.moveaxis(table[buckets], -1, 1)  # [B, T, S, N] -> [B, N, T, S]

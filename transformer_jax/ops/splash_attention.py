@@ -9,11 +9,16 @@ program compiled ahead of time for a TPU topology on a CPU holds the real kernel
 
 What it takes (anything else raises ``ValueError``, use ``"xla"`` or ``"chunked"``):
 
-* masks from ``AttentionSpec`` segments / ``k_valid``, ``key_value_seq_lengths`` and
-  ``is_causal`` / ``spec.causal``; no dense ``mask``, no ``bias``, no ALiBi, no dropout;
-* a causal mask by index (``j <= i``, T == S). With packed segments the spec's positions
-  are taken to restart at every segment and grow by one (as ``data.packing`` makes them),
-  where ``k_pos <= q_pos`` within a segment is the same as ``j <= i``.
+* masks from ``AttentionSpec`` segments / ``k_valid`` / ``k_lengths``, ``causal`` and
+  ``window`` (``dot_product_attention``'s ``is_causal``, ``key_value_seq_lengths`` and
+  ``local_window_size`` arrive in the spec); no dense ``mask``, no ``bias``, no ALiBi, no
+  dropout;
+* causal and sliding-window masks by index (``j <= i``, ``i - left <= j <= i + right``,
+  T == S): the kernel's static ``CausalMask`` / ``LocalMask``, whose blocks outside the band
+  are skipped. With packed segments the spec's positions are taken to restart at every
+  segment and grow by one (as ``data.packing`` makes them), where ``k_pos <= q_pos`` within a
+  segment is the same as ``j <= i``;
+* fewer key/value heads than query heads (grouped-query attention): the kernel's own.
 
 Under ``jax.jit`` with shardings (``parallelism="sharded"``) XLA cannot split a Pallas kernel
 over devices; trace the step inside ``ops.partition.partitioned(mesh, batch_axes, head_axes)``
@@ -36,6 +41,7 @@ from jax import lax
 from jax.sharding import PartitionSpec as P
 
 from transformer_jax.ops import partition
+from transformer_jax.ops.masks import AttentionSpec
 
 __all__ = ["splash_attention"]
 
@@ -47,77 +53,71 @@ def _block(length: int) -> int:
     return next(b for b in (512, 256, BLOCK) if length % b == 0)
 
 
-def _segment_ids(spec, kv_lengths, b: int, t: int, s: int):
+def _segment_ids(spec, b: int, t: int, s: int):
     """``(q_ids [B, T], kv_ids [B, S])`` int32: a key is visible to a query iff the ids are
     equal; padding keys get -1, which no query has."""
     q_ids, kv_ids = jnp.ones((b, t), jnp.int32), jnp.ones((b, s), jnp.int32)
-    if spec is not None and spec.q_segments is not None:
+    if spec.q_segments is not None:
         q_ids = jnp.broadcast_to(jnp.asarray(spec.q_segments, jnp.int32), (b, t))
         kv_ids = jnp.broadcast_to(jnp.asarray(spec.k_segments, jnp.int32), (b, s))
         kv_ids = jnp.where(kv_ids == 0, -1, kv_ids)  # segment 0 is padding
-    if spec is not None and spec.k_valid is not None:
-        kv_ids = jnp.where(jnp.broadcast_to(jnp.asarray(spec.k_valid, bool), (b, s)),
-                           kv_ids, -1)
-    if kv_lengths is not None:
-        valid = jnp.arange(s)[None, :] < jnp.asarray(kv_lengths)[:, None]  # [B, S]
-        kv_ids = jnp.where(valid, kv_ids, -1)
+    k_valid = spec.arrays(t, s)["k_valid"]  # k_valid and k_lengths together
+    if k_valid is not None:
+        kv_ids = jnp.where(jnp.broadcast_to(k_valid, (b, s)), kv_ids, -1)
     return q_ids, kv_ids
 
 
-def _check(spec, mask, bias, t: int, s: int, is_causal: bool) -> bool:
-    """Raises unless splash can express the masks; returns whether attention is causal."""
+def _check(spec, mask, bias, t: int, s: int) -> None:
+    """Raises unless splash can express the masks."""
     if mask is not None or bias is not None:
         raise ValueError(
-            "implementation='splash' takes its masks from `spec`, `is_causal` and "
-            "`key_value_seq_lengths` only; pass no dense mask or bias, or use 'xla'/'chunked'.")
-    causal = is_causal
-    if spec is not None:
-        if spec.alibi_slopes is not None:
-            raise ValueError("implementation='splash' has no ALiBi bias; use 'xla' or "
-                             "'chunked'.")
-        if spec.causal:
-            causal = True
-            explicit = spec.q_positions is not None or spec.k_positions is not None
-            if explicit and spec.q_segments is None:
-                raise ValueError(
-                    "implementation='splash' masks causally by index (j <= i); explicit "
-                    "positions without packed segments (e.g. a KV cache) need 'xla'.")
-    if causal and t != s:
-        raise ValueError(f"implementation='splash' needs T == S for a causal mask; got T={t}, "
-                         f"S={s}.")
-    return causal
+            "implementation='splash' takes its masks from `spec`, `is_causal`, "
+            "`local_window_size` and `key_value_seq_lengths` only; pass no dense mask or bias, "
+            "or use 'xla'/'chunked'.")
+    if spec.alibi_slopes is not None:
+        raise ValueError("implementation='splash' has no ALiBi bias; use 'xla' or 'chunked'.")
+    if not (spec.causal or spec.window is not None):
+        return
+    if t != s:
+        raise ValueError(f"implementation='splash' needs T == S for a causal mask or a sliding "
+                         f"window; got T={t}, S={s}.")
+    if not spec.by_index and spec.q_segments is None:
+        raise ValueError(
+            "implementation='splash' masks causally and by window by index (j <= i); "
+            "explicit positions without packed segments (e.g. a KV cache) need 'xla'.")
 
 
-def splash_attention(query, key, value, *, spec=None, mask=None, bias=None,
-                     is_causal: bool = False, kv_lengths=None):
+def splash_attention(query, key, value, *, spec=None, mask=None, bias=None):
     """``dot_product_attention`` through the splash kernel (see the module docstring).
 
     Args:
       query: ``[B, T, N, H]``.
-      key, value: ``[B, S, N, H]``.
-      spec: optional ``AttentionSpec`` (segments, key padding, causal).
+      key, value: ``[B, S, K, H]`` (K divides N).
+      spec: optional ``AttentionSpec`` (segments, key padding and lengths, causal, window).
       mask, bias: must be None (here only to give a clear error).
-      is_causal: key ``j`` visible to query ``i`` iff ``j <= i``.
-      kv_lengths: optional int ``[B]`` key lengths (keys at ``>= length`` are padding).
 
     Returns:
       ``[B, T, N, H]`` in the query dtype.
     """
-    b, t, n, h = query.shape
+    b, t, _, _ = query.shape
     s = key.shape[1]
-    causal = _check(spec, mask, bias, t, s, is_causal)
-    q_ids, kv_ids = _segment_ids(spec, kv_lengths, b, t, s)
-    return _per_device(query, key, value, q_ids, kv_ids, causal=causal)
+    spec = spec or AttentionSpec()
+    _check(spec, mask, bias, t, s)
+    q_ids, kv_ids = _segment_ids(spec, b, t, s)
+    return _per_device(query, key, value, q_ids, kv_ids, causal=spec.causal, window=spec.window)
 
 
-def _attend(query, key, value, q_ids, kv_ids, *, causal: bool, interpret: bool):
-    """One device's rows and heads: ``[B, T, N, H]`` queries, ``[B, S, N, H]`` keys and
+def _attend(query, key, value, q_ids, kv_ids, *, causal: bool, window, interpret: bool):
+    """One device's rows and heads: ``[B, T, N, H]`` queries, ``[B, S, K, H]`` keys and
     values, ``q_ids [B, T]``, ``kv_ids [B, S]`` -> ``[B, T, N, H]``."""
     b, t, _, h = query.shape
     s = key.shape[1]
     visible = q_ids[:, :, None] == kv_ids[:, None, :]  # [B, T, S] (fused into the reduce)
+    i, j = jnp.arange(t)[:, None], jnp.arange(s)[None, :]
     if causal:
-        visible &= jnp.arange(t)[:, None] >= jnp.arange(s)[None, :]
+        visible &= i >= j
+    if window is not None:
+        visible &= (i - window[0] <= j) & (j <= i + window[1])
     has_key = jnp.any(visible, axis=-1)  # [B, T]
     # The kernel needs a key in every row (a softmax over nothing divides by 0): a query
     # without one looks at key 0 (visible to every query, causal or not); its output is
@@ -134,16 +134,16 @@ def _attend(query, key, value, q_ids, kv_ids, *, causal: bool, interpret: bool):
         return jnp.pad(x, ((0, 0), (0, 0), (0, length - x.shape[2]), (0, 0)))
 
     q, k, v = heads_first(query * scale, tp), heads_first(key, sp), heads_first(value, sp)
-    out = _run_kernel(q, k, v, q_ids, kv_ids, causal=causal, interpret=interpret)
+    out = _run_kernel(q, k, v, q_ids, kv_ids, causal=causal, window=window, interpret=interpret)
     out = jnp.swapaxes(out[:, :, :t], 1, 2)  # [B, T, N, H]
     return jnp.where(has_key[:, :, None, None], out, jnp.zeros((), out.dtype)).astype(
         query.dtype)
 
 
-def _per_device(query, key, value, q_ids, kv_ids, *, causal: bool):
+def _per_device(query, key, value, q_ids, kv_ids, *, causal: bool, window):
     """:func:`_attend` on each device's rows and heads under ``partitioned``."""
     def run(*args):
-        attend = functools.partial(_attend, causal=causal)
+        attend = functools.partial(_attend, causal=causal, window=window)
         return lax.platform_dependent(*args, tpu=functools.partial(attend, interpret=False),
                                       default=functools.partial(attend, interpret=True))
 
@@ -151,20 +151,24 @@ def _per_device(query, key, value, q_ids, kv_ids, *, causal: bool):
     if part is None:
         return run(query, key, value, q_ids, kv_ids)
     batch_axes = part.divides(query.shape[0], part.batch_axes)  # not split where they do not divide
-    head_axes = part.divides(query.shape[2], part.head_axes)
+    head_axes = part.divides(key.shape[2], part.head_axes)  # K | N: query groups go along
     rows = P(batch_axes or None)
     heads = P(batch_axes or None, None, head_axes or None)
     return jax.shard_map(run, mesh=part.mesh, in_specs=(heads, heads, heads, rows, rows),
                          out_specs=heads, check_vma=False)(query, key, value, q_ids, kv_ids)
 
 
-def _run_kernel(q, k, v, q_ids, kv_ids, *, causal: bool, interpret: bool):
-    """The splash kernel over ``[B, N, Tp, H]`` inputs (vmapped over the batch)."""
+def _run_kernel(q, k, v, q_ids, kv_ids, *, causal: bool, window, interpret: bool):
+    """The splash kernel over ``[B, N, Tp, H]`` queries and ``[B, K, Sp, H]`` keys and values
+    (vmapped over the batch)."""
     from jax.experimental.pallas.ops.tpu import splash_attention as sa  # Pallas: load lazily
 
     n, tp, sp = q.shape[1], q.shape[2], k.shape[2]
     shape = (tp, sp)
-    head_mask = sa.CausalMask(shape) if causal else sa.FullMask(shape)
+    if window is not None:  # the band; under a causal mask nothing right of the diagonal
+        head_mask = sa.LocalMask(shape, (window[0], 0 if causal else window[1]), offset=0)
+    else:
+        head_mask = sa.CausalMask(shape) if causal else sa.FullMask(shape)
     bq, bk = _block(tp), _block(sp)
     blocks = sa.BlockSizes(block_q=bq, block_kv=bk, block_kv_compute=bk, block_q_dkv=bq,
                            block_kv_dkv=bk, block_kv_dkv_compute=bk, block_q_dq=bq,
