@@ -13,7 +13,8 @@ from collections.abc import Sequence
 
 import jax
 
-from transformer_jax.aot import EXPORT_PLATFORMS, GIB, AotError, run
+from transformer_jax.aot.programs import AotError
+from transformer_jax.aot.targets import EXPORT_PLATFORMS, GIB, run
 from transformer_jax.errors import ConfigError
 
 __all__ = ["load_config", "main", "problems", "summary", "write_json"]

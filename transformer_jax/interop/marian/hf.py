@@ -21,8 +21,8 @@ from safetensors.numpy import load_file, save_file
 
 from transformer_jax import decoding
 from transformer_jax.config import ModelConfig
-from transformer_jax.interop.marian_tokenizer import MarianTokenizer, TokenizerFilesError
-from transformer_jax.interop.marian_weights import (
+from transformer_jax.interop.marian.tokenizer import MarianTokenizer
+from transformer_jax.interop.marian.weights import (
     ConversionError,
     hf_config_from_model,
     model_config_from_hf,
@@ -34,9 +34,7 @@ from transformer_jax.interop.marian_weights import (
 from transformer_jax.nn import Transformer
 
 __all__ = [
-    "ConversionError",
     "Pretrained",
-    "TokenizerFilesError",
     "build_model",
     "model_params",
     "read_pretrained",
@@ -54,7 +52,7 @@ EXTRA_FILES = ("generation_config.json", "tokenizer_config.json", "special_token
 
 class Pretrained(NamedTuple):
     """What :func:`from_pretrained` returns; unpacks as ``(model, config, tokenizer)`` and,
-    called, runs the model (``pretrained(src_ids, tgt_in_ids)`` -> logits)."""
+    called, runs the model (``pretrained(batch)`` -> logits, see ``nn.model``)."""
 
     model: Transformer
     config: ModelConfig
@@ -158,9 +156,12 @@ def from_pretrained(path: str, *, with_tokenizer: bool | None = None) -> Pretrai
         loads them when present.
 
     Returns:
-      ``Pretrained(model, config, tokenizer)``: ``model(src_ids, tgt_in_ids)`` gives the
-      logits of ``MarianMTModel(input_ids=src_ids, attention_mask=src_ids != pad,
-      decoder_input_ids=tgt_in_ids)`` in Marian's own ids (source padding = ``config.pad_id``).
+      ``Pretrained(model, config, tokenizer)``: ``model.decode(tgt_in_ids,
+      encoded=model.encode(src_ids), src_ids=src_ids)`` gives the logits of
+      ``MarianMTModel(input_ids=src_ids, attention_mask=src_ids != pad,
+      decoder_input_ids=tgt_in_ids)`` in Marian's own ids (source padding = ``config.pad_id``),
+      and ``model({"inputs": src_ids, "targets": labels})`` those of ``labels=`` (the
+      decoder inputs are the labels shifted right behind the pad id, as Marian's).
     """
     _, config, params = read_pretrained(path)
     tokenizer = None
