@@ -13,7 +13,7 @@ import time
 __all__ = ["FIT_RESERVE", "Throughput", "TimeBudget", "fit_num_train_steps"]
 
 # Share of the time left that a fitted run keeps for evaluations and checkpoints between
-# updates (about 2% in the Multi30k runs of docs/training.md) and for the machine slowing down.
+# updates and for the machine slowing down (docs/training.md, "Training to a time limit").
 FIT_RESERVE = 0.03
 
 
