@@ -36,7 +36,7 @@ from transformer_jax.training.defaults import parse_metrics
 from transformer_jax.training.evaluate import Evaluator
 from transformer_jax.training.step import TrainState
 
-__all__ = ["Progress", "Session", "TrainBatches", "setup"]
+__all__ = ["Progress", "Session", "RunBatches", "setup"]
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +103,7 @@ class Session:
     workdir: str
     run: Run
     prepared: Any
-    train_it: TrainBatches
+    train_it: RunBatches
     checkpointer: Checkpointer
     evaluator: Evaluator
     history: reporting.History
@@ -121,7 +121,7 @@ class Session:
         return self.run.strategy
 
 
-class TrainBatches:
+class RunBatches:
     """This process's training batches, holding only the arrays the model reads.
 
     This process materialises row block ``index`` of ``count`` (``Strategy.data_shard``) of
@@ -175,7 +175,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str, *, signals: StopFlag,
     is_chief = jax.process_index() == 0
     if is_chief:
         reporting.write_json(os.path.join(workdir, reporting.CONFIG_FILE), run.config.to_dict())
-    train_it = TrainBatches(prepared, run)
+    train_it = RunBatches(prepared, run)
     # A params-only checkpoint (a model imported by interop.marian) starts a fine-tuning run.
     init_params_step = latest[0] if latest and latest[1].get("params_only") else None
     run, progress = _start(run, checkpointer, train_it, workdir, init_params_step)
@@ -193,7 +193,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str, *, signals: StopFlag,
         is_chief=is_chief, progress=progress)
 
 
-def _start(run: Run, checkpointer: Checkpointer, train_it: TrainBatches, workdir: str,
+def _start(run: Run, checkpointer: Checkpointer, train_it: RunBatches, workdir: str,
            init_params_step: int | None) -> tuple[Run, Progress]:
     """The state restored into its shardings from the newest readable checkpoint (damaged
     newer ones are set aside), or initialised there; the run with its fitted schedule."""
