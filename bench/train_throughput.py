@@ -3,9 +3,10 @@
 Both sides train the same encoder-decoder on the same random batch, each in its own process
 (this one runs ours; torch runs in a worker subprocess driven over a pipe):
 
-* ours: ``transformer_jax.training.train_step`` compiled the way ``training/loop.py`` does it
-  (``DataParallel("none").train_step``: ``jax.jit`` on one device, the state donated), paper
-  optimizer ``make_optimizer`` (Adam 0.9/0.98/1e-9, rsqrt warm-up schedule), label smoothing 0.1;
+* ours: ``transformer_jax.training.train_step`` compiled the way the trainer does it
+  (``make_strategy("none").compile_train_step``: ``jax.jit`` on one device, the state
+  donated), paper optimizer ``make_optimizer`` (Adam 0.9/0.98/1e-9, rsqrt warm-up
+  schedule), label smoothing 0.1;
 * torch: ``torch.nn.Transformer`` (batch_first, post-LN, ReLU, no final stack LayerNorm, like
   ours) with one shared embedding table tied to the output layer, sinusoidal positions,
   ``cross_entropy(label_smoothing=0.1, ignore_index=pad)``, ``torch.optim.Adam(betas=(0.9,

@@ -8,7 +8,8 @@
   with a class imported from another module of the package) and, outside ``nn/``, no
   comparison with a model-kind string ("encoder_decoder", "decoder_only");
 * no import cycles between the package's modules (function-local imports included);
-* one home per public name: a non-package module lists in ``__all__`` only names it defines.
+* one home per public name: a non-package module lists in ``__all__`` only names it defines,
+  and no two non-package modules list the same name (packages re-export).
 
 The checks read the source only (nothing is imported), so they are fast and see every file.
 """
@@ -242,16 +243,19 @@ def dispatch(module: Module) -> Iterator[tuple[str, str]]:
             yield "dispatch", f"matches a model-kind string, line {node.pattern.lineno}"
 
 
-def foreign_exports(module: Module) -> Iterator[tuple[str, str]]:
-    if module.is_package:
-        return
-    exported = []
+def _exported(module: Module) -> list[str]:
     for node in module.tree.body:
         if isinstance(node, ast.Assign) and any(
                 isinstance(t, ast.Name) and t.id == "__all__" for t in node.targets):
-            exported = [e.value for e in node.value.elts if isinstance(e, ast.Constant)]
-    imported = {name for name, (source, _) in module.bindings.items()}
-    for name in exported:
+            return [e.value for e in node.value.elts if isinstance(e, ast.Constant)]
+    return []
+
+
+def foreign_exports(module: Module) -> Iterator[tuple[str, str]]:
+    if module.is_package:
+        return
+    imported = set(module.bindings)
+    for name in _exported(module):
         if name in imported:
             yield "re-export", f"{name} (defined in {module.bindings[name][0]})"
 
@@ -331,6 +335,22 @@ def test_package_rule(rule):
     assert not new, f"{rule}: " + "; ".join(f"{p}: {d}" for p, d in new)
     assert not stale, (f"{rule}: fixed, remove from KNOWN in {__file__}: "
                        + "; ".join(f"{p}: {d}" for p, d in stale))
+
+
+ENTRY_POINTS = {"main"}  # each command-line module has its own
+
+
+def test_one_home_per_public_name():
+    """No public name is listed in the ``__all__`` of two non-package modules."""
+    homes: dict[str, list[str]] = {}
+    for module in MODULES.values():
+        for name in _exported(module) if not module.is_package else ():
+            homes.setdefault(name, []).append(module.relpath)
+    shared = {name: paths for name, paths in homes.items()
+              if len(paths) > 1 and name not in ENTRY_POINTS}
+    known = {start.strip(): path for rule, path, start in KNOWN if rule == "re-export"}
+    shared = {n: p for n, p in shared.items() if not (n in known and known[n] in p)}
+    assert shared == {}
 
 
 def test_no_import_cycles():

@@ -31,7 +31,7 @@ the config or the environment (one line on stderr).
   python -m transformer_jax.aot --config configs/wmt14_ende_base.py --platform cuda
 """
 
-from transformer_jax.aot.cli import load_config, main, problems, summary, write_json
+from transformer_jax.aot.cli import load_config, main, problems, summary
 from transformer_jax.aot.programs import (
     AotError,
     Program,
@@ -66,5 +66,4 @@ __all__ = [
     "stand_in_devices",
     "summary",
     "tpu_devices",
-    "write_json",
 ]

@@ -213,8 +213,9 @@ def _start(run: Run, checkpointer: Checkpointer, train_it: RunBatches, workdir: 
             train_it.set_state(restored["data_state"])
         resumed_step = int(restored["meta"]["step"])
         fitted = restored["meta"].get("fitted_num_train_steps")
-        if fitted is not None and run.config.fit_steps_to_time:
-            run = run.with_num_train_steps(int(fitted))  # the schedule the run started with
+        fitted = int(fitted) if fitted is not None and run.config.fit_steps_to_time else None
+        if fitted is not None:
+            run = run.with_num_train_steps(fitted)  # the schedule the run started with
         log.info("resuming from step %d", resumed_step)
         print(f"resuming from step {resumed_step}", flush=True)
     micro = _local_int(state.step)
@@ -222,9 +223,7 @@ def _start(run: Run, checkpointer: Checkpointer, train_it: RunBatches, workdir: 
     progress = Progress(
         state=run.strategy.put_state(state), rng=rng, rng_dev=run.strategy.put_rng(rng),
         micro=micro, step=step, first_step=step, resumed_step=resumed_step,
-        num_train_steps=run.num_train_steps,
-        fitted_steps=int(fitted) if fitted is not None and run.config.fit_steps_to_time
-        else None)
+        num_train_steps=run.num_train_steps, fitted_steps=fitted)
     return run, progress
 
 

@@ -29,9 +29,9 @@ original config and tokenizer files, ``model_config.json`` for the fine-tuning c
 
 from transformer_jax.interop.marian.hf import (
     Pretrained,
-    build_model,
     from_pretrained,
     generate,
+    model_with_params,
     read_state_dict,
     save_pretrained,
 )
@@ -44,7 +44,7 @@ __all__ = [
     "MarianTokenizer",
     "Pretrained",
     "TokenizerFilesError",
-    "build_model",
+    "model_with_params",
     "export_workdir",
     "from_pretrained",
     "generate",

@@ -35,7 +35,7 @@ from transformer_jax.nn import Transformer
 
 __all__ = [
     "Pretrained",
-    "build_model",
+    "model_with_params",
     "model_params",
     "read_pretrained",
     "from_pretrained",
@@ -129,7 +129,7 @@ def model_params(config: ModelConfig, params) -> tuple[nnx.GraphDef, nnx.State, 
     return graphdef, (state, rest), params
 
 
-def build_model(config: ModelConfig, params) -> Transformer:
+def model_with_params(config: ModelConfig, params) -> Transformer:
     """``Transformer(config)`` holding ``params`` (no random initialisation is run)."""
     graphdef, (state, rest), params = model_params(config, params)
     nnx.replace_by_pure_dict(state, jax.tree_util.tree_map(jnp.asarray, params))
@@ -168,7 +168,7 @@ def from_pretrained(path: str, *, with_tokenizer: bool | None = None) -> Pretrai
     if with_tokenizer or (with_tokenizer is None and os.path.isfile(
             os.path.join(path, "vocab.json"))):
         tokenizer = MarianTokenizer.from_directory(path)
-    return Pretrained(build_model(config, params), config, tokenizer)
+    return Pretrained(model_with_params(config, params), config, tokenizer)
 
 
 # ----------------------------------------------------------------------------- writing
