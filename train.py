@@ -31,11 +31,13 @@ if __name__ == "__main__":
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from transformer_jax.errors import ConfigError, TrainingDivergedError
+from transformer_jax.errors import (
+    CheckpointReadError,
+    ConfigError,
+    DistributedError,
+    TrainingDivergedError,
+)
 from transformer_jax.training import train_and_evaluate, validate_config
-from transformer_jax.training.checkpoint import CheckpointReadError
-from transformer_jax.training.distributed import DistributedError
-from transformer_jax.training.distributed import initialize as initialize_distributed
 
 _FLAG_ERRORS = (flags.Error, AttributeError, KeyError, TypeError, ValueError)
 
@@ -92,12 +94,10 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
     std_logging.getLogger("absl").setLevel(std_logging.ERROR)  # TFDS/orbax chatter, not ours
     try:
-        # Every key is checked before anything touches the disk or the network.
-        config = validate_config(_CONFIG.value)
-        # Multi-process jobs connect first (explicit distributed.* keys or the launcher's
-        # environment); a single process skips this.
-        initialize_distributed(config.distributed)
-        summary = train_and_evaluate(config, _WORKDIR.value)
+        # Checks every key before anything touches the disk or the network, then connects
+        # the processes of a multi-process job (explicit distributed.* keys or the
+        # launcher's environment; a single process skips this) and trains.
+        summary = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
     except (TrainingDivergedError, DistributedError, CheckpointReadError) as err:
         print(f"error: {err}", file=sys.stderr)  # every process says why it stopped
         return 1

@@ -152,21 +152,19 @@ def model_case(model: str, positional: str, impl: str, length: int, args) -> dic
 
     from transformer_jax import ops
     from transformer_jax.config import ModelConfig
-    from transformer_jax.nn import DecoderOnlyLM, Transformer
+    from transformer_jax.nn import build_model
 
     config = ModelConfig(
         vocab_size=args.vocab, d_model=args.d_model, num_heads=args.heads, num_layers=2,
         d_ff=4 * args.d_model, dropout_rate=0.0, max_len=length, positional=positional,
         attention_impl=impl, attention_chunk_size=args.chunk_size,
     )
-    cls = Transformer if model == "encoder_decoder" else DecoderOnlyLM
-    graphdef, params = nnx.split(nnx.eval_shape(lambda: cls(config, rngs=nnx.Rngs(0))))
+    graphdef, params = nnx.split(nnx.eval_shape(
+        lambda: build_model(model, config, nnx.Rngs(0))))
 
-    def step(params, ids):  # ids [1, L]: source, decoder input and target all the same here
+    def step(params, ids):  # ids [1, L]: source and target the same here
         def loss(params):
-            net = nnx.merge(graphdef, params)
-            logits = net(ids, ids) if model == "encoder_decoder" else net(ids)
-            logits = logits[0] if isinstance(logits, tuple) else logits
+            logits = nnx.merge(graphdef, params)({"inputs": ids, "targets": ids})
             return ops.cross_entropy(logits, ids)[0]  # (summed loss, token count)
         grads = jax.grad(loss)(params)
         return jax.tree.map(lambda p, g: p - 1e-3 * g, params, grads)

@@ -37,8 +37,7 @@ def build(args):
 
     from transformer_jax import decoding
     from transformer_jax.config import ModelConfig
-    from transformer_jax.nn import Transformer
-    from transformer_jax.training.step import split_model
+    from transformer_jax.nn import Transformer, split_model
 
     lengths = [int(n) for n in args.lengths.split(",")]
     config = ModelConfig(

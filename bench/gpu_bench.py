@@ -40,7 +40,7 @@ from flax import nnx  # noqa: E402
 
 from transformer_jax import decoding, ops  # noqa: E402
 from transformer_jax.config import ModelConfig, count_params  # noqa: E402
-from transformer_jax.nn import Transformer, shift_right  # noqa: E402
+from transformer_jax.nn import Transformer  # noqa: E402
 
 FORBIDDEN = ("tensorflow_datasets", "grain", "array_record", "ml_collections", "num2words",
              "tensorboardX")
@@ -123,7 +123,7 @@ def ours_train(cfg: ModelConfig, batch: dict, steps: int) -> dict:
 
     def loss_fn(p, b, rng):
         m = nnx.merge(graphdef, p, rest)
-        logits = m(b["inputs"], shift_right(b["targets"]), dropout_rng=rng)  # [B, T, V]
+        logits = m(b, dropout_rng=rng)  # [B, T, V]
         weights = (b["targets"] != 0).astype(jnp.float32)
         total, count = ops.cross_entropy(logits.astype(jnp.float32), b["targets"], weights, 0.1)
         return total / count

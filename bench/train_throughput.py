@@ -3,9 +3,10 @@
 Both sides train the same encoder-decoder on the same random batch, each in its own process
 (this one runs ours; torch runs in a worker subprocess driven over a pipe):
 
-* ours: ``transformer_jax.training.train_step`` compiled the way ``training/loop.py`` does it
-  (``DataParallel("none").train_step``: ``jax.jit`` on one device, the state donated), paper
-  optimizer ``make_optimizer`` (Adam 0.9/0.98/1e-9, rsqrt warm-up schedule), label smoothing 0.1;
+* ours: ``transformer_jax.training.train_step`` compiled the way the trainer does it
+  (``make_strategy("none").compile_train_step``: ``jax.jit`` on one device, the state
+  donated), paper optimizer ``make_optimizer`` (Adam 0.9/0.98/1e-9, rsqrt warm-up
+  schedule), label smoothing 0.1;
 * torch: ``torch.nn.Transformer`` (batch_first, post-LN, ReLU, no final stack LayerNorm, like
   ours) with one shared embedding table tied to the output layer, sinusoidal positions,
   ``cross_entropy(label_smoothing=0.1, ignore_index=pad)``, ``torch.optim.Adam(betas=(0.9,
@@ -105,14 +106,9 @@ class Ours:
         from flax import nnx
 
         from transformer_jax.config import ModelConfig
-        from transformer_jax.nn import Transformer
-        from transformer_jax.training import (
-            DataParallel,
-            create_train_state,
-            make_optimizer,
-            split_model,
-            train_step,
-        )
+        from transformer_jax.nn import Transformer, split_model
+        from transformer_jax.parallel import make_strategy
+        from transformer_jax.training import create_train_state, make_optimizer, train_step
         from transformer_jax.training.defaults import default_optimizer_config
 
         self.jax = jax
@@ -124,13 +120,14 @@ class Ours:
         opt = default_optimizer_config()
         opt.warmup_steps = WARMUP_STEPS
         tx, schedule = make_optimizer(opt, d_model=cfg.d_model, num_train_steps=10**6)
-        dp = DataParallel("none")
+        dp = make_strategy("none")
         per_device = lambda s, b, r, axis_name=None: train_step(  # noqa: E731
             s, b, r, model_def=model_def, tx=tx, schedule=schedule,
             label_smoothing=LABEL_SMOOTHING, dropout=True, pad_id=cfg.pad_id,
             axis_name=axis_name)
-        self.step_fn = dp.train_step(per_device)
-        self.state = dp.put_state(create_train_state(params, tx))
+        state = create_train_state(params, tx)
+        self.step_fn = dp.compile_train_step(per_device, state)
+        self.state = dp.put_state(state)
         self.batch = dp.put_batch(batch)
         self.rng = dp.put_rng(jax.random.key(1))
         self.xla_flops = None

@@ -4,6 +4,7 @@ Exports run with tiny models on CPU stand-in devices; the TPU compile of the pap
 config needs libtpu (``pip install -e .[aot]``) and is skipped, saying so, without it.
 """
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -147,7 +148,7 @@ def test_cli_errors_are_one_line_exit_2(tmp_path, lines, args, message):
 
 
 def test_missing_libtpu_is_one_clear_error(monkeypatch):
-    monkeypatch.setattr(aot.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(aot.AotError, match=r"needs libtpu.*pip install -e \.\[aot\]"):
         aot.tpu_devices("v5e:2x2")
 
@@ -193,12 +194,11 @@ def test_program_refused_for_lack_of_hbm_is_reported_not_raised():
 def test_multi_host_slice_meshes_keep_each_process_rows_together():
     # jax.make_mesh orders TPU devices by physical coordinates: on v5e-256 (64 hosts of 4
     # chips) process 0 held batch blocks 0, 1, 16 and 17, not one run of rows to load.
-    from transformer_jax.training.parallel import DataParallel
-    from transformer_jax.training.sharding import Sharded
+    from transformer_jax.parallel import Sharded, ShardMap
 
     devices = aot.tpu_devices("v5e:16x16")
     assert len({d.process_index for d in devices}) == 64
-    data = DataParallel("shard_map", devices)
+    data = ShardMap(devices)
     sharded = Sharded({**tiny_config().sharding.to_dict(), "fsdp": 4}, devices)
     for driver in (data, sharded):
         mesh_devices = list(driver.mesh.devices.flat)

@@ -22,9 +22,8 @@ from flax import nnx
 
 from transformer_jax import decoding
 from transformer_jax.config import ModelConfig
-from transformer_jax.nn import Transformer
-from transformer_jax.training.evaluate import make_translate_fn
-from transformer_jax.training.step import split_model
+from transformer_jax.inference import make_translate_fn
+from transformer_jax.nn import Transformer, split_model
 
 PAD, EOS = 0, 1
 
@@ -419,7 +418,8 @@ def transformer():
 
     @jax.jit
     def full_logits(params, src, tgt_in):  # no cache: the whole prefix every call
-        return model_def.merge(params)(src, tgt_in)  # [B, T, V]
+        model = model_def.merge(params)
+        return model.decode(tgt_in, encoded=model.encode(src), src_ids=src)[0]  # [B, T, V]
 
     @functools.partial(jax.jit, static_argnames=("beam_size", "alpha"))
     def beam(params, src, beam_size, alpha):

@@ -11,6 +11,7 @@ import sacrebleu
 from flax import nnx
 from helpers import TRAINED_CHECKPOINT_EVERY, TRAINED_STEPS, trained_workdir
 
+from transformer_jax.checkpoints import load_params
 from transformer_jax.data.tokenizer import EOS_ID
 from transformer_jax.inference import (
     Translator,
@@ -20,8 +21,6 @@ from transformer_jax.inference import (
     corpus_scores,
     load,
 )
-from transformer_jax.nn import shift_right
-from transformer_jax.training import load_params
 
 # Source lengths (EOS included) 3, -, 2, 10, 7, -: two length buckets (8 and 16).
 SENTENCES = ["twenty one", "", "seven", "nine thousand nine hundred and ninety nine",
@@ -72,7 +71,8 @@ def test_scores_reject_unaligned_lists():
 # ------------------------------------------------------------------------------ decoding
 @functools.cache
 def _forward(graphdef):
-    return jax.jit(lambda params, src, tgt_in: nnx.merge(graphdef, params)(src, tgt_in))
+    return jax.jit(lambda params, src, targets: nnx.merge(graphdef, params)(
+        {"inputs": src, "targets": targets}))
 
 
 def naive_greedy(translator, src_ids, cap):
@@ -81,15 +81,15 @@ def naive_greedy(translator, src_ids, cap):
     buffer = translator.max_decode_length
     src = np.zeros((1, 16), np.int32)  # [1, S] padded to a fixed width
     src[0, : len(src_ids)] = src_ids
-    tgt_in = np.zeros((1, buffer), np.int32)  # BOS then the prefix; later columns ignored
+    targets = np.zeros((1, buffer), np.int32)  # the prefix; later columns ignored (causal)
     out = []
     for t in range(min(cap, buffer)):
-        logits = np.asarray(forward(translator.params, src, tgt_in))[0, t]  # [V]
+        logits = np.asarray(forward(translator.params, src, targets))[0, t]  # [V]
         token = EOS_ID if t == min(cap, buffer) - 1 else int(np.argmax(logits))
         out.append(token)
         if token == EOS_ID:
             break
-        tgt_in[0, t + 1] = token
+        targets[0, t] = token
     return out
 
 
@@ -173,9 +173,10 @@ def test_attention_maps_shapes_rows_and_unpadded_reference(translator):
     assert maps["source_tokens"][-1] == maps["target_tokens"][-1] == "</s>"
     assert maps["target_ids"] == tgt and maps["target"] == target
     # Same weights from one unpadded forward pass of the model itself.
-    forward = jax.jit(lambda p, s, t: nnx.merge(translator.model_def.graphdef, p).with_attention(
-        s, t)[1])
-    weights = forward(translator.params, np.asarray([src]), shift_right(np.asarray([tgt])))
+    forward = jax.jit(lambda p, b: nnx.merge(translator.model_def.graphdef, p).with_attention(
+        b)[1])
+    weights = forward(translator.params, {"inputs": np.asarray([src]),
+                                          "targets": np.asarray([tgt])})
     np.testing.assert_allclose(maps["cross"], np.asarray(weights["decoder_cross"])[:, 0],
                                atol=1e-5)
     np.testing.assert_allclose(maps["decoder_self"], np.asarray(weights["decoder_self"])[:, 0],
@@ -197,7 +198,8 @@ def test_load_is_one_call_to_a_ready_translator(workdir, translator):
     loaded = load(workdir)
     assert isinstance(loaded, Translator) and loaded.step == translator.step
     assert loaded.translate(SHORT, beam_size=1) == translator.translate(SHORT, beam_size=1)
-    logits = loaded.model(np.asarray([[5, 6, EOS_ID]]), np.asarray([[0, 7]]))  # [1, 2, V]
+    logits = loaded.model({"inputs": np.asarray([[5, 6, EOS_ID]]),
+                           "targets": np.asarray([[7, EOS_ID]])})  # [1, 2, V]
     assert logits.shape == (1, 2, loaded.config.vocab_size)
     with pytest.raises(FileNotFoundError, match="no work directory"):
         load(f"{workdir}_missing")

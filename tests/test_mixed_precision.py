@@ -14,8 +14,8 @@ import pytest
 from flax import nnx
 
 from transformer_jax.config import ModelConfig
-from transformer_jax.nn import Transformer
-from transformer_jax.training.step import create_train_state, forward, split_model, train_step
+from transformer_jax.nn import Transformer, split_model
+from transformer_jax.training.step import create_train_state, forward, train_step
 
 TINY = dict(vocab_size=64, d_model=32, num_heads=2, num_layers=1, d_ff=64, max_len=16,
             dropout_rate=0.0)

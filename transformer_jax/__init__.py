@@ -5,14 +5,15 @@ Import what you need from the layer you need; this package imports nothing itsel
 
 Layers (lower never imports higher; checked by ``lint-imports``, see ``pyproject.toml``)::
 
-    ops, config       pure functions; the frozen ModelConfig
-    nn                Flax NNX modules; build_model / split_model
+    ops               pure functions (attention, masks, positions, losses)
+    config            the frozen ModelConfig
+    nn                Flax NNX modules; every model answers model(batch); build_model
+    parallel          parallelism strategies (none, pmap, shard_map, mesh); several processes
     decoding          greedy / beam / sampling over an explicit cache (knows no model)
-    checkpoints       reading trained work directories (meta, params, tokenizer)
-    inference         load(workdir), Translator, attention maps, sacreBLEU
-    generation        Generator, make_generate_fn (decoder-only sampling)
-    training          config defaults + validation, optimizer, steps, parallelism, loop
-    translate         the command-line translator (train.py at the repository root)
+    checkpoints       work directories: reading and writing checkpoints
+    inference         load(workdir), Translator, Generator, attention maps, sacreBLEU
+    training          config + validation, optimizer, steps, build_run, the loop and its hooks
+    translate, aot    the command-line translator; compiling for accelerators ahead of time
 
 ``data`` (sources, tokenizer, grain pipeline) depends on none of the model code.
 """

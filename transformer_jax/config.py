@@ -12,14 +12,16 @@ Presets (paper, table 3): ``tiny()`` for tests and smoke runs, ``base()`` (65M i
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
+import jax
 import jax.numpy as jnp
+
+from transformer_jax.ops import IMPLEMENTATIONS as ATTENTION_IMPLEMENTATIONS
 
 __all__ = [
     "ACTIVATIONS",
-    "ATTENTION_IMPLS",
     "DTYPES",
     "ModelConfig",
     "POSITIONAL_KINDS",
@@ -28,11 +30,20 @@ __all__ = [
 ]
 
 POSITIONAL_KINDS = ("sinusoidal", "sinusoidal_split", "learned", "rope", "alibi")
-# Feed-forward activations (implemented in ``nn.layers``): "gelu" is the exact (erf) GELU,
-# "gelu_tanh" its tanh approximation, "quick_gelu" ``x * sigmoid(1.702 x)``, "silu" = swish.
-ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "quick_gelu", "silu", "tanh", "sigmoid", "mish",
-               "relu6")
-ATTENTION_IMPLS = ("xla", "chunked", "jax", "splash")
+# Feed-forward activations by name (``ModelConfig.activation``; ``nn.FeedForward`` applies
+# them): "gelu" is the exact (erf) GELU, "gelu_tanh" its tanh approximation, "quick_gelu"
+# ``x * sigmoid(1.702 x)``, "silu" = swish.
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "relu": jax.nn.relu,
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+    "silu": jax.nn.silu,
+    "tanh": jnp.tanh,
+    "sigmoid": jax.nn.sigmoid,
+    "mish": lambda x: x * jnp.tanh(jax.nn.softplus(x)),
+    "relu6": jax.nn.relu6,
+}
 PRECISIONS = ("default", "high", "highest")
 # What a rematerialised layer keeps for the backward pass (``nn.stacks``): "none" = no remat,
 # "full" = only the layer's input (everything inside is recomputed), "dots" = also the results
@@ -189,9 +200,10 @@ class ModelConfig:
                     "implement (small gradients underflow to zero); use 'bfloat16' (same "
                     "memory and speed, float32 range) or 'float32'."
                 )
-        if self.attention_impl not in ATTENTION_IMPLS:
+        if self.attention_impl not in ATTENTION_IMPLEMENTATIONS:
             raise ValueError(
-                f"attention_impl={self.attention_impl!r} is unknown; use one of {ATTENTION_IMPLS}."
+                f"attention_impl={self.attention_impl!r} is unknown; use one of "
+                f"{ATTENTION_IMPLEMENTATIONS}."
             )
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"remat={self.remat!r} is unknown; use one of {REMAT_POLICIES}.")
@@ -231,7 +243,7 @@ class ModelConfig:
             )
         if self.activation not in ACTIVATIONS:
             raise ValueError(
-                f"activation={self.activation!r} is unknown; use one of {ACTIVATIONS}."
+                f"activation={self.activation!r} is unknown; use one of {tuple(ACTIVATIONS)}."
             )
         for name in ("scale_embedding", "final_logits_bias", "never_predict_pad"):
             if not isinstance(getattr(self, name), bool):

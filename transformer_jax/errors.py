@@ -6,7 +6,14 @@ reading to the training loop, raises the same types.
 
 from __future__ import annotations
 
-__all__ = ["CheckpointMismatchError", "ConfigError", "TrainingDivergedError", "WorkdirError"]
+__all__ = [
+    "CheckpointMismatchError",
+    "CheckpointReadError",
+    "ConfigError",
+    "DistributedError",
+    "TrainingDivergedError",
+    "WorkdirError",
+]
 
 
 class ConfigError(ValueError):
@@ -15,6 +22,14 @@ class ConfigError(ValueError):
 
 class CheckpointMismatchError(ValueError):
     """A checkpoint was written for a different model/optimizer than the config asks for."""
+
+
+class CheckpointReadError(RuntimeError):
+    """A checkpoint could not be read for a reason other than damage (left in place)."""
+
+
+class DistributedError(RuntimeError):
+    """Another process failed, or did not arrive in time, at a point where all must agree."""
 
 
 class TrainingDivergedError(RuntimeError):

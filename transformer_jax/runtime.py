@@ -1,11 +1,10 @@
 """Process-wide settings for fast CPU runs, applied by the command-line entry points.
 
 ``configure_malloc()`` keeps freed memory in the process. XLA's CPU runtime allocates the
-temporary buffer of every compiled call (all activations and gradients of a training step:
-about 600 MB for the ``small`` benchmark model) and frees it when the call ends. With glibc's
-defaults a block that large gets its own ``mmap`` and is unmapped on ``free``, so the next step
-faults every page back in, zeroed by the kernel (~150,000 minor page faults and a large share
-of system time per step; ``docs/cpu_speed.md`` has the measurements).
+temporary buffer of every compiled call (all activations and gradients of a training step)
+and frees it when the call ends. With glibc's defaults a block that large gets its own
+``mmap`` and is unmapped on ``free``, so the next step faults every page back in, zeroed by
+the kernel (``docs/cpu_speed.md`` measures the page faults and the system time this costs).
 
 The entry points (``train.py``, ``python -m transformer_jax.translate``, the benchmarks)
 therefore re-execute themselves once, before JAX is imported, with one of:

@@ -23,9 +23,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 
 def main(process_id: int, port: int, workdir: str, modes: str) -> None:
-    from transformer_jax.training import distributed
+    from transformer_jax.parallel import initialize
 
-    how = distributed.initialize({"coordinator_address": f"127.0.0.1:{port}",
+    how = initialize({"coordinator_address": f"127.0.0.1:{port}",
                                   "num_processes": 2, "process_id": process_id,
                                   "initialization_timeout": 60})
     assert how == "config" and jax.process_count() == 2 and jax.device_count() == 4, how
@@ -40,8 +40,8 @@ def check_interleaved_mesh_is_refused() -> None:
     """A mesh giving each process every other batch block cannot take contiguous rows."""
     from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-    from transformer_jax.training.distributed import process_rows
-    from transformer_jax.training.errors import ConfigError
+    from transformer_jax.errors import ConfigError
+    from transformer_jax.parallel import process_rows
 
     p0, p1 = ([d for d in jax.devices() if d.process_index == i] for i in range(2))
     mesh = Mesh(np.array([p0[0], p1[0], p0[1], p1[1]]), ("data",))
@@ -56,7 +56,8 @@ def check_interleaved_mesh_is_refused() -> None:
 def check_chief_failure_reaches_everyone(process_id: int) -> None:
     """chief_first: process 0 fails -> process 1 raises with its message, no hang; a value
     process 0 never sends -> a timeout error."""
-    from transformer_jax.training.distributed import DistributedError, chief_first, from_chief
+    from transformer_jax.errors import DistributedError
+    from transformer_jax.parallel import chief_first, from_chief
 
     def prepare():
         if process_id == 0:
@@ -86,7 +87,7 @@ def check_stop_vote(process_id: int) -> None:
     """StopVote across the processes, as the trainer uses it: ``vote`` answers the previous
     update's largest flag, and ``agree_min`` (the fitted num_train_steps) the smallest value
     now, also between votes; each process passes a different value."""
-    from transformer_jax.training.distributed import StopVote
+    from transformer_jax.parallel import StopVote
 
     votes = StopVote()
     assert votes.vote(0) == 0  # nothing agreed before the first vote
@@ -101,23 +102,23 @@ def train(process_id: int, workdir: str, parallelism: str) -> None:
     from flax import nnx
     from helpers import MP_LENGTH, MP_ROWS, MP_STEPS, adam_step, packed_batch, tiny_config
 
-    from transformer_jax.nn import Transformer
-    from transformer_jax.training.checkpoint import Checkpointer
-    from transformer_jax.training.sharding import make_parallel
-    from transformer_jax.training.step import create_train_state, split_model
+    from transformer_jax.checkpoints import Checkpointer
+    from transformer_jax.nn import Transformer, split_model
+    from transformer_jax.parallel import make_strategy
+    from transformer_jax.training.step import create_train_state
 
     cfg = tiny_config()
     model = Transformer(cfg, rngs=nnx.Rngs(0))
     mesh = ({"data": 1, "fsdp": 1, "tensor": 4, "rules": {"heads": "tensor", "mlp": "tensor"}}
             if parallelism == "tensor" else
             {"data": 2, "fsdp": 2, "tensor": 1, "rules": {"embed": "fsdp", "mlp": "fsdp"}})
-    dp = make_parallel({"parallelism": "sharded" if parallelism == "tensor" else parallelism,
-                        "sharding": mesh})
-    dp.prepare(model)
+    dp = make_strategy("sharded" if parallelism == "tensor" else parallelism,
+                       mesh).for_model(model)
     model_def, params = split_model(model)
     tx, per_device = adam_step(model_def)
-    state = dp.put_state(create_train_state(params, tx))
-    step = dp.train_step(per_device)
+    state = create_train_state(params, tx)
+    step = dp.compile_train_step(per_device, state)
+    state = dp.put_state(state)
     rng = dp.put_rng(jax.random.key(0))
     rows = dp.check_batch_size(MP_ROWS)
     index, count = dp.data_shard()
@@ -136,7 +137,7 @@ def train(process_id: int, workdir: str, parallelism: str) -> None:
         with open(os.path.join(workdir, "losses.json"), "w") as f:
             json.dump({"losses": losses, "devices": jax.device_count()}, f)
     # every process checks the checkpoint against the params it holds (its own shards)
-    from transformer_jax.training import load_params
+    from transformer_jax.checkpoints import load_params
 
     restored = load_params(workdir)
     for (path, got), want in zip(jax.tree_util.tree_leaves_with_path(restored),

@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from transformer_jax.checkpoints import load_params, read_meta
 from transformer_jax.config import ModelConfig
 from transformer_jax.data import Tokenizer
 from transformer_jax.inference import Generator, load, make_generate_fn
-from transformer_jax.nn import DecoderOnlyLM
-from transformer_jax.training import load_params, read_meta, train_and_evaluate
-from transformer_jax.training.step import split_model
+from transformer_jax.nn import DecoderOnlyLM, split_model
+from transformer_jax.training import train_and_evaluate
 
 CONFIG = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "lm_numbers.py")
 

@@ -21,9 +21,9 @@ from helpers import (
     tiny_config,
 )
 
-from transformer_jax.nn import Transformer
-from transformer_jax.training import distributed, load_params
-from transformer_jax.training.step import split_model
+from transformer_jax.checkpoints import load_params
+from transformer_jax.nn import Transformer, split_model
+from transformer_jax.parallel import processes
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "mp_worker.py")
 # "sharded" (data 2 x fsdp 2): the batch, parameters and optimizer state are split across the
@@ -103,19 +103,19 @@ def test_two_processes_match_one_process_and_checkpoint_restores(tmp_path):
 
 
 def test_launcher_detection_reads_the_environment():
-    assert distributed.launcher_detected({}) is None
-    assert distributed.launcher_detected({"SLURM_NTASKS": "1"}) is None
-    assert distributed.launcher_detected({"SLURM_NTASKS": "4"}) == "SLURM_NTASKS"
-    assert distributed.launcher_detected({"TPU_WORKER_HOSTNAMES": "a"}) is None
-    assert distributed.launcher_detected({"TPU_WORKER_HOSTNAMES": "a,b"}) == "TPU_WORKER_HOSTNAMES"
+    assert processes.launcher_detected({}) is None
+    assert processes.launcher_detected({"SLURM_NTASKS": "1"}) is None
+    assert processes.launcher_detected({"SLURM_NTASKS": "4"}) == "SLURM_NTASKS"
+    assert processes.launcher_detected({"TPU_WORKER_HOSTNAMES": "a"}) is None
+    assert processes.launcher_detected({"TPU_WORKER_HOSTNAMES": "a,b"}) == "TPU_WORKER_HOSTNAMES"
     env = {"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234"}
-    assert distributed.launcher_detected(env) == "JAX_COORDINATOR_ADDRESS"
+    assert processes.launcher_detected(env) == "JAX_COORDINATOR_ADDRESS"
     ranks = {"JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "1"}
-    assert distributed._ranks_from(ranks) == {"num_processes": 2, "process_id": 1}
+    assert processes.ranks_from_environment(ranks) == {"num_processes": 2, "process_id": 1}
     with pytest.raises(ValueError, match="JAX_PROCESS_ID='x' must be a non-negative integer"):
-        distributed._ranks_from({"JAX_PROCESS_ID": "x"})
+        processes.ranks_from_environment({"JAX_PROCESS_ID": "x"})
     # no launcher, no address: a single process, nothing initialised
-    assert distributed.initialize({}, environ={}) == "single"
+    assert processes.initialize({}, environ={}) == "single"
 
 
 @pytest.mark.parametrize("bad, match", [
@@ -125,4 +125,4 @@ def test_launcher_detection_reads_the_environment():
 ])
 def test_explicit_distributed_config_is_checked(bad, match):
     with pytest.raises(ValueError, match=match):
-        distributed.initialize(bad, environ={})
+        processes.initialize(bad, environ={})

@@ -20,6 +20,9 @@ from transformer_jax.interop import marian
 PAD = V - 1
 SRC = np.array([[5, 6, 7, 8, 9, 0], [10, 11, 12, 0, PAD, PAD], [13, 0, PAD, PAD, PAD, PAD]])
 TGT_IN = np.array([[PAD, 3, 4, 14, 15], [PAD, 16, 17, 2, 0], [PAD, 18, 0, PAD, PAD]])
+# The labels whose shift right behind the pad id (Marian's decoder start) is TGT_IN: the
+# model's call reads them as transformers' labels=.
+BATCH = {"inputs": SRC, "targets": np.concatenate([TGT_IN[:, 1:], [[7], [8], [9]]], axis=1)}
 
 
 @pytest.mark.parametrize("overrides", [
@@ -36,7 +39,7 @@ def test_logits_match_transformers(tmp_path, overrides):
     hf = make_marian(str(tmp_path), **overrides)
     model, config, tokenizer = marian.from_pretrained(str(tmp_path))
     assert tokenizer is None and config.pad_id == PAD
-    got = np.asarray(model(SRC, TGT_IN))
+    got = np.asarray(model(BATCH))
     want = hf_logits(hf, SRC, TGT_IN)
     # Padded decoder positions are compared too: neither side masks decoder inputs.
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
@@ -49,7 +52,7 @@ def test_reads_pytorch_bin_with_weights_only(tmp_path):
     state = {k: v for k, v in hf.state_dict().items() if "embed_positions" not in k}
     torch.save(state, tmp_path / "pytorch_model.bin")
     model = marian.from_pretrained(str(tmp_path)).model
-    np.testing.assert_allclose(np.asarray(model(SRC, TGT_IN)), hf_logits(hf, SRC, TGT_IN),
+    np.testing.assert_allclose(np.asarray(model(BATCH)), hf_logits(hf, SRC, TGT_IN),
                                atol=1e-4, rtol=0)
 
 

@@ -18,10 +18,10 @@ from marian_helpers import (
 )
 
 from transformer_jax import translate
+from transformer_jax.checkpoints import load_params
 from transformer_jax.inference import Translator
 from transformer_jax.interop import marian
 from transformer_jax.training import train_and_evaluate
-from transformer_jax.training.checkpoint import load_params
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TEXTS = ["the cat sat on the mat", "birds play football", "a dog reads XYZ 42"]

@@ -11,7 +11,7 @@ from transformer_jax.nn import (
     Transformer,
     abstract_params,
     build_model,
-    model_kind,
+    model_class,
     split_model,
 )
 
@@ -20,7 +20,7 @@ from transformer_jax.nn import (
                                        ("decoder_only", DecoderOnlyLM)])
 def test_build_model_by_kind_and_back(kind, cls):
     model = build_model(kind, tiny_config(), nnx.Rngs(0))
-    assert type(model) is cls and model_kind(model) == kind
+    assert type(model) is cls and model_class(kind) is cls
     # A config dict builds the same parameters as the dataclass.
     same = build_model(kind, tiny_config().to_dict(), nnx.Rngs(0))
     _, a = split_model(model)
@@ -41,13 +41,18 @@ def test_abstract_params_have_the_shapes_of_the_real_ones():
 def test_split_model_round_trip_gives_the_same_logits():
     model = build_model("encoder_decoder", tiny_config(), nnx.Rngs(0))
     model_def, params = split_model(model)
-    src, tgt = np.array([[5, 6, 1, 0]]), np.array([[0, 7, 8]])
-    np.testing.assert_array_equal(model_def.merge(params)(src, tgt), model(src, tgt))
+    batch = {"inputs": np.array([[5, 6, 1, 0]]), "targets": np.array([[7, 8, 1]])}
+    np.testing.assert_array_equal(model_def.merge(params)(batch), model(batch))
 
 
 def test_unknown_kind_is_one_sentence():
     with pytest.raises(ValueError, match="model kind 'encoder' is unknown; choose "
                                          "encoder_decoder or decoder_only"):
         build_model("encoder", tiny_config(), nnx.Rngs(0))
-    with pytest.raises(TypeError, match="is not a model kind"):
-        model_kind(nnx.Linear(2, 2, rngs=nnx.Rngs(0)))
+    with pytest.raises(ValueError, match="model kind 'lm' is unknown"):
+        model_class("lm")
+
+
+def test_the_kinds_describe_their_batches():
+    assert Transformer.batch_keys == ("inputs", "targets") and Transformer.translates
+    assert DecoderOnlyLM.batch_keys == ("targets",) and not DecoderOnlyLM.translates

@@ -15,9 +15,9 @@ from transformer_jax.nn import (
     OutputProjection,
     Residual,
     TokenEmbedding,
-    dropout,
     shift_right,
 )
+from transformer_jax.ops import dropout
 
 CFG = ModelConfig.tiny(vocab_size=20, d_model=8, num_heads=2, d_ff=12, max_len=10)
 

@@ -7,10 +7,11 @@ import pytest
 from flax import nnx
 from helpers import VOCAB, adam_step, init_state, packed_batch, tiny_config
 
+from transformer_jax.errors import ConfigError
 from transformer_jax.inference import make_generate_fn
-from transformer_jax.nn import DecoderOnlyLM
-from transformer_jax.training import ConfigError, default_config, validate_config
-from transformer_jax.training.step import eval_step, split_model
+from transformer_jax.nn import DecoderOnlyLM, split_model
+from transformer_jax.training import default_config, validate_config
+from transformer_jax.training.step import eval_step
 
 
 @pytest.fixture(scope="module")
@@ -20,9 +21,16 @@ def lm():
 
 
 def _causal_logits_fn(model_def, params, length):
-    """``ids [n] -> logits [n, V]`` of one unpacked sequence (zero-padded to ``length``: with
-    a causal mask, later padding cannot change earlier logits); one compilation."""
-    fn = jax.jit(lambda p, ids: model_def.merge(p)(ids))
+    """``ids [n] -> logits [n, V]`` of one unpacked sequence fed to the decoder stack as it
+    is (zero-padded to ``length``: with a causal mask, later padding cannot change earlier
+    logits); one compilation. The stack, not the model call, so that the reference spells
+    out the decoder input [BOS, tokens[:-1]] itself."""
+
+    def run(p, ids):
+        model = model_def.merge(p)
+        return model.logits(model.decoder(ids)[0])
+
+    fn = jax.jit(run)
 
     def logits(ids):
         padded = np.zeros((1, length), np.int32)

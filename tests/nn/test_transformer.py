@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 from transformer_jax.config import ModelConfig
-from transformer_jax.nn import DecoderOnlyLM, MultiHeadAttention, Transformer
+from transformer_jax.nn import DecoderOnlyLM, MultiHeadAttention, Transformer, shift_right
 
 KINDS = ["sinusoidal", "learned", "rope", "alibi"]
 V, T, S = 23, 6, 5
@@ -31,20 +31,25 @@ def test_source_padding_does_not_change_outputs(positional):
     model = _model(Transformer, positional, impl="chunked")
     src, tgt = _ids(0, 2, S), _ids(1, 2, T)
     padded = jnp.concatenate([src, jnp.zeros((2, 4), jnp.int32)], axis=1)  # 4 PAD tokens
-    np.testing.assert_allclose(model(padded, tgt), model(src, tgt), atol=1e-5)
+    np.testing.assert_allclose(model({"inputs": padded, "targets": tgt}),
+                               model({"inputs": src, "targets": tgt}), atol=1e-5)
     encoded = model.encode(padded)
     np.testing.assert_allclose(encoded[:, :S], model.encode(src), atol=1e-5)
 
 
 @pytest.mark.parametrize("positional", KINDS)
 def test_future_tokens_do_not_change_earlier_logits(positional):
-    for model, call in ((_model(Transformer, positional), lambda m, t: m(_ids(2, 2, S), t)),
-                        (_model(DecoderOnlyLM, positional, impl="chunked"), lambda m, t: m(t))):
+    src = _ids(2, 2, S)
+    for model, call in ((_model(Transformer, positional),
+                         lambda m, t: m({"inputs": src, "targets": t})),
+                        (_model(DecoderOnlyLM, positional, impl="chunked"),
+                         lambda m, t: m({"targets": t}))):
         tgt = _ids(3, 2, T)
         changed = tgt.at[:, 3:].set(_ids(4, 2, T - 3))
         a, b = call(model, tgt), call(model, changed)
-        np.testing.assert_allclose(a[:, :3], b[:, :3], atol=1e-5)
-        assert np.abs(np.asarray(a[:, 3:] - b[:, 3:])).max() > 1e-3  # the change is seen
+        # logits t read targets before t (the decoder input is shift_right(targets))
+        np.testing.assert_allclose(a[:, :4], b[:, :4], atol=1e-5)
+        assert np.abs(np.asarray(a[:, 4:] - b[:, 4:])).max() > 1e-3  # the change is seen
 
 
 @pytest.mark.parametrize("positional, pre_norm, impl", [
@@ -54,14 +59,43 @@ def test_cached_decoding_equals_the_full_pass(positional, pre_norm, impl):
     model = _model(Transformer, positional, impl, pre_norm)
     src = _ids(5, 2, S).at[1, 3:].set(0)  # row 1 padded
     tgt = _ids(6, 2, T)
-    full = model(src, tgt)  # [B, T, V]
+    full = model({"inputs": src, "targets": tgt})  # [B, T, V]
+    tgt_in = shift_right(tgt)
     cache = model.init_cache(2, 8, encoded=model.encode(src), src_ids=src)
     step = jax.jit(lambda ids, c: model.decode(ids, cache=c))
     got = []
     for t in range(T):
-        logits, cache = step(tgt[:, t : t + 1], cache)
+        logits, cache = step(tgt_in[:, t : t + 1], cache)
         got.append(logits)
     np.testing.assert_allclose(jnp.concatenate(got, axis=1), full, atol=2e-5)
+    # init_decoding builds the same cache from the source alone
+    cache, start = model.init_decoding(src, 8)
+    np.testing.assert_array_equal(start, [0, 0])
+    first, _ = model.decode(start[:, None], cache=cache)
+    np.testing.assert_allclose(first[:, 0], full[:, 0], atol=2e-5)
+
+
+@pytest.mark.parametrize("cls", [Transformer, DecoderOnlyLM])
+def test_hidden_and_logits_compose_to_the_call(cls):
+    model = _model(cls, "sinusoidal")
+    batch = {"inputs": _ids(7, 2, S), "targets": _ids(8, 2, T)}
+    hidden = model.hidden(batch)
+    assert hidden.shape == (2, T, 16)
+    np.testing.assert_array_equal(model.logits(hidden), model(batch))
+    # the projection works on any piece of the positions (a chunked loss relies on it)
+    np.testing.assert_allclose(model.logits(hidden[:, 2:4]), model(batch)[:, 2:4], atol=1e-6)
+
+
+def test_lm_prompt_through_init_decoding_equals_the_full_pass():
+    model = _model(DecoderOnlyLM, "rope")
+    tgt = _ids(9, 2, T)
+    full = model({"targets": tgt})  # [B, T, V]: position t predicts tgt[:, t]
+    cache, start = model.init_decoding(tgt[:, :3], 4)  # prompt of 3 tokens
+    np.testing.assert_array_equal(start, tgt[:, 2])
+    logits, cache = model.decode(start[:, None], cache=cache)  # predicts tgt[:, 3]
+    np.testing.assert_allclose(logits[:, 0], full[:, 3], atol=2e-5)
+    logits, _ = model.decode(tgt[:, 3:4], cache=cache)
+    np.testing.assert_allclose(logits[:, 0], full[:, 4], atol=2e-5)
 
 
 def test_kv_cache_overflow_raises_eagerly_and_poisons_under_jit():

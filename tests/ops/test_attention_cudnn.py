@@ -132,7 +132,7 @@ def test_model_decoder_self_attention_reaches_cudnn_causal_mask(claim_cudnn, mon
     src = jnp.asarray(np.random.default_rng(0).integers(3, 64, (2, 16)), jnp.int32)
 
     def loss(params, src, tgt):
-        logits = model_def.merge(params)(src, tgt)
+        logits = model_def.merge(params)({"inputs": src, "targets": tgt})
         return jnp.mean(logits.astype(jnp.float32))
 
     calls = cuda_custom_calls(jax.value_and_grad(loss), params, src, src)

@@ -135,8 +135,7 @@ def test_model_with_splash_matches_xla_on_packed_rows_and_decodes():
     from flax import nnx
 
     from transformer_jax.inference import make_translate_fn
-    from transformer_jax.nn import Transformer
-    from transformer_jax.training import split_model
+    from transformer_jax.nn import Transformer, split_model
 
     seg, pos = _packed([[5, 4, 3], [9, 2]], 12)
     rng = np.random.default_rng(3)
@@ -149,8 +148,9 @@ def test_model_with_splash_matches_xla_on_packed_rows_and_decodes():
         model = Transformer(cfg, rngs=nnx.Rngs(0))
 
         def loss(model):
-            logits = model(src, tgt, src_segments=seg, tgt_segments=seg, src_positions=pos,
-                           tgt_positions=pos)
+            logits = model({"inputs": src, "targets": tgt, "inputs_segmentation": seg,
+                            "targets_segmentation": seg, "inputs_position": pos,
+                            "targets_position": pos})
             return jnp.sum(jnp.where(seg[..., None] > 0, logits, 0.0) ** 2) / 1e3
 
         return nnx.value_and_grad(loss)(model), model

@@ -7,6 +7,7 @@ state, then decodes the first LIMIT validation sentences with the split evaluato
 both to WORKDIR/process<PROCESS_ID>.json.
 """
 
+import functools
 import json
 import os
 import sys
@@ -16,9 +17,11 @@ from flax import nnx
 
 from transformer_jax import data
 from transformer_jax.config import ModelConfig
+from transformer_jax.metrics import corpus_scores
 from transformer_jax.nn import Transformer, split_model
-from transformer_jax.training.evaluate import Evaluator, corpus_scores
-from transformer_jax.training.parallel import DataParallel
+from transformer_jax.parallel import make_strategy
+from transformer_jax.training.evaluate import Evaluator
+from transformer_jax.training.step import eval_step
 
 LIMIT = 21  # sentences decoded: 3 global batches of 8, the last one partly filler
 TRAIN_BATCHES = 3
@@ -44,6 +47,13 @@ def tiny_model():
     return model_def, params
 
 
+def evaluator_for(strategy, model_def, prepared, metric_names) -> Evaluator:
+    """An evaluator of 8-row batches with the unsmoothed loss of ``eval_step``."""
+    loss_step = strategy.compile_eval_step(functools.partial(eval_step, model_def=model_def))
+    return Evaluator(strategy, model_def, prepared, loss_step=loss_step, batch_size=8,
+                     metric_names=metric_names)
+
+
 def main(process_id: int, port: int, workdir: str) -> None:
     jax.distributed.initialize(f"127.0.0.1:{port}", 2, process_id, initialization_timeout=60)
     assert jax.process_count() == 2 and jax.device_count() == 4
@@ -53,8 +63,8 @@ def main(process_id: int, port: int, workdir: str) -> None:
         next(train_it)
     state = train_it.get_state()  # a collective
     model_def, params = tiny_model()
-    evaluator = Evaluator(DataParallel("shard_map"), model_def, prepared, label_smoothing=0.0,
-                          batch_size=8, metric_names=("bleu",))
+    evaluator = evaluator_for(make_strategy("shard_map"), model_def, prepared,
+                              metric_names=("bleu",))
     _, hyps, refs = evaluator.translations(params, "validation", LIMIT)
     out = {"state": state, "hypotheses": hyps, "bleu": corpus_scores(hyps, refs, ("bleu",))}
     with open(os.path.join(workdir, f"process{process_id}.json"), "w") as f:

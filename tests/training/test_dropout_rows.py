@@ -9,19 +9,21 @@ import pytest
 from flax import nnx
 from helpers import init_state, packed_batch, tiny_config
 
-from transformer_jax.nn import Transformer
-from transformer_jax.training.parallel import DataParallel
-from transformer_jax.training.step import split_model, train_step
+from transformer_jax.nn import Transformer, split_model
+from transformer_jax.parallel import make_strategy
+from transformer_jax.training.step import train_step
 
 
 def _one_step(mode: str, dropout: bool):
     model_def, params = split_model(Transformer(tiny_config(dropout_rate=0.3),
                                                 rngs=nnx.Rngs(0)))
     tx = optax.sgd(0.5)  # plain SGD: no Adam rescaling of rounding noise
-    dp = DataParallel(mode)
-    step = dp.train_step(functools.partial(train_step, model_def=model_def, tx=tx,
-                                           schedule=lambda s: 0.5, dropout=dropout))
-    state, metrics = step(dp.put_state(init_state(params, tx)),
+    dp = make_strategy(mode)
+    state = init_state(params, tx)
+    step = dp.compile_train_step(functools.partial(train_step, model_def=model_def, tx=tx,
+                                                   schedule=lambda s: 0.5, dropout=dropout),
+                                 state)
+    state, metrics = step(dp.put_state(state),
                           dp.put_batch(packed_batch(16, 16, seed=3)), dp.put_rng(jax.random.key(4)))
     return jax.device_get(dp.get_state(state).params), dp.metrics(metrics)["loss"]
 

@@ -14,8 +14,9 @@ import pytest
 
 from transformer_jax import data
 from transformer_jax.inference import make_translate_fn
-from transformer_jax.training.evaluate import Evaluator, assemble_translations, corpus_scores
-from transformer_jax.training.parallel import DataParallel
+from transformer_jax.metrics import corpus_scores
+from transformer_jax.parallel import make_strategy
+from transformer_jax.training.evaluate import assemble_translations
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "eval_mp_worker.py")
 # The worker script is also the home of the set-up both sides share (tests run in importlib
@@ -42,8 +43,8 @@ def setup(workdir):
 def evaluator(setup, devices):
     prepared, model_def, _ = setup
     mode = "none" if devices == 1 else "shard_map"
-    return Evaluator(DataParallel(mode, jax.devices()[:devices]), model_def, prepared,
-                     label_smoothing=0.0, batch_size=8, metric_names=("bleu", "exact_match"))
+    return _worker.evaluator_for(make_strategy(mode, devices=jax.devices()[:devices]),
+                                 model_def, prepared, metric_names=("bleu", "exact_match"))
 
 
 @pytest.fixture(scope="module")

@@ -49,8 +49,12 @@ def test_loss_is_mean_over_non_pad_target_tokens():
     targets = batch["targets"]
     assert 0 < (targets == 0).sum() < targets.size  # some padding, some tokens
 
-    logits = jax.jit(lambda p: model_def.merge(p)(batch["inputs"], shift_right(targets)))(
-        params)  # [B, T, V]
+    def teacher_forced(p):  # the pieces, with the decoder inputs spelled out
+        model = model_def.merge(p)
+        return model.decode(shift_right(targets), encoded=model.encode(batch["inputs"]),
+                            src_ids=batch["inputs"])[0]
+
+    logits = jax.jit(teacher_forced)(params)  # [B, T, V]
     expected, count = _numpy_smoothed_loss(logits, targets, LS)
     loss_sum, weight_sum = jax.jit(cross_entropy, static_argnums=3)(logits, targets,
                                                                     targets != 0, LS)

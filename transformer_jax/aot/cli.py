@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import math
 import os
 import sys
@@ -13,10 +12,12 @@ from collections.abc import Sequence
 
 import jax
 
-from transformer_jax.aot import EXPORT_PLATFORMS, GIB, AotError, run
+from transformer_jax.aot.programs import AotError
+from transformer_jax.aot.targets import EXPORT_PLATFORMS, GIB, run
 from transformer_jax.errors import ConfigError
+from transformer_jax.training.reporting import write_json
 
-__all__ = ["load_config", "main", "problems", "summary", "write_json"]
+__all__ = ["load_config", "main", "problems", "summary"]
 
 # ------------------------------------------------------------------------------ CLI
 
@@ -67,17 +68,6 @@ def problems(report: dict) -> list[str]:
         if facts.get("f64"):
             out.append(f"{name} computes in float64")
     return out
-
-
-def write_json(path: str, report: dict) -> None:
-    """Write ``report`` atomically (a temporary file renamed into place)."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(report, f, indent=2, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, path)
 
 
 def load_config(path: str, overrides: Sequence[str] = ()):
@@ -160,6 +150,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     report["config"] = args.config
     print(summary(report))
     if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         write_json(args.json, report)
     found = problems(report)
     for line in found:

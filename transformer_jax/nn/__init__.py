@@ -1,24 +1,27 @@
 """Flax NNX modules of the Transformer, composed from ``transformer_jax.ops``.
 
 Main entry points: ``Transformer`` (encoder-decoder), ``DecoderOnlyLM``, ``build_model(kind,
-config, rngs)`` (either, by name), ``split_model`` / ``ModelDef``, ``shift_right`` and the
-building blocks ``MultiHeadAttention``, ``FeedForward``, ``Residual``, ``EncoderLayer``,
-``DecoderLayer``. All modules work as pure functions of ``nnx.split(model)`` under ``jax.jit``::
+config, rngs)`` (either, by name), ``split_model`` / ``ModelDef``, ``shift_right``, the model
+protocol ``Model`` (``nn.model``: ``model(batch)``, ``hidden`` / ``logits``,
+``init_decoding`` / ``decode``) and the building blocks ``MultiHeadAttention``,
+``FeedForward``, ``Residual``, ``TransformerLayer`` (``EncoderLayer``, ``DecoderLayer``). All
+modules work as pure functions of ``split_model(model)`` under ``jax.jit``::
 
-    graphdef, state = nnx.split(model)
+    model_def, params = split_model(model)
 
     @jax.jit
-    def forward(state, src, tgt_in, rng):
-        return nnx.merge(graphdef, state)(src, tgt_in, dropout_rng=rng)
+    def forward(params, batch, rng):
+        return model_def.merge(params)(batch, dropout_rng=rng)   # [B, T, V]
 """
 
 from transformer_jax.nn.attention import MultiHeadAttention
 from transformer_jax.nn.build import (
+    DEFAULT_MODEL_KIND,
     MODEL_KINDS,
     ModelDef,
     abstract_params,
     build_model,
-    model_kind,
+    model_class,
     split_model,
 )
 from transformer_jax.nn.embeddings import InputEmbedding, OutputProjection, TokenEmbedding
@@ -29,18 +32,22 @@ from transformer_jax.nn.layers import (
     LayerNorm,
     Residual,
     TransformerLayer,
-    dropout,
 )
 from transformer_jax.nn.lm import DecoderOnlyLM
+from transformer_jax.nn.model import Model, shift_right
+from transformer_jax.nn.partitioning import logical_specs
 from transformer_jax.nn.stacks import Decoder, Encoder
-from transformer_jax.nn.transformer import Transformer, shift_right
+from transformer_jax.nn.transformer import Transformer
 
 __all__ = [
+    "DEFAULT_MODEL_KIND",
     "MODEL_KINDS",
+    "Model",
     "ModelDef",
     "abstract_params",
     "build_model",
-    "model_kind",
+    "logical_specs",
+    "model_class",
     "split_model",
     "Decoder",
     "DecoderLayer",
@@ -56,6 +63,5 @@ __all__ = [
     "TokenEmbedding",
     "Transformer",
     "TransformerLayer",
-    "dropout",
     "shift_right",
 ]

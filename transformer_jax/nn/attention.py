@@ -18,11 +18,10 @@ Two kinds of cache pytree:
   the encoder output.
 
 Caches are heads-first (``[B, N, L, H]``, the layout of the score and weighted-value matmuls,
-whose batch axes are B and N): a ``[B, L, N, H]`` cache was copied into that layout by every
-layer at every decoding step. The precomputed keys go one step further, ``[B, N, H, S]`` (the
-right operand of ``q k^T`` as the matmul reads it), behind an optimisation barrier: without
-it XLA moved the transposes back into the decoding loop (a copy of every layer's cross keys
-and values per step; ~30% of a greedy step for the Multi30k-sized model on CPU).
+whose batch axes are B and N), so no decoding step copies a cache into another layout. The
+precomputed keys go one step further, ``[B, N, H, S]`` (the right operand of ``q k^T`` as the
+matmul reads it), behind an optimisation barrier that keeps XLA from moving the transposes
+back into the decoding loop (docs/cpu_speed.md, section 3, has the measurements).
 """
 
 from __future__ import annotations
@@ -199,24 +198,12 @@ class MultiHeadAttention(nnx.Module):
         if positions is None and self.rope:
             start = cache["index"] if incremental else 0
             positions = jnp.broadcast_to(start + jnp.arange(length), (batch, length))
-
         query = self._project(inputs_q, "query")  # [B, T, N, H]
         if self.rope:
             query = ops.apply_rope(query, positions)
-        new_cache = None
-        if cache is not None and not incremental:  # precomputed keys/values
-            key = jnp.transpose(cache["key"], (0, 3, 1, 2))  # [B, S, N, H]
-            value = _swap_heads(cache["value"])  # [B, S, N, H]
-            new_cache = cache
-        else:
-            inputs_kv = inputs_q if inputs_kv is None else jnp.asarray(inputs_kv)
-            key = self._project(inputs_kv, "key")  # [B, S, N, H]
-            value = self._project(inputs_kv, "value")  # [B, S, N, H]
-            if self.rope:
-                key = ops.apply_rope(key, positions if kv_positions is None else kv_positions)
-            if incremental:
-                key, value, spec, new_cache = self._update_cache(cache, key, value, spec)
-
+        key, value, spec, new_cache = self._keys_values(
+            inputs_q if inputs_kv is None else jnp.asarray(inputs_kv), cache, spec,
+            positions if kv_positions is None else kv_positions)
         impl = self.implementation
         if return_weights or (impl == "splash" and cache is not None):
             impl = "xla"  # splash: no weights; a decode step's few queries gain nothing
@@ -239,6 +226,21 @@ class MultiHeadAttention(nnx.Module):
         if incremental:  # traced overflow (see _update_cache): poison instead of wrong numbers
             out = jnp.where(cache["index"] + length > cache["key"].shape[2], jnp.nan, out)
         return out, new_cache, weights
+
+    def _keys_values(self, inputs_kv, cache, spec, kv_positions):
+        """``(key [B, S, N, H], value [B, S, N, H], spec, new_cache)`` for one call: from a
+        precomputed cache as is, else projected from ``inputs_kv`` (rotated for RoPE) and, with
+        an incremental cache, written into it."""
+        if cache is not None and "index" not in cache:  # precomputed keys/values
+            key = jnp.transpose(cache["key"], (0, 3, 1, 2))  # [B, S, N, H]
+            return key, _swap_heads(cache["value"]), spec, cache
+        key = self._project(inputs_kv, "key")  # [B, S, N, H]
+        value = self._project(inputs_kv, "value")  # [B, S, N, H]
+        if self.rope:
+            key = ops.apply_rope(key, kv_positions)
+        if cache is None:
+            return key, value, spec, None
+        return self._update_cache(cache, key, value, spec)
 
     def _update_cache(self, cache, key, value, spec):
         """Writes T new keys/values ``[B, T, N, H]`` at ``cache["index"]``; returns the full

@@ -1,7 +1,7 @@
 """Building models by kind, and splitting them into a static definition and a params dict.
 
-The two model kinds share one entry point, so no caller writes the "Transformer or
-DecoderOnlyLM" choice out itself::
+The model kinds share one entry point, so no caller writes the "Transformer or
+DecoderOnlyLM" choice out itself, and every model answers the same calls (``nn.model``)::
 
     model = build_model("encoder_decoder", config, rngs=nnx.Rngs(0))
     model_def, params = split_model(model)     # static part, nested dict of arrays
@@ -19,20 +19,30 @@ from flax import nnx
 
 from transformer_jax.config import ModelConfig
 from transformer_jax.nn.lm import DecoderOnlyLM
+from transformer_jax.nn.model import Model
 from transformer_jax.nn.transformer import Transformer
 
-__all__ = ["MODEL_KINDS", "ModelDef", "abstract_params", "build_model", "model_kind",
-           "split_model"]
+__all__ = ["DEFAULT_MODEL_KIND", "MODEL_KINDS", "ModelDef", "abstract_params", "build_model",
+           "model_class", "split_model"]
 
 MODEL_CLASSES = {"encoder_decoder": Transformer, "decoder_only": DecoderOnlyLM}
 MODEL_KINDS = tuple(MODEL_CLASSES)
+DEFAULT_MODEL_KIND = "encoder_decoder"  # the training default; also checkpoints without one
 
 
 def _config(config: ModelConfig | Mapping) -> ModelConfig:
-    return config if isinstance(config, ModelConfig) else ModelConfig.from_dict(dict(config))
+    return ModelConfig.from_dict(dict(config)) if isinstance(config, Mapping) else config
 
 
-def build_model(kind: str, config: ModelConfig | Mapping, rngs: nnx.Rngs) -> nnx.Module:
+def model_class(kind: str) -> type[Model]:
+    """The class of model ``kind`` (one of ``MODEL_KINDS``): its ``batch_keys`` and
+    ``translates`` describe the kind without building a model."""
+    if kind not in MODEL_CLASSES:
+        raise ValueError(f"model kind {kind!r} is unknown; choose {' or '.join(MODEL_KINDS)}.")
+    return MODEL_CLASSES[kind]
+
+
+def build_model(kind: str, config: ModelConfig | Mapping, rngs: nnx.Rngs) -> Model:
     """``Transformer`` for ``kind="encoder_decoder"``, ``DecoderOnlyLM`` for "decoder_only".
 
     Args:
@@ -40,17 +50,7 @@ def build_model(kind: str, config: ModelConfig | Mapping, rngs: nnx.Rngs) -> nnx
       config: a ``ModelConfig`` or its dict (``ModelConfig.to_dict()``).
       rngs: ``nnx.Rngs`` for the parameter initialisers.
     """
-    if kind not in MODEL_CLASSES:
-        raise ValueError(f"model kind {kind!r} is unknown; choose {' or '.join(MODEL_KINDS)}.")
-    return MODEL_CLASSES[kind](_config(config), rngs=rngs)
-
-
-def model_kind(model: nnx.Module) -> str:
-    """The kind name of a model built by :func:`build_model`."""
-    for kind, cls in MODEL_CLASSES.items():
-        if isinstance(model, cls):
-            return kind
-    raise TypeError(f"{type(model).__name__} is not a model kind ({', '.join(MODEL_KINDS)}).")
+    return model_class(kind)(_config(config), rngs=rngs)
 
 
 def abstract_params(kind: str, config: ModelConfig | Mapping) -> dict:

@@ -16,8 +16,8 @@ from flax import nnx
 
 from transformer_jax import ops
 from transformer_jax.config import ModelConfig
-from transformer_jax.nn.layers import dropout
 from transformer_jax.nn.partitioning import logical_init
+from transformer_jax.ops import dropout
 
 __all__ = ["TokenEmbedding", "InputEmbedding", "OutputProjection"]
 

@@ -18,36 +18,22 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from transformer_jax.config import ModelConfig
+from transformer_jax.config import ACTIVATIONS, ModelConfig
 from transformer_jax.nn.attention import MultiHeadAttention
 from transformer_jax.nn.partitioning import logical_init
 from transformer_jax.ops import dropout
 
 __all__ = [
-    "ACTIVATION_FNS",
-    "dropout",
     "LayerNorm",
     "FeedForward",
     "Residual",
     "TransformerLayer",
     "EncoderLayer",
     "DecoderLayer",
+    "fold",
 ]
 
 _dense_init = jax.nn.initializers.xavier_uniform()
-
-# ``config.ACTIVATIONS`` name -> elementwise function.
-ACTIVATION_FNS: dict[str, Callable[[jax.Array], jax.Array]] = {
-    "relu": jax.nn.relu,
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
-    "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
-    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
-    "silu": jax.nn.silu,
-    "tanh": jnp.tanh,
-    "sigmoid": jax.nn.sigmoid,
-    "mish": lambda x: x * jnp.tanh(jax.nn.softplus(x)),
-    "relu6": jax.nn.relu6,
-}
 
 
 def fold(rng, index: int):
@@ -99,7 +85,7 @@ class FeedForward(nnx.Module):
 
     def __call__(self, x: jax.Array, *, dropout_rng=None) -> jax.Array:
         """``[B, T, D]`` -> ``[B, T, D]``."""
-        hidden = ACTIVATION_FNS[self.activation](self.wi(x))  # [B, T, F]
+        hidden = ACTIVATIONS[self.activation](self.wi(x))  # [B, T, F]
         hidden = dropout(hidden, self.dropout_rate, dropout_rng)
         return self.wo(hidden)  # [B, T, D]
 
@@ -129,6 +115,9 @@ class Residual(nnx.Module):
 class TransformerLayer(nnx.Module):
     """Self-attention [+ cross-attention] + feed-forward, each in a ``Residual``.
 
+    Encoder and decoder layers are this class with different arguments; a new sublayer or
+    attention variant is added here once for both.
+
     Args:
       config: the model config.
       cross_attention: add encoder-decoder attention after self-attention.
@@ -157,34 +146,17 @@ class TransformerLayer(nnx.Module):
         self.feed_forward = FeedForward(config, rngs=rngs)
         self.ff_residual = Residual(config, rngs=rngs)
 
-    def __call__(
-        self,
-        x,
-        *,
-        mask=None,
-        bias=None,
-        spec=None,
-        positions=None,
-        encoded=None,
-        cross_mask=None,
-        cross_spec=None,
-        cache=None,
-        dropout_rng=None,
-        return_attention: bool = False,
-    ):
+    def __call__(self, x, *, spec=None, positions=None, encoded=None, cross_spec=None,
+                 cache=None, dropout_rng=None, return_attention: bool = False):
         """One layer.
 
         Args:
           x: ``[B, T, D]``.
-          mask: self-attention mask broadcastable to ``[B, N, T, T]`` (``[B, N, T, L]`` with a
-            cache; the cache adds its own validity mask).
-          bias: self-attention bias, same broadcasting as ``mask``.
-          spec: self-attention ``ops.AttentionSpec`` (what the stacks pass: causal order,
-            segments, key padding, ALiBi slopes).
+          spec: self-attention ``ops.AttentionSpec`` (causal order, segments, key padding,
+            ALiBi slopes); with a cache the cache adds its causal term and slot positions.
           positions: ``[B, T]`` positions for RoPE.
           encoded: ``[B, S, D]`` encoder output (cross-attention layers; may be None when the
             cache holds precomputed cross keys/values).
-          cross_mask: cross-attention mask broadcastable to ``[B, N, T, S]``.
           cross_spec: cross-attention ``ops.AttentionSpec`` (source padding, segments).
           cache: None or ``{"self": MHA cache, "cross": precomputed {"key","value"}
             (optional)}``.
@@ -196,53 +168,34 @@ class TransformerLayer(nnx.Module):
         """
         cache = {} if cache is None else cache
         new_cache, weights = {}, {}
-        sub = 0
+        sub = iter(range(3))  # sublayer index j of the dropout keys
 
-        def self_fn(h, *, dropout_rng):
-            out, c, w = self.self_attention(
-                h,
-                mask=mask,
-                bias=bias,
-                spec=spec,
-                positions=positions,
-                cache=cache.get("self"),
-                dropout_rng=dropout_rng,
-                return_weights=return_attention,
-            )
-            return out, (c, w)
+        def attend(module, **kwargs):
+            def fn(h, *, dropout_rng):
+                out, c, w = module(h, dropout_rng=dropout_rng,
+                                   return_weights=return_attention, **kwargs)
+                return out, (c, w)
+            return fn
 
+        self_fn = attend(self.self_attention, spec=spec, positions=positions,
+                         cache=cache.get("self"))
         x, (new_cache["self"], weights["self"]) = self.self_residual(
-            x, self_fn, dropout_rng=fold(dropout_rng, sub)
-        )
-        sub += 1
+            x, self_fn, dropout_rng=fold(dropout_rng, next(sub)))
         if self.has_cross_attention:
             if encoded is None and "cross" not in cache:
                 raise ValueError(
                     "A cross-attention layer needs the encoder output (encoded=[B, S, D]) or a "
                     "cache with precomputed cross keys/values."
                 )
-
-            def cross_fn(h, *, dropout_rng):
-                out, c, w = self.cross_attention(
-                    h,
-                    encoded,
-                    mask=cross_mask,
-                    spec=cross_spec,
-                    cache=cache.get("cross"),
-                    dropout_rng=dropout_rng,
-                    return_weights=return_attention,
-                )
-                return out, (c, w)
-
+            cross_fn = attend(self.cross_attention, inputs_kv=encoded, spec=cross_spec,
+                              cache=cache.get("cross"))
             x, (new_cache["cross"], weights["cross"]) = self.cross_residual(
-                x, cross_fn, dropout_rng=fold(dropout_rng, sub)
-            )
-            sub += 1
+                x, cross_fn, dropout_rng=fold(dropout_rng, next(sub)))
 
         def ff_fn(h, *, dropout_rng):
             return self.feed_forward(h, dropout_rng=dropout_rng), None
 
-        x, _ = self.ff_residual(x, ff_fn, dropout_rng=fold(dropout_rng, sub))
+        x, _ = self.ff_residual(x, ff_fn, dropout_rng=fold(dropout_rng, next(sub)))
         new_cache = {k: v for k, v in new_cache.items() if v is not None} or None
         weights = {k: v for k, v in weights.items() if v is not None}
         return x, new_cache, weights

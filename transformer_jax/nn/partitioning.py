@@ -1,8 +1,8 @@
 """Logical axis names on parameters, for model (tensor / FSDP) sharding.
 
 Every large parameter carries ``out_sharding`` NNX metadata naming its axes with these
-logical names; ``transformer_jax.training.sharding`` maps them to mesh axes with one rules
-table, so the modules never mention a mesh:
+logical names; the mesh strategy (``transformer_jax.parallel.mesh``) maps them to mesh axes
+with one rules table, so the modules never mention a mesh:
 
   "vocab"  token table rows / output logits       V
   "embed"  model width                            D
@@ -11,7 +11,7 @@ table, so the modules never mention a mesh:
   "mlp"    feed-forward hidden width              F
 
 ``eager_sharding=False`` keeps creation mesh-free: the names are only read when the training
-code asks for them (``nnx.get_partition_spec``). Layer norms and position tables have no names
+code asks for them (:func:`logical_specs`). Layer norms and position tables have no names
 (replicated).
 """
 
@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 
 from flax import nnx
 
-__all__ = ["LOGICAL_AXES", "logical_init", "logical_param"]
+__all__ = ["LOGICAL_AXES", "logical_init", "logical_param", "logical_specs"]
 
 LOGICAL_AXES = ("vocab", "embed", "heads", "kv", "mlp")
 
@@ -34,3 +34,9 @@ def logical_init(init: Callable, names: Sequence[str | None]) -> Callable:
 def logical_param(value, names: Sequence[str | None]) -> nnx.Param:
     """``nnx.Param(value)`` carrying the logical axis ``names`` (one per dimension)."""
     return nnx.Param(value, out_sharding=tuple(names), eager_sharding=False)
+
+
+def logical_specs(model: nnx.Module) -> dict:
+    """The model's params pytree (as ``split_model`` gives it) of ``PartitionSpec``s holding
+    logical axis names (None for unnamed dimensions); works on abstract models too."""
+    return nnx.to_pure_dict(nnx.get_partition_spec(nnx.state(model, nnx.Param)))

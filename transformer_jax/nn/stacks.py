@@ -160,7 +160,8 @@ class Encoder(nnx.Module):
 
 
 class Decoder(nnx.Module):
-    """Embedding + ``decoder_layers`` DecoderLayers (+ final LN when pre-LN) + output logits.
+    """Embedding + ``decoder_layers`` DecoderLayers (+ final LN when pre-LN), and the output
+    projection ``output`` (hidden states -> logits; applied by the models).
 
     With ``cross_attention=False`` this is the stack of a decoder-only language model.
     """
@@ -237,7 +238,7 @@ class Decoder(nnx.Module):
         dropout_rng=None,
         return_attention: bool = False,
     ):
-        """Decodes ``tgt_ids [B, T]``.
+        """Decodes ``tgt_ids [B, T]`` to the final hidden states (``output`` makes logits).
 
         Without a cache: all T positions in parallel under a causal mask. With a cache (from
         ``init_cache``): the T new tokens continue at the cache index (usually T = 1).
@@ -255,76 +256,71 @@ class Decoder(nnx.Module):
           return_attention: also return the attention weights.
 
         Returns:
-          ``(logits [B, T, V] float32, new_cache or None, {"self": [L,B,N,T,K], "cross":
+          ``(hidden [B, T, D], new_cache or None, {"self": [L,B,N,T,K], "cross":
           [L,B,N,T,S]})``; the dict is empty unless ``return_attention``.
         """
-        config = self.config
         tgt_ids = check_ids("tgt_ids", tgt_ids)
-        batch, length = tgt_ids.shape
         if cache is None:
-            # Without given positions the causal term is "key index <= query index": leave the
-            # spec's positions unset (their default) so attention_impl="jax" can hand it to
-            # cuDNN as its own causal mask instead of a dense [T, T] one.
-            spec_positions = positions
-            positions = _positions(config, tgt_ids, positions, "tgt_ids")
-            self_spec = ops.AttentionSpec(
-                causal=True,
-                q_positions=spec_positions,
-                k_positions=spec_positions,
-                q_segments=tgt_segments,
-                k_segments=tgt_segments,
-                alibi_slopes=_alibi_slopes(config),
-            )
             layer_caches = [None] * len(self.layers)
+            self_spec, positions = self._parallel_spec(tgt_ids, tgt_segments, positions)
         else:
             if tgt_segments is not None or src_segments is not None:
                 raise ValueError("Packed rows (segments) are not supported with a decode cache.")
-            layer_caches = cache["layers"]
-            if len(layer_caches) != len(self.layers):
-                raise ValueError(
-                    f"The cache has {len(layer_caches)} layers but the decoder has "
-                    f"{len(self.layers)}; build it with this model's init_cache."
-                )
+            layer_caches = self._layer_caches(cache)
             index = layer_caches[0]["self"]["index"]
-            positions = _positions(config, tgt_ids, positions, "tgt_ids", offset=index)
+            positions = _positions(self.config, tgt_ids, positions, "tgt_ids", offset=index)
             # the cache adds the causal term and the slot positions itself
-            self_spec = ops.AttentionSpec(alibi_slopes=_alibi_slopes(config))
+            self_spec = ops.AttentionSpec(alibi_slopes=_alibi_slopes(self.config))
             if src_valid is None:
                 src_valid = cache.get("src_valid")
-
         cross_spec = None
         if self.cross_attention:
             _check_segments(tgt_segments, src_segments, "cross-attention")
             cross_spec = ops.AttentionSpec(
                 q_segments=tgt_segments, k_segments=src_segments, k_valid=src_valid
             )
-
         x = self.embedding(tgt_ids, positions, dropout_rng=fold(dropout_rng, 0))
         new_layers, weights = [], []
         for i, layer in enumerate(self.layers):
             x, layer_cache, w = _apply(
-                config,
-                layer,
-                x,
-                spec=self_spec,
-                positions=positions,
-                encoded=encoded,
-                cross_spec=cross_spec,
-                cache=layer_caches[i],
-                dropout_rng=fold(dropout_rng, i + 1),
-                return_attention=return_attention,
-            )
+                self.config, layer, x, spec=self_spec, positions=positions, encoded=encoded,
+                cross_spec=cross_spec, cache=layer_caches[i],
+                dropout_rng=fold(dropout_rng, i + 1), return_attention=return_attention)
             new_layers.append(layer_cache)
             weights.append(w)
-        if config.pre_norm:
+        if self.config.pre_norm:
             x = self.final_norm(x)
-        logits = self.output(x)  # [B, T, V] float32
-        new_cache = None
-        if cache is not None:
-            new_cache = dict(cache, layers=new_layers)
-        attention = {}
-        if return_attention:
-            attention = {"self": _stack(weights, "self")}
-            if self.cross_attention:
-                attention["cross"] = _stack(weights, "cross")
-        return logits, new_cache, attention
+        new_cache = None if cache is None else dict(cache, layers=new_layers)
+        return x, new_cache, self._attention(weights, return_attention)
+
+    def _parallel_spec(self, tgt_ids, tgt_segments, positions):
+        """Self-attention spec and ``[B, T]`` positions of a pass without a cache."""
+        # Without given positions the causal term is "key index <= query index": leave the
+        # spec's positions unset (their default) so attention_impl="jax" can hand it to
+        # cuDNN as its own causal mask instead of a dense [T, T] one.
+        spec = ops.AttentionSpec(
+            causal=True,
+            q_positions=positions,
+            k_positions=positions,
+            q_segments=tgt_segments,
+            k_segments=tgt_segments,
+            alibi_slopes=_alibi_slopes(self.config),
+        )
+        return spec, _positions(self.config, tgt_ids, positions, "tgt_ids")
+
+    def _layer_caches(self, cache) -> list:
+        layer_caches = cache["layers"]
+        if len(layer_caches) != len(self.layers):
+            raise ValueError(
+                f"The cache has {len(layer_caches)} layers but the decoder has "
+                f"{len(self.layers)}; build it with this model's init_cache."
+            )
+        return layer_caches
+
+    def _attention(self, weights: list[dict], wanted: bool) -> dict:
+        if not wanted:
+            return {}
+        attention = {"self": _stack(weights, "self")}
+        if self.cross_attention:
+            attention["cross"] = _stack(weights, "cross")
+        return attention

@@ -1,7 +1,10 @@
-"""The encoder-decoder ``Transformer`` of Vaswani et al. (2017) and ``shift_right``.
+"""The encoder-decoder ``Transformer`` of Vaswani et al. (2017).
 
-Masks, positions and dropout keys are described in ``nn.stacks``; ``Transformer`` uses
-``fold_in(dropout_rng, 0)`` as the encoder key and ``fold_in(dropout_rng, 1)`` as the decoder key.
+It answers the model protocol of ``nn.model`` (``model(batch)``, ``hidden`` / ``logits``,
+``with_attention``, ``init_decoding`` / ``decode``) and adds the pieces decoding is built from:
+``encode``, ``decode`` (also without a cache) and ``init_cache``. Masks, positions and dropout
+keys are described in ``nn.stacks``; the encoder uses ``fold_in(dropout_rng, 0)`` and the
+decoder ``fold_in(dropout_rng, 1)``.
 """
 
 from __future__ import annotations
@@ -13,40 +16,10 @@ from flax import nnx
 from transformer_jax.config import ModelConfig
 from transformer_jax.nn.embeddings import TokenEmbedding
 from transformer_jax.nn.layers import fold
+from transformer_jax.nn.model import decoder_inputs
 from transformer_jax.nn.stacks import Decoder, Encoder, check_ids
 
-__all__ = ["Transformer", "shift_right"]
-
-
-def shift_right(targets, segments=None, pad_id: int = 0) -> jax.Array:
-    """Decoder inputs: ``targets`` shifted right by one with ``pad_id`` as BOS.
-
-    Args:
-      targets: ``[B, T]`` int token ids.
-      segments: optional ``[B, T]`` segment ids of packed rows; every position where the
-        segment id changes (the start of a packed example) also gets the BOS.
-      pad_id: the BOS/pad id (0).
-
-    Returns:
-      ``[B, T]`` with ``out[:, 0] = pad_id`` and ``out[:, t] = targets[:, t - 1]`` otherwise.
-    """
-    targets = jnp.asarray(targets)
-    if targets.ndim != 2:
-        raise ValueError(f"shift_right expects targets [B, T]; got shape {tuple(targets.shape)}.")
-    bos = jnp.full_like(targets[:, :1], pad_id)
-    shifted = jnp.concatenate([bos, targets[:, :-1]], axis=1)  # [B, T]
-    if segments is not None:
-        segments = jnp.asarray(segments)
-        if segments.shape != targets.shape:
-            raise ValueError(
-                f"segments {tuple(segments.shape)} must have the shape of targets "
-                f"{tuple(targets.shape)}."
-            )
-        starts = jnp.concatenate(
-            [jnp.ones_like(segments[:, :1], bool), segments[:, 1:] != segments[:, :-1]], axis=1
-        )  # [B, T] True at the first token of every segment
-        shifted = jnp.where(starts, jnp.asarray(pad_id, targets.dtype), shifted)
-    return shifted
+__all__ = ["Transformer"]
 
 
 class Transformer(nnx.Module):
@@ -57,6 +30,9 @@ class Transformer(nnx.Module):
       rngs: ``nnx.Rngs`` (``params`` stream).
     """
 
+    batch_keys = ("inputs", "targets")
+    translates = True
+
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         self.config = config
         src_tokens = TokenEmbedding(config, rngs=rngs)
@@ -64,67 +40,65 @@ class Transformer(nnx.Module):
         self.encoder = Encoder(config, src_tokens, rngs=rngs)
         self.decoder = Decoder(config, tgt_tokens, cross_attention=True, rngs=rngs)
 
-    def __call__(
-        self,
-        src_ids,
-        tgt_in_ids,
-        *,
-        src_segments=None,
-        tgt_segments=None,
-        src_positions=None,
-        tgt_positions=None,
-        dropout_rng=None,
-    ):
-        """Teacher-forced forward pass -> float32 logits ``[B, T, V]``.
+    # ------------------------------------------------------------------ the model protocol
+    def __call__(self, batch, *, dropout_rng=None) -> jax.Array:
+        """Teacher-forced float32 logits ``[B, T, V]`` of ``batch`` (see ``nn.model``).
 
-        Args:
-          src_ids: ``[B, S]`` source ids (pad 0).
-          tgt_in_ids: ``[B, T]`` decoder inputs (``shift_right(targets, tgt_segments)``).
-          src_segments, tgt_segments: packed-row segment ids (both or neither).
-          src_positions, tgt_positions: per-segment positions of packed rows.
-          dropout_rng: PRNG key; dropout is active iff it is given.
+        Reads ``inputs [B, S]``, ``targets [B, T]`` and, for packed rows, the
+        ``*_segmentation`` / ``*_position`` arrays of both sides (segments: both or neither).
+        Dropout is active iff ``dropout_rng`` is given.
         """
-        return self._forward(src_ids, tgt_in_ids, src_segments=src_segments,
-                             tgt_segments=tgt_segments, src_positions=src_positions,
-                             tgt_positions=tgt_positions, dropout_rng=dropout_rng)[0]
+        return self.logits(self.hidden(batch, dropout_rng=dropout_rng))
 
-    def with_attention(self, src_ids, tgt_in_ids, **kwargs):
-        """``__call__`` that also returns the attention weights (float32, before dropout).
+    def hidden(self, batch, *, dropout_rng=None) -> jax.Array:
+        """Final decoder hidden states ``[B, T, D]`` (see :meth:`__call__`)."""
+        return self._forward(batch, dropout_rng=dropout_rng)[0]
+
+    def logits(self, hidden) -> jax.Array:
+        """Output projection: ``[B, T, D]`` -> float32 logits ``[B, T, V]``."""
+        return self.decoder.output(hidden)
+
+    def with_attention(self, batch):
+        """Logits and the attention weights (float32, before dropout).
 
         Returns:
           ``(logits [B, T, V], {"encoder_self": [L,B,N,S,S], "decoder_self": [L,B,N,T,T],
           "decoder_cross": [L,B,N,T,S]})``.
         """
-        return self._forward(src_ids, tgt_in_ids, return_attention=True, **kwargs)
+        hidden, weights = self._forward(batch, return_attention=True)
+        return self.logits(hidden), weights
 
-    def _forward(self, src_ids, tgt_in_ids, *, src_segments=None, tgt_segments=None,
-                 src_positions=None, tgt_positions=None, dropout_rng=None,
-                 return_attention: bool = False):
-        """``(logits, attention)``; the dict is empty unless ``return_attention``."""
+    def init_decoding(self, context, max_len: int, *, dtype=None):
+        """Encodes the source ``context [B, S]`` once: ``(cache, start_ids [B])`` for up to
+        ``max_len`` target tokens, each search starting from the BOS (pad id)."""
+        src_ids = check_ids("src_ids", context)
+        cache = self.init_cache(src_ids.shape[0], max_len, encoded=self.encode(src_ids),
+                                src_ids=src_ids, dtype=dtype)
+        return cache, jnp.full((src_ids.shape[0],), self.config.pad_id, jnp.int32)
+
+    def _forward(self, batch, *, dropout_rng=None, return_attention: bool = False):
+        """``(hidden [B, T, D], attention)``; the dict is empty unless ``return_attention``."""
+        if "inputs" not in batch:
+            raise ValueError(f"an encoder-decoder batch needs 'inputs' [B, S] and 'targets' "
+                             f"[B, T]; got keys {sorted(batch)}.")
+        src_segments = batch.get("inputs_segmentation")
+        tgt_segments = batch.get("targets_segmentation")
         if (src_segments is None) != (tgt_segments is None):
             raise ValueError(
-                "Pass src_segments and tgt_segments together (packed rows) or neither."
+                "Pass inputs_segmentation and targets_segmentation together (packed rows) or "
+                "neither."
             )
         encoded, enc_weights = self.encoder(
-            src_ids,
-            segments=src_segments,
-            positions=src_positions,
-            dropout_rng=fold(dropout_rng, 0),
-            return_attention=return_attention,
-        )
-        logits, _, dec_weights = self.decoder(
-            tgt_in_ids,
-            encoded,
-            src_valid=self._src_valid(src_ids),
-            src_segments=src_segments,
-            tgt_segments=tgt_segments,
-            positions=tgt_positions,
-            dropout_rng=fold(dropout_rng, 1),
-            return_attention=return_attention,
-        )
+            batch["inputs"], segments=src_segments, positions=batch.get("inputs_position"),
+            dropout_rng=fold(dropout_rng, 0), return_attention=return_attention)
+        hidden, _, dec_weights = self.decoder(
+            decoder_inputs(batch, self.config.pad_id), encoded,
+            src_valid=self._src_valid(batch["inputs"]), src_segments=src_segments,
+            tgt_segments=tgt_segments, positions=batch.get("targets_position"),
+            dropout_rng=fold(dropout_rng, 1), return_attention=return_attention)
         if not return_attention:
-            return logits, {}
-        return logits, {
+            return hidden, {}
+        return hidden, {
             "encoder_self": enc_weights["self"],
             "decoder_self": dec_weights["self"],
             "decoder_cross": dec_weights["cross"],
@@ -136,6 +110,7 @@ class Transformer(nnx.Module):
             return None
         return check_ids("src_ids", src_ids) != self.config.pad_id
 
+    # ------------------------------------------------------------------ the pieces
     def encode(self, src_ids, *, src_segments=None, src_positions=None, dropout_rng=None):
         """``src_ids [B, S]`` -> encoded ``[B, S, D]``.
 
@@ -163,18 +138,18 @@ class Transformer(nnx.Module):
         Two uses: ``decode(tgt_in_ids, encoded=..., src_ids=...)`` runs all T positions in
         parallel under a causal mask (``new_cache`` is None); ``decode(ids, cache=cache)``
         continues at the cache index (``ids`` usually ``[B, 1]``), with the encoder output
-        already in a cache built by ``init_cache(..., encoded=...)``.
+        already in a cache built by ``init_cache(..., encoded=...)`` or ``init_decoding``.
 
         Args:
           tgt_in_ids: ``[B, T]`` decoder inputs.
           encoded: ``[B, S, D]`` from ``encode`` (not needed when the cache holds it).
           src_ids: ``[B, S]`` source ids for the padding mask (default: from the cache, or
             every source position is valid).
-          src_segments, tgt_segments, tgt_positions: as in ``__call__`` (no cache only).
+          src_segments, tgt_segments, tgt_positions: packed rows (no cache only).
           cache: None or a cache from ``init_cache``.
           dropout_rng: decoder stack key (None = no dropout).
         """
-        logits, new_cache, _ = self.decoder(
+        hidden, new_cache, _ = self.decoder(
             tgt_in_ids,
             encoded,
             src_valid=self._src_valid(src_ids),
@@ -184,7 +159,7 @@ class Transformer(nnx.Module):
             cache=cache,
             dropout_rng=dropout_rng,
         )
-        return logits, new_cache
+        return self.logits(hidden), new_cache
 
     def init_cache(self, batch: int, max_len: int, *, encoded=None, src_ids=None, dtype=None):
         """Decoding cache (see ``Decoder.init_cache``).

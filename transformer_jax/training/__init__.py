@@ -1,4 +1,4 @@
-"""Training: optimizer, pure train/eval steps, data parallelism, checkpoints, main loop.
+"""Training: config, optimizer, pure train/eval steps, the run's build, the loop and its hooks.
 
 Entry points::
 
@@ -7,38 +7,29 @@ Entry points::
     config = default_config()                 # or configs/*.py get_config()
     summary = train_and_evaluate(config, "runs/demo")
 
-Reading a finished run is ``transformer_jax.inference.load("runs/demo")`` (or the lower level
-``transformer_jax.checkpoints.load_params``; re-exported here with ``read_meta``).
+The pieces, in the order a run uses them: ``validate_config`` (``defaults``), ``build_run``
+(``build``: model, optimizer, parallelism strategy, state layout, compiled steps; also what
+``transformer_jax.aot`` compiles), ``setup`` (``session``), ``train`` / ``finish`` (``loop``)
+with the ``hooks``. Reading a finished run is ``transformer_jax.inference.load("runs/demo")``
+(or ``transformer_jax.checkpoints.load_params``).
 """
 
-from transformer_jax.checkpoints import load_params, read_meta
-from transformer_jax.errors import CheckpointMismatchError, ConfigError, TrainingDivergedError
-from transformer_jax.nn import ModelDef, split_model
-from transformer_jax.training.checkpoint import Checkpointer, average_checkpoints
+from transformer_jax.training.build import Run, build_run
 from transformer_jax.training.defaults import default_config, validate_config
 from transformer_jax.training.loop import train_and_evaluate
 from transformer_jax.training.optim import make_optimizer, make_schedule, paper_schedule
-from transformer_jax.training.parallel import DataParallel
 from transformer_jax.training.step import TrainState, create_train_state, eval_step, train_step
 
 __all__ = [
-    "CheckpointMismatchError",
-    "Checkpointer",
-    "ConfigError",
-    "DataParallel",
-    "ModelDef",
+    "Run",
     "TrainState",
-    "TrainingDivergedError",
-    "average_checkpoints",
+    "build_run",
     "create_train_state",
     "default_config",
     "eval_step",
-    "load_params",
     "make_optimizer",
     "make_schedule",
     "paper_schedule",
-    "read_meta",
-    "split_model",
     "train_and_evaluate",
     "train_step",
     "validate_config",

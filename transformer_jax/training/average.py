@@ -3,26 +3,18 @@
   python -m transformer_jax.training.average --workdir runs/wmt14 --last 5
 
 The result is a params-only checkpoint at the newest averaged step; read it with
-``load_params(workdir, averaged=True)`` (or ``load_params(f"{workdir}/averaged")``).
+``load_params(workdir, averaged=True)`` (or ``load_params(f"{workdir}/averaged")``). The work
+is ``transformer_jax.checkpoints.average_into_workdir``; this module is its command line.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
-from transformer_jax.training.checkpoint import AVERAGED_DIR, average_checkpoints, save_params
+from transformer_jax.checkpoints import average_into_workdir
 
-__all__ = ["average_into_workdir", "main"]
-
-
-def average_into_workdir(workdir: str, last: int) -> tuple[str, list[int]]:
-    """Average the last ``last`` checkpoints of ``workdir``; return (output dir, steps)."""
-    params, meta = average_checkpoints(workdir, last)
-    out = os.path.join(os.path.abspath(workdir), AVERAGED_DIR)
-    save_params(out, meta["step"], params, meta)
-    return out, meta["averaged_steps"]
+__all__ = ["main"]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,19 +1,34 @@
-"""Training time: measured update speed, and a run length fitted to a time limit.
+"""Training time: the time limit, measured update speed, and a run length fitted to the limit.
 
-``Throughput`` times the updates between metric fetches (the device is idle at those points,
-so the time is that of finished work). ``fit_num_train_steps`` turns that speed and the time
-left into a number of updates; the trainer uses it for ``fit_steps_to_time``.
+``TimeBudget`` is ``max_train_minutes`` counted from the start of the process. ``Throughput``
+times the updates between metric fetches (the device is idle at those points, so the time is
+that of finished work). ``fit_num_train_steps`` turns that speed and the time left into a
+number of updates; the trainer's ``FitToTime`` hook uses it for ``fit_steps_to_time``.
 """
 
 from __future__ import annotations
 
 import time
 
-__all__ = ["FIT_RESERVE", "Throughput", "fit_num_train_steps"]
+__all__ = ["FIT_RESERVE", "Throughput", "TimeBudget", "fit_num_train_steps"]
 
 # Share of the time left that a fitted run keeps for evaluations and checkpoints between
-# updates (about 2% in the Multi30k runs of docs/training.md) and for the machine slowing down.
+# updates and for the machine slowing down (docs/training.md, "Training to a time limit").
 FIT_RESERVE = 0.03
+
+
+class TimeBudget:
+    """``max_minutes`` (0: no limit) counted from ``start`` (a ``time.perf_counter()``)."""
+
+    def __init__(self, max_minutes: float, start: float):
+        self.max_minutes, self.start = float(max_minutes), float(start)
+
+    def seconds_left(self) -> float:
+        """Time until the limit (negative once it is passed)."""
+        return 60.0 * self.max_minutes - (time.perf_counter() - self.start)
+
+    def exhausted(self) -> bool:
+        return self.max_minutes > 0 and self.seconds_left() <= 0
 
 
 class Throughput:

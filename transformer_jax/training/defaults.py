@@ -30,7 +30,8 @@ Top-level keys:
                           written at the end, so num_train_steps means "only at the end")
   keep_checkpoints        newest checkpoints kept on disk
   parallelism             "auto" | "none" | "pmap" | "shard_map" (data parallel) |
-                          "sharded" (jit over a data/fsdp/tensor mesh, see sharding.*)
+                          "sharded" (jit over a data/fsdp/tensor mesh, see sharding.*);
+                          transformer_jax.parallel has a strategy for each
   model_kind              "encoder_decoder" (translation) | "decoder_only" (a language
                           model of the target side; needs eval_metrics="")
   eval_metrics            comma-separated subset of "bleu,chrf,exact_match" ("" for none)
@@ -43,8 +44,8 @@ Top-level keys:
                           the tokenizer; dtype "float16" is refused: no loss scaling)
   data.*                  transformer_jax.data default_data_config()
   optimizer.*             see transformer_jax.training.optim
-  distributed.*           multi-process start-up, see transformer_jax.training.distributed
-  sharding.*              mesh sizes and logical-axis rules, see transformer_jax.training.sharding
+  distributed.*           multi-process start-up, see transformer_jax.parallel.processes
+  sharding.*              mesh sizes and logical-axis rules, see transformer_jax.parallel.mesh
 """
 
 from __future__ import annotations
@@ -57,25 +58,26 @@ import ml_collections
 from transformer_jax.config import ModelConfig
 from transformer_jax.data.config import check_data_config, default_data_config
 from transformer_jax.errors import ConfigError
-from transformer_jax.nn import MODEL_KINDS
-from transformer_jax.training.distributed import (
+from transformer_jax.nn import DEFAULT_MODEL_KIND, MODEL_KINDS, model_class
+from transformer_jax.parallel import (
+    PARALLELISM,
     check_distributed_config,
+    check_sharding_config,
     default_distributed_config,
+    default_sharding_config,
 )
 from transformer_jax.training.optim import OPTIMIZERS, SCHEDULES, make_optimizer
-from transformer_jax.training.parallel import MODES
-from transformer_jax.training.sharding import check_sharding_config, default_sharding_config
 
 __all__ = [
     "EVAL_METRICS",
     "default_config",
     "default_optimizer_config",
+    "model_config",
     "parse_metrics",
     "validate_config",
 ]
 
 EVAL_METRICS = ("bleu", "chrf", "exact_match")
-PARALLELISM = ("auto", *MODES, "sharded")
 
 
 def default_optimizer_config() -> ml_collections.ConfigDict:
@@ -123,7 +125,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.checkpoint_every_steps = 500
     c.keep_checkpoints = 3
     c.parallelism = "auto"
-    c.model_kind = "encoder_decoder"
+    c.model_kind = DEFAULT_MODEL_KIND
     c.eval_metrics = "bleu,chrf,exact_match"
     c.eval_num_sentences = 200
     c.eval_beam_size = 1
@@ -225,10 +227,10 @@ def _check_scale_keys(merged: dict) -> None:
         raise ConfigError(
             f"model_kind={merged['model_kind']!r}; choose {' or '.join(MODEL_KINDS)}."
         )
-    if merged["model_kind"] == "decoder_only" and parse_metrics(merged["eval_metrics"]):
+    if parse_metrics(merged["eval_metrics"]) and not model_class(merged["model_kind"]).translates:
         raise ConfigError(
             f"eval_metrics={merged['eval_metrics']!r} compares translations, which a "
-            "decoder-only language model does not produce; set eval_metrics=''."
+            f"{merged['model_kind']} model does not produce; set eval_metrics=''."
         )
     check_distributed_config(merged["distributed"])
     check_sharding_config(merged["sharding"])
@@ -263,16 +265,24 @@ def _check_model_and_data(merged: dict) -> ModelConfig:
         check_data_config(ml_collections.ConfigDict(data))
     except (ValueError, TypeError) as err:
         raise ConfigError(" ".join(str(err).split())) from None
-    try:
-        model = ModelConfig.from_dict({**merged["model"], "vocab_size": data["vocab_size"]})
-    except (ValueError, TypeError) as err:
-        raise ConfigError(f"model config: {err}") from None
+    model = model_config(merged)
     if model.max_len < data["max_length"]:
         raise ConfigError(
             f"model.max_len={model.max_len} is shorter than data.max_length="
             f"{data['max_length']}; raise model.max_len or lower data.max_length."
         )
     return model
+
+
+def model_config(config: Mapping, vocab_size: int | None = None) -> ModelConfig:
+    """The ``ModelConfig`` of a training config's ``model`` section, with ``vocab_size`` (the
+    tokenizer's size; default ``data.vocab_size``); a bad field is a ConfigError."""
+    fields = dict(config["model"])
+    fields["vocab_size"] = int(vocab_size or config["data"]["vocab_size"])
+    try:
+        return ModelConfig.from_dict(fields)
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"model config: {err}") from None
 
 
 def validate_config(config) -> ml_collections.ConfigDict:

@@ -17,8 +17,8 @@ metrics with ``1 / process_count`` of the decoding work. Batches have a fixed sh
 
 from __future__ import annotations
 
-import functools
 import math
+from collections.abc import Callable
 
 import jax
 import numpy as np
@@ -27,15 +27,14 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from transformer_jax import data as data_lib
-from transformer_jax.checkpoints import load_params
-from transformer_jax.inference import corpus_scores, make_translate_fn
-from transformer_jax.training.average import average_into_workdir
-from transformer_jax.training.distributed import ordered_mesh, to_local
-from transformer_jax.training.parallel import DataParallel
-from transformer_jax.training.step import ModelDef, eval_step
+from transformer_jax.checkpoints import average_into_workdir, load_params
+from transformer_jax.inference import make_translate_fn
+from transformer_jax.metrics import corpus_scores
+from transformer_jax.nn import ModelDef
+from transformer_jax.parallel import Strategy, ordered_mesh, to_local
+from transformer_jax.training.build import Run
 
-__all__ = ["Evaluator", "assemble_translations", "corpus_scores", "make_translate_fn",
-           "final_evaluation", "split_rows", "ROWS"]
+__all__ = ["Evaluator", "assemble_translations", "final_evaluation", "split_rows", "ROWS"]
 
 ROWS = "rows"  # mesh axis of the decoding devices
 
@@ -80,43 +79,55 @@ class Evaluator:
     """Evaluates params on the splits of a prepared dataset.
 
     Args:
-      dp: the run's :class:`DataParallel` (the loss pass is data parallel).
+      strategy: the run's parallelism strategy (the loss pass runs as training does).
       model_def: static model definition.
       prepared: ``transformer_jax.data.prepare(...)`` result.
-      label_smoothing: eps for the reported (smoothed) loss; ``nll`` is unsmoothed.
+      loss_step: compiled ``(params, batch) -> summed metrics`` (``Run.eval_step``, or
+        ``strategy.compile_eval_step`` of ``training.step.eval_step``).
+      select: keeps the batch arrays the model reads (``Run.select``; default: all but the
+        sentence index).
       batch_size: global rows per evaluation batch.
       metric_names: subset of ("bleu", "chrf", "exact_match").
       beam_size, length_penalty: decoding settings.
     """
 
-    def __init__(self, dp: DataParallel, model_def: ModelDef, prepared, *,
-                 label_smoothing: float, batch_size: int, metric_names=(),
-                 beam_size: int = 1, length_penalty: float = 0.6, pad_id: int = 0):
-        self.dp, self.prepared = dp, prepared
+    def __init__(self, strategy: Strategy, model_def: ModelDef, prepared, *,
+                 loss_step: Callable, select: Callable | None = None, batch_size: int,
+                 metric_names=(), beam_size: int = 1, length_penalty: float = 0.6):
+        self.strategy, self.prepared = strategy, prepared
         self.batch_size = batch_size
         self.metric_names = tuple(metric_names)
-        self._loss_fn = dp.eval_step(functools.partial(
-            eval_step, model_def=model_def, label_smoothing=label_smoothing, pad_id=pad_id))
+        self._loss_fn = loss_step
+        self._select = select or (lambda batch: {k: v for k, v in batch.items()
+                                                 if k != "index"})
         self._translate = make_translate_fn(
             model_def, max_length=prepared.max_length, beam_size=beam_size,
             length_penalty=length_penalty)
         self._references: dict[str, list[tuple[str, str]]] = {}
         self._sharded_translate = None  # (jitted decode, mesh), built on first use
 
+    @classmethod
+    def for_run(cls, run: Run, prepared, *, batch_size: int, metric_names=()) -> Evaluator:
+        """The evaluator of a training run (its strategy, model, loss step, beam settings)."""
+        return cls(run.strategy, run.model_def, prepared, loss_step=run.eval_step,
+                   select=run.select, batch_size=batch_size, metric_names=metric_names,
+                   beam_size=run.config.eval_beam_size,
+                   length_penalty=run.config.eval_length_penalty)
+
     def _batches(self, split: str):
         """This process's rows of each global eval batch: the driver's row block (processes
         that share a block, e.g. a tensor axis across processes, load the same rows)."""
-        index, count = self.dp.data_shard()
+        index, count = self.strategy.data_shard()
         return data_lib.eval_batches(self.prepared, split, self.batch_size,
                                      process_index=index, process_count=count)
 
     def loss(self, params, split: str) -> dict[str, float]:
         """Token-level loss/NLL/accuracy/perplexity over the whole split."""
-        placed = self.dp.put_state(params)
+        placed = self.strategy.put_state(params)
         totals: dict[str, float] = {}
         for batch in self._batches(split):
-            batch = {k: v for k, v in batch.items() if k != "index"}
-            sums = self.dp.metrics(self._loss_fn(placed, self.dp.put_batch(batch)))
+            batch = self.strategy.put_batch(self._select(batch))
+            sums = self.strategy.metrics(self._loss_fn(placed, batch))
             for key, value in sums.items():
                 totals[key] = totals.get(key, 0.0) + value
         weight = max(totals.get("weight_sum", 0.0), 1.0)
@@ -131,7 +142,8 @@ class Evaluator:
     def _decoder(self, params):
         """(translate over this process's decoding devices, params replicated on them, devices)."""
         if self._sharded_translate is None:
-            local = [d for d in self.dp.devices if d.process_index == jax.process_index()]
+            local = [d for d in self.strategy.devices
+                     if d.process_index == jax.process_index()]
             self._sharded_translate = split_rows(self._translate, local)
         translate, mesh = self._sharded_translate
         params = jax.device_put(to_local(params), NamedSharding(mesh, P()))

@@ -4,7 +4,9 @@ The model object never enters the compiled functions: ``ModelDef`` (from ``nn.sp
 holds the static graph definition and ``params`` is a plain nested dict of arrays.
 ``train_step(state, batch, rng) -> (state, metrics)`` is written once, per device: when
 ``axis_name`` is given it sums gradients and counts over that axis, so the same function runs
-under ``jax.jit`` (one device), ``jax.pmap`` and ``jax.shard_map`` (see ``parallel.py``).
+under ``jax.jit`` (one device or a sharded mesh), ``jax.pmap`` and ``jax.shard_map`` (the
+strategies of ``transformer_jax.parallel`` compile it). The model is called as every model
+is, ``model(batch)`` (``nn.model``), so nothing here depends on the model's kind.
 
 Loss normalisation: every device computes the *sum* of its token losses; sums of loss,
 gradient and target-token count are added over devices, and the gradient is divided by the
@@ -16,8 +18,7 @@ the micro-batches hold equally many target tokens (close to it with packed rows)
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -26,21 +27,21 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from transformer_jax.nn import DecoderOnlyLM, ModelDef, shift_right, split_model
+from transformer_jax.nn import ModelDef
 from transformer_jax.ops import cross_entropy, token_accuracy
 
 __all__ = [
-    "ModelDef",
     "TrainState",
     "create_train_state",
     "eval_step",
     "forward",
-    "params_before_use",
-    "split_model",
     "train_step",
 ]
 
 Batch = dict[str, jax.Array]
+# What a parallelism strategy applies to the parameters before the forward pass, e.g. the
+# mesh strategy's sharding constraint that all-gathers FSDP-split weights (None: nothing).
+ParamConstraint = Callable[[Any], Any] | None
 
 
 @flax.struct.dataclass
@@ -64,48 +65,16 @@ def create_train_state(params, tx: optax.GradientTransformation) -> TrainState:
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
 
-_BEFORE_USE: contextvars.ContextVar = contextvars.ContextVar("params_before_use", default=None)
+def forward(model_def: ModelDef, params, batch: Batch, dropout_rng=None, *,
+            param_constraint: ParamConstraint = None) -> jax.Array:
+    """Teacher-forced float32 logits ``[B, T, V]`` of a batch of (possibly packed) rows:
+    ``model(batch)`` of the model ``model_def.merge(params)`` (see ``nn.model``).
 
-
-@contextlib.contextmanager
-def params_before_use(fn: Callable):
-    """Steps traced inside apply ``fn`` to the parameters before the forward pass.
-
-    ``parallelism="sharded"`` passes a sharding constraint that all-gathers the FSDP-split
-    weights (ZeRO-3: gather to use, reduce-scatter the gradient). Left alone, XLA may instead
-    keep the weights split and move the activations, holding every row of the batch on every
-    device."""
-    token = _BEFORE_USE.set(fn)
-    try:
-        yield
-    finally:
-        _BEFORE_USE.reset(token)
-
-
-def forward(model_def: ModelDef, params, batch: Batch, dropout_rng=None) -> jax.Array:
-    """Teacher-forced logits ``[B, T, V]`` (float32) for a batch of (possibly packed) rows.
-
-    Decoder inputs are ``shift_right(targets, targets_segmentation)``. A ``DecoderOnlyLM``
-    reads only the ``targets*`` keys: it is a language model of the target side.
+    ``param_constraint`` (from the parallelism strategy) is applied to ``params`` first.
     """
-    before_use = _BEFORE_USE.get()
-    model = model_def.merge(params if before_use is None else before_use(params))
-    tgt_segments = batch.get("targets_segmentation")
-    tgt_in = shift_right(batch["targets"], tgt_segments)  # [B, T]
-    if isinstance(model, DecoderOnlyLM):
-        logits = model(tgt_in, segments=tgt_segments, positions=batch.get("targets_position"),
-                       dropout_rng=dropout_rng)
-        return logits.astype(jnp.float32)
-    logits = model(
-        batch["inputs"],
-        tgt_in,
-        src_segments=batch.get("inputs_segmentation"),
-        tgt_segments=tgt_segments,
-        src_positions=batch.get("inputs_position"),
-        tgt_positions=batch.get("targets_position"),
-        dropout_rng=dropout_rng,
-    )
-    return logits.astype(jnp.float32)
+    if param_constraint is not None:
+        params = param_constraint(params)
+    return model_def.merge(params)(batch, dropout_rng=dropout_rng).astype(jnp.float32)
 
 
 def _sums(logits, batch: Batch, label_smoothing: float, pad_id: int) -> dict[str, jax.Array]:
@@ -159,6 +128,7 @@ def train_step(
     grad_accum_steps: int = 1,
     pad_id: int = 0,
     axis_name: str | None = None,
+    param_constraint: ParamConstraint = None,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer call on one (micro-)batch.
 
@@ -176,6 +146,8 @@ def train_step(
       grad_accum_steps: k of ``optax.MultiSteps`` (only used to report the learning rate).
       pad_id: id whose target positions carry no loss.
       axis_name: mapped axis to sum over (``"data"``), or None on one device.
+      param_constraint: applied to the parameters before the forward pass (the mesh
+        strategy's all-gather of FSDP-split weights); None leaves them as they are.
 
     Returns:
       ``(new_state, metrics)`` with float32 scalars ``loss`` (smoothed, per target token),
@@ -183,13 +155,13 @@ def train_step(
       ``learning_rate``, ``tokens`` (non-pad target tokens) and ``src_tokens``.
     """
     def loss_fn(params):
+        run = functools.partial(forward, model_def, params, param_constraint=param_constraint)
         if dropout:  # one key per global row: masks do not depend on the device count
             keys = _row_keys(rng, state.step, batch["targets"].shape[0], axis_name)  # [B]
-            logits = jax.vmap(lambda row, key: forward(  # [B, T, V]
-                model_def, params, jax.tree_util.tree_map(lambda x: x[None], row), key)[0])(
-                    batch, keys)
+            logits = jax.vmap(lambda row, key: run(  # [B, T, V]
+                jax.tree_util.tree_map(lambda x: x[None], row), key)[0])(batch, keys)
         else:
-            logits = forward(model_def, params, batch, None)  # [B, T, V]
+            logits = run(batch)  # [B, T, V]
         sums = _sums(logits, batch, label_smoothing, pad_id)
         return sums["loss_sum"], sums
 
@@ -219,6 +191,7 @@ def eval_step(
     label_smoothing: float = 0.0,
     pad_id: int = 0,
     axis_name: str | None = None,
+    param_constraint: ParamConstraint = None,
 ) -> dict[str, jax.Array]:
     """Summed metrics of one evaluation batch (add them up, then divide by ``weight_sum``).
 
@@ -226,5 +199,5 @@ def eval_step(
       float32 scalars ``loss_sum``, ``nll_sum``, ``correct_sum``, ``weight_sum``,
       ``src_tokens`` (summed over ``axis_name`` when given).
     """
-    logits = forward(model_def, params, batch, None)  # [B, T, V]
+    logits = forward(model_def, params, batch, param_constraint=param_constraint)  # [B, T, V]
     return _psum(_sums(logits, batch, label_smoothing, pad_id), axis_name)

@@ -21,8 +21,8 @@ from safetensors.numpy import load_file, save_file
 
 from transformer_jax import decoding
 from transformer_jax.config import ModelConfig
-from transformer_jax.interop.marian_tokenizer import MarianTokenizer, TokenizerFilesError
-from transformer_jax.interop.marian_weights import (
+from transformer_jax.interop.marian.tokenizer import MarianTokenizer
+from transformer_jax.interop.marian.weights import (
     ConversionError,
     hf_config_from_model,
     model_config_from_hf,
@@ -34,10 +34,8 @@ from transformer_jax.interop.marian_weights import (
 from transformer_jax.nn import Transformer
 
 __all__ = [
-    "ConversionError",
     "Pretrained",
-    "TokenizerFilesError",
-    "build_model",
+    "model_with_params",
     "model_params",
     "read_pretrained",
     "from_pretrained",
@@ -54,7 +52,7 @@ EXTRA_FILES = ("generation_config.json", "tokenizer_config.json", "special_token
 
 class Pretrained(NamedTuple):
     """What :func:`from_pretrained` returns; unpacks as ``(model, config, tokenizer)`` and,
-    called, runs the model (``pretrained(src_ids, tgt_in_ids)`` -> logits)."""
+    called, runs the model (``pretrained(batch)`` -> logits, see ``nn.model``)."""
 
     model: Transformer
     config: ModelConfig
@@ -131,7 +129,7 @@ def model_params(config: ModelConfig, params) -> tuple[nnx.GraphDef, nnx.State, 
     return graphdef, (state, rest), params
 
 
-def build_model(config: ModelConfig, params) -> Transformer:
+def model_with_params(config: ModelConfig, params) -> Transformer:
     """``Transformer(config)`` holding ``params`` (no random initialisation is run)."""
     graphdef, (state, rest), params = model_params(config, params)
     nnx.replace_by_pure_dict(state, jax.tree_util.tree_map(jnp.asarray, params))
@@ -158,16 +156,19 @@ def from_pretrained(path: str, *, with_tokenizer: bool | None = None) -> Pretrai
         loads them when present.
 
     Returns:
-      ``Pretrained(model, config, tokenizer)``: ``model(src_ids, tgt_in_ids)`` gives the
-      logits of ``MarianMTModel(input_ids=src_ids, attention_mask=src_ids != pad,
-      decoder_input_ids=tgt_in_ids)`` in Marian's own ids (source padding = ``config.pad_id``).
+      ``Pretrained(model, config, tokenizer)``: ``model.decode(tgt_in_ids,
+      encoded=model.encode(src_ids), src_ids=src_ids)`` gives the logits of
+      ``MarianMTModel(input_ids=src_ids, attention_mask=src_ids != pad,
+      decoder_input_ids=tgt_in_ids)`` in Marian's own ids (source padding = ``config.pad_id``),
+      and ``model({"inputs": src_ids, "targets": labels})`` those of ``labels=`` (the
+      decoder inputs are the labels shifted right behind the pad id, as Marian's).
     """
     _, config, params = read_pretrained(path)
     tokenizer = None
     if with_tokenizer or (with_tokenizer is None and os.path.isfile(
             os.path.join(path, "vocab.json"))):
         tokenizer = MarianTokenizer.from_directory(path)
-    return Pretrained(build_model(config, params), config, tokenizer)
+    return Pretrained(model_with_params(config, params), config, tokenizer)
 
 
 # ----------------------------------------------------------------------------- writing

@@ -1,18 +1,4 @@
-"""Hugging Face MarianMT / OPUS-MT models: load, translate, write work directories, export.
-
-In Python (Marian's own ids; see ``marian_hf``)::
-
-    model, config, tokenizer = from_pretrained("opus-mt-en-de")   # a local HF directory
-    logits = model(src_ids, tgt_in_ids)     # == MarianMTModel(...).logits
-    ids = generate(model, tokenizer.batch(["Hello world"]), num_beams=4)   # == generate()
-    tokenizer.decode(ids)
-
-On the command line (errors: one sentence on stderr, exit status 2)::
-
-    python -m transformer_jax.interop.marian import opus-mt-en-de --workdir runs/en-de
-    python -m transformer_jax.translate --workdir runs/en-de < input.txt
-    python train.py --config configs/finetune_marian.py:runs/en-de --workdir runs/en-de ...
-    python -m transformer_jax.interop.marian export runs/en-de --to exported/
+"""Work directories of Marian models: ``import_workdir``, ``export_workdir``, the command line.
 
 A work directory uses this library's id convention (pad 0, EOS 1, unk 2): ``import`` moves
 Marian's ``<pad>``, ``</s>`` and ``<unk>`` rows to the front of the vocabulary (the other
@@ -35,40 +21,19 @@ import sys
 import jax
 import numpy as np
 
+from transformer_jax.checkpoints import CHECKPOINT_DIR, load_params, read_meta, save_params
 from transformer_jax.config import ModelConfig
 from transformer_jax.data.pipeline import TOKENIZER_FILE
-from transformer_jax.interop.marian_hf import (
+from transformer_jax.interop.marian.hf import (
     EXTRA_FILES,
-    Pretrained,
-    build_model,
-    from_pretrained,
-    generate,
     read_pretrained,
-    read_state_dict,
     save_pretrained,
 )
-from transformer_jax.interop.marian_tokenizer import MarianTokenizer, TokenizerFilesError
-from transformer_jax.interop.marian_weights import ConversionError
-from transformer_jax.training.checkpoint import (
-    CHECKPOINT_DIR,
-    load_params,
-    read_meta,
-    save_params,
-)
+from transformer_jax.interop.marian.tokenizer import MarianTokenizer, TokenizerFilesError
+from transformer_jax.interop.marian.weights import ConversionError
+from transformer_jax.nn import DEFAULT_MODEL_KIND
 
-__all__ = [
-    "ConversionError",
-    "MarianTokenizer",
-    "Pretrained",
-    "build_model",
-    "export_workdir",
-    "from_pretrained",
-    "generate",
-    "import_workdir",
-    "main",
-    "read_state_dict",
-    "save_pretrained",
-]
+__all__ = ["export_workdir", "import_workdir", "main", "permute_vocab"]
 
 MARIAN_DIR = "marian"  # inside a work directory: original config + tokenizer files
 ORDER_FILE, MODEL_CONFIG_FILE = "id_order.json", "model_config.json"
@@ -154,7 +119,7 @@ def _write_workdir(tmp, workdir, path, config, params, tokenizer, order) -> None
         "step": 0,
         "params_only": True,  # train.py starts a fine-tuning run from these weights
         "imported_from": path,
-        "config": {"model": config.to_dict(), "model_kind": "encoder_decoder"},
+        "config": {"model": config.to_dict(), "model_kind": DEFAULT_MODEL_KIND},
         "tokenizer": {"path": os.path.join(workdir, TOKENIZER_FILE),
                       "sha256": hashlib.sha256(proto).hexdigest()},
     }
@@ -227,7 +192,3 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

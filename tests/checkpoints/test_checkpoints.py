@@ -11,12 +11,9 @@ import orbax.checkpoint as ocp
 import pytest
 from helpers import tiny_train_config
 
-from transformer_jax.training import (
-    CheckpointMismatchError,
-    average_checkpoints,
-    load_params,
-    train_and_evaluate,
-)
+from transformer_jax.checkpoints import average_checkpoints, load_params
+from transformer_jax.errors import CheckpointMismatchError
+from transformer_jax.training import train_and_evaluate
 from transformer_jax.training.average import main as average_main
 
 

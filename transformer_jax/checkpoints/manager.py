@@ -1,26 +1,14 @@
-"""Checkpoints with orbax: params, optimizer state, step, RNG, data-iterator state, config.
-
-Layout of a work directory::
-
-  <workdir>/checkpoints/<step>/params      parameter pytree (orbax StandardSave, tensorstore)
-                              /opt_state   optimizer state pytree
-                              /meta        JSON: step, raw RNG key data, resolved config,
-                                           tokenizer reference (path + sha256), the
-                                           trainer's extra keys (fitted_num_train_steps)
-                              /data        JSON: state of the training data iterator
-  <workdir>/averaged/<step>/params, meta   params-only checkpoint from ``average``
-
-Reading (``read_meta``, ``load_params``, ``check_compatible``) lives in
-:mod:`transformer_jax.checkpoints`, below training and inference; the names are re-exported here.
+"""Saving and restoring the training state of a work directory (``Checkpointer``).
 
 Writes go through orbax's temporary directory (``<step>.orbax-checkpoint-tmp``) + rename, so
-a crash never leaves a half-written ``<step>`` behind; nothing is pickled. Saves are
-asynchronous: call ``wait()`` (or ``close()``) before relying on the files.
+a crash never leaves a half-written ``<step>`` behind; nothing is pickled (``layout`` has the
+directory layout). Saves are asynchronous: call ``wait()`` (or ``close()``) before relying on
+the files.
 
 Resuming (:meth:`Checkpointer.restore_latest`) uses the newest checkpoint that can be read:
 temporary directories left by an interrupted save are removed, and a damaged step (a file
 truncated or deleted after the fact) is moved to ``<workdir>/corrupt_checkpoints/<step>``;
-each with a one-line warning.
+each with a one-line warning. Every process takes part and every decision is agreed on.
 """
 
 from __future__ import annotations
@@ -31,55 +19,30 @@ import logging
 import os
 import shutil
 from collections.abc import Mapping
-from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from transformer_jax.checkpoints import (
-    ARCHITECTURE_KEYS,
-    AVERAGED_DIR,
+from transformer_jax.checkpoints.layout import (
     CHECKPOINT_DIR,
-    OPTIMIZER_KEYS,
+    CORRUPT_DIR,
+    INCOMPLETE_MARK,
     check_compatible,
-    checkpoint_dir,
-    load_params,
-    read_meta,
+    one_line,
+    open_manager,
 )
-from transformer_jax.checkpoints import one_line as _one_line
-from transformer_jax.checkpoints import open_manager as _manager
-from transformer_jax.errors import CheckpointMismatchError
-from transformer_jax.training.distributed import agree, barrier, from_chief
+from transformer_jax.checkpoints.read import read_meta
+from transformer_jax.errors import CheckpointMismatchError, CheckpointReadError
+from transformer_jax.parallel.coordination import agree, barrier, from_chief
 
-__all__ = [
-    "ARCHITECTURE_KEYS",
-    "AVERAGED_DIR",
-    "CHECKPOINT_DIR",
-    "CheckpointReadError",
-    "Checkpointer",
-    "CorruptCheckpointError",
-    "OPTIMIZER_KEYS",
-    "average_checkpoints",
-    "check_compatible",
-    "checkpoint_dir",
-    "load_params",
-    "read_meta",
-    "save_params",
-]
-
-CORRUPT_DIR = "corrupt_checkpoints"
-INCOMPLETE_MARK = ".orbax-checkpoint-tmp"  # orbax's name for a save still in progress
+__all__ = ["Checkpointer", "CorruptCheckpointError", "is_corruption"]
 
 log = logging.getLogger(__name__)
 
 
 class CorruptCheckpointError(ValueError):
     """A checkpoint's files are missing, short or cannot be decoded."""
-
-
-class CheckpointReadError(RuntimeError):
-    """A checkpoint could not be read for a reason other than damage (left in place)."""
 
 
 # --------------------------------------------------------------------------- JSON helpers
@@ -137,7 +100,7 @@ _DAMAGE_MARKS = ("DATA_LOSS", "NOT_FOUND", "OUT_OF_RANGE", "Truncated", "truncat
                  "Error decoding", "corrupt", "checksum")
 
 
-def _is_corruption(err: BaseException | None) -> bool:
+def is_corruption(err: BaseException | None) -> bool:
     """Missing, short or undecodable files (not: memory, permissions, other I/O errors).
 
     Follows the chain of causes: orbax re-raises tensorstore's ``ValueError`` as a plain
@@ -155,22 +118,15 @@ def _is_corruption(err: BaseException | None) -> bool:
     return False
 
 
-def _outcome(err: BaseException | None) -> int:
-    if err is None:
-        return _OK
-    if _is_corruption(err):
-        return _CORRUPT
-    return _MISMATCH if isinstance(err, CheckpointMismatchError) else _FATAL
-
-
-def _stop_error(step: int, err, outcomes: list[int], directory: str) -> Exception:
-    """The error every process raises when a checkpoint fails for a reason other than damage."""
-    if err is not None and _outcome(err) == max(outcomes):
-        if isinstance(err, CheckpointMismatchError):
+def _stop_error(step: int, err, mine: int, outcomes: list[int], directory: str) -> Exception:
+    """The error every process raises when a checkpoint fails for a reason other than damage
+    (``mine``: this process's outcome, ``outcomes``: every process's)."""
+    if err is not None and mine == max(outcomes):
+        if mine == _MISMATCH:
             return err
         return CheckpointReadError(
             f"checkpoint step {step} in {directory} could not be read ({type(err).__name__}: "
-            f"{_one_line(err)}); it is not damaged, so it was left in place: fix the cause "
+            f"{one_line(err)}); it is not damaged, so it was left in place: fix the cause "
             "(memory, file system) and run again."
         )
     return CheckpointReadError(
@@ -192,7 +148,7 @@ class Checkpointer:
         self.workdir = os.path.abspath(workdir)
         self.directory = os.path.join(self.workdir, CHECKPOINT_DIR)
         self._options = {"keep": keep, "async_save": async_save}
-        self._manager = _manager(self.directory, **self._options)
+        self._manager = open_manager(self.directory, **self._options)
 
     def _remove_incomplete(self) -> None:
         """Delete temporary directories of saves that a crash interrupted."""
@@ -230,39 +186,42 @@ class Checkpointer:
         steps = from_chief("checkpoint-steps", lambda: sorted(self.all_steps(), reverse=True))
         failed: list[tuple[int, Exception]] = []
         for step in steps:
-            restored, err = self._try_restore(template_state, step, config, shardings)
-            outcomes = agree(_outcome(err))  # one per process: every process decides alike
+            restored, err, mine = self._try_restore(template_state, step, config, shardings)
+            outcomes = agree(mine)  # one per process: every process decides alike
             worst = max(outcomes)
             if worst == _CORRUPT:
                 failed.append((step, err or RuntimeError(
                     f"damaged as seen by process {outcomes.index(_CORRUPT)}")))
                 continue
             if worst != _OK:
-                raise _stop_error(step, err, outcomes, self.directory)
+                raise _stop_error(step, err, mine, outcomes, self.directory)
             for bad, bad_err in failed:
                 self._set_aside(bad, bad_err, step)
             if failed:
                 barrier("checkpoints-set-aside")  # the chief has moved them: list again
                 self._manager.close()
-                self._manager = _manager(self.directory, **self._options)
+                self._manager = open_manager(self.directory, **self._options)
             return restored
         if failed:
             step, err = failed[0]
             raise CheckpointMismatchError(
-                f"no checkpoint in {self.directory} can be read (step {step}: {_one_line(err)});"
+                f"no checkpoint in {self.directory} can be read (step {step}: {one_line(err)});"
                 " move the damaged step directories away or use a fresh --workdir."
             )
         return None
 
     def _try_restore(self, template_state, step, config, shardings):
-        """``(restored, None)`` or ``(None, error)``; never raises for a bad checkpoint."""
+        """``(restored, None, _OK)`` or ``(None, error, outcome)``; never raises for a bad
+        checkpoint (the outcome is agreed on by every process first)."""
         try:
             meta = read_meta(self.directory, step)
             if config is not None:
                 check_compatible(meta.get("config", {}), config, self.workdir)
-            return self.restore(template_state, step, shardings=shardings), None
-        except Exception as err:  # noqa: BLE001 - classified by _outcome, then agreed on
-            return None, err
+            return self.restore(template_state, step, shardings=shardings), None, _OK
+        except CheckpointMismatchError as err:
+            return None, err, _CORRUPT if is_corruption(err) else _MISMATCH
+        except Exception as err:  # noqa: BLE001 - classified, then agreed on
+            return None, err, _CORRUPT if is_corruption(err) else _FATAL
 
     def _set_aside(self, step: int, err: Exception, resume_step: int) -> None:
         src = os.path.join(self.directory, str(step))
@@ -273,7 +232,7 @@ class Checkpointer:
                 dst += "_"
             os.replace(src, dst)
         log.warning("checkpoint step %d cannot be read (%s); moved it to %s and resuming from "
-                    "step %d", step, _one_line(err), dst, resume_step)
+                    "step %d", step, one_line(err), dst, resume_step)
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
@@ -340,15 +299,15 @@ class Checkpointer:
                 ),
             )
         except Exception as err:
-            if _is_corruption(err):
+            if is_corruption(err):
                 raise CorruptCheckpointError(
-                    f"checkpoint step {step} in {self.workdir} is damaged ({_one_line(err)})"
+                    f"checkpoint step {step} in {self.workdir} is damaged ({one_line(err)})"
                 ) from err
             if not isinstance(err, ValueError | KeyError | TypeError):
                 raise
             raise CheckpointMismatchError(
                 f"checkpoint step {step} in {self.workdir} does not match the model or optimizer "
-                f"of this config ({_one_line(err)}); use a fresh --workdir or "
+                f"of this config ({one_line(err)}); use a fresh --workdir or "
                 "the matching config."
             ) from err
         state = template_state.replace(
@@ -370,50 +329,3 @@ class Checkpointer:
     def close(self) -> None:
         self._manager.wait_until_finished()
         self._manager.close()
-
-
-def save_params(directory: str, step: int, params, meta: Mapping) -> None:
-    """Write a params-only checkpoint (replacing an existing one at ``step``)."""
-    manager = _manager(directory, async_save=False)
-    try:
-        if step in manager.all_steps():
-            manager.delete(step)
-        manager.save(
-            step,
-            args=ocp.args.Composite(
-                params=ocp.args.StandardSave(params), meta=ocp.args.JsonSave(dict(meta))
-            ),
-            force=True,
-        )
-        manager.wait_until_finished()
-    finally:
-        manager.close()
-
-
-def average_checkpoints(workdir: str, last: int = 5) -> tuple[Any, dict]:
-    """Mean of the params of the ``last`` most recent checkpoints of ``workdir``.
-
-    Returns:
-      ``(params, meta)``: averaged params (float32 numpy arrays) and the newest checkpoint's
-      meta with ``averaged_steps`` added.
-    """
-    if last < 1:
-        raise ValueError(f"--last must be >= 1; got {last}.")
-    directory = checkpoint_dir(workdir)
-    manager = _manager(directory, create=False)
-    steps = sorted(manager.all_steps())
-    manager.close()
-    if not steps:
-        raise FileNotFoundError(f"no checkpoints to average in {directory}.")
-    chosen = steps[-last:]
-    total = dtypes = None
-    for step in chosen:
-        params = jax.device_get(load_params(directory, step))
-        if dtypes is None:
-            dtypes = jax.tree_util.tree_map(lambda x: np.asarray(x).dtype, params)
-        params = jax.tree_util.tree_map(lambda x: np.asarray(x, np.float64), params)
-        total = params if total is None else jax.tree_util.tree_map(np.add, total, params)
-    averaged = jax.tree_util.tree_map(lambda s, dt: (s / len(chosen)).astype(dt), total, dtypes)
-    meta = read_meta(directory, chosen[-1])
-    meta["averaged_steps"] = chosen
-    return averaged, meta

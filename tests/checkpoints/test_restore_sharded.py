@@ -8,10 +8,9 @@ import pytest
 from flax import nnx
 from helpers import adam_step, init_state, tiny_config
 
-from transformer_jax.nn import Transformer
-from transformer_jax.training.checkpoint import Checkpointer
-from transformer_jax.training.sharding import Sharded, default_sharding_config
-from transformer_jax.training.step import split_model
+from transformer_jax.checkpoints import Checkpointer
+from transformer_jax.nn import Transformer, split_model
+from transformer_jax.parallel import Sharded, default_sharding_config
 
 
 def _bytes_per_device(tree) -> dict:
@@ -29,8 +28,7 @@ def test_sharded_restore_reads_only_each_devices_shards(tmp_path):
     config.update(data=1, fsdp=8, tensor=1)
     config["rules"].update(embed="fsdp", mlp="fsdp", vocab="fsdp")
     model = Transformer(tiny_config(d_model=64, d_ff=128), rngs=nnx.Rngs(0))
-    dp = Sharded(config, devices=jax.devices()[:8])
-    dp.prepare(model)
+    dp = Sharded(config, devices=jax.devices()[:8]).for_model(model)
     _, params = split_model(model)
     tx, _ = adam_step(None)
     state = dp.put_state(init_state(params, tx))

@@ -1,29 +1,13 @@
-"""Use a trained model: translate, generate, score translations and look at attention.
+"""Translating with an encoder-decoder model: ``Translator``, ``make_translate_fn``, attention.
 
-One call loads a training work directory (model, params and tokenizer, ready to use)::
-
-    from transformer_jax.inference import load
-
-    translator = load("runs/demo")                  # a Translator (encoder-decoder runs)
-    translator.translate(["one hundred and five", ""], beam_size=4, alpha=0.6)
-    # -> ["hundertfünf", ""]
-    translator.model, translator.params, translator.tokenizer, translator.config
-    lm = load("runs/lm")                            # a Generator (decoder-only runs)
-    lm.generate(["drei"], max_new_tokens=8)
-
-``load(workdir, averaged=True)`` reads ``<workdir>/averaged``; ``step=`` picks a checkpoint.
-``Translator(model, tokenizer)`` wraps a model in memory (``params=`` to use other weights).
-``translate`` sorts the sentences by token length, decodes them in batches whose shapes come
-from a small fixed set (rows and source length rounded up to powers of two), so a long list
-compiles a handful of programs, and returns the outputs in input order. Empty (or blank)
-sentences give empty outputs; sentences longer than the model's source limit are cut (a
-warning on stderr counts them). Each output may be at most ``source length + 50`` tokens long
-(the paper's limit), EOS included, and no longer than the decode buffer (``max_len``).
-
-Scores (sacrebleu, never hand-written)::
-
-    corpus_scores(hyps, refs, ("bleu", "chrf", "exact_match"))   # {"bleu": 27.1, ...}, 0-100
-    bleu(hyps, refs), chrf(hyps, refs)
+``Translator(model, tokenizer)`` wraps a model in memory (``params=`` to use other weights);
+``Translator.from_workdir`` / ``inference.load`` read a trained work directory. ``translate``
+sorts the sentences by token length, decodes them in batches whose shapes come from a small
+fixed set (rows and source length rounded up to powers of two), so a long list compiles a
+handful of programs, and returns the outputs in input order. Empty (or blank) sentences give
+empty outputs; sentences longer than the model's source limit are cut (a warning on stderr
+counts them). Each output may be at most ``source length + 50`` tokens long (the paper's
+limit), EOS included, and no longer than the decode buffer (``max_len``).
 
 Attention heatmaps::
 
@@ -31,9 +15,6 @@ Attention heatmaps::
     maps["cross"]            # [L, N, T, S] decoder->encoder weights, per layer and head
     maps["source_tokens"]    # S piece strings, the last is "</s>"
     maps["target_tokens"]    # T piece strings, the last is "</s>"
-
-Compiled building blocks: ``make_translate_fn`` (encoder-decoder search) and
-``make_generate_fn`` (decoder-only sampling), both pure functions of ``params``.
 """
 
 from __future__ import annotations
@@ -51,22 +32,9 @@ from transformer_jax import decoding
 from transformer_jax.checkpoints import read_run
 from transformer_jax.data.preprocess import source_transform
 from transformer_jax.data.tokenizer import EOS_ID, PAD_ID, Tokenizer
-from transformer_jax.generation import Generator, make_generate_fn
-from transformer_jax.metrics import bleu, chrf, corpus_scores
-from transformer_jax.nn import model_kind, split_model
+from transformer_jax.nn import split_model
 
-__all__ = [
-    "EXTRA_LENGTH",
-    "Generator",
-    "Translator",
-    "attention_maps",
-    "bleu",
-    "chrf",
-    "corpus_scores",
-    "load",
-    "make_generate_fn",
-    "make_translate_fn",
-]
+__all__ = ["EXTRA_LENGTH", "Translator", "attention_maps", "make_translate_fn"]
 
 EXTRA_LENGTH = 50  # paper: "maximum output length to input length + 50"
 MIN_BUCKET = 8  # shortest padded source length
@@ -78,11 +46,13 @@ def make_translate_fn(model_def, *, max_length: int, beam_size: int = 1,
                       pad_id: int = PAD_ID):
     """Jitted ``translate(params, src_ids [B, S]) -> ids [B, max_length]`` (EOS-terminated).
 
-    Greedy search for ``beam_size == 1``, else the best beam of ``beam_search``. Models of
-    the same architecture (equal ``graphdef``) share the compiled programs.
+    Greedy search for ``beam_size == 1``, else the best beam of ``beam_search``, from the
+    model's ``init_decoding(src_ids, max_length)`` (``nn.model``: for a language model the
+    "source" is a prompt it continues). Models of the same architecture (equal
+    ``graphdef``) share the compiled programs.
 
     Args:
-      model_def: ``nn.ModelDef`` of an encoder-decoder ``Transformer``.
+      model_def: ``nn.ModelDef`` of a model.
       max_length: decode buffer length (output columns and cache length).
       beam_size, length_penalty: search settings (paper: 4 and 0.6).
       extra_length: when given, each example's output (EOS included) is capped at its
@@ -101,8 +71,7 @@ def _translate_program(graphdef, max_length, beam_size, length_penalty, extra_le
     def translate(params, rest, src_ids):
         model = nnx.merge(graphdef, params, rest)
         batch = src_ids.shape[0]
-        encoded = model.encode(src_ids)  # [B, S, D]
-        cache = model.init_cache(batch, max_length, encoded=encoded, src_ids=src_ids)
+        cache, start_ids = model.init_decoding(src_ids, max_length)
         max_lengths = None
         if extra_length is not None:
             max_lengths = jnp.sum(src_ids != pad_id, axis=1) + extra_length  # [B]
@@ -115,11 +84,11 @@ def _translate_program(graphdef, max_length, beam_size, length_penalty, extra_le
         if beam_size == 1:
             return decoding.greedy_search(
                 cache, tokens_to_logits, batch_size=batch, max_len=max_length, eos_id=EOS_ID,
-                max_lengths=max_lengths, forbid_ids=forbid)
+                max_lengths=max_lengths, forbid_ids=forbid, start_ids=start_ids)
         return decoding.beam_search(
             cache, tokens_to_logits, batch_size=batch, beam_size=beam_size,
             max_len=max_length, eos_id=EOS_ID, alpha=length_penalty, max_lengths=max_lengths,
-            forbid_ids=forbid,
+            forbid_ids=forbid, start_ids=start_ids,
         )[0][:, 0]
 
     return jax.jit(translate)
@@ -139,18 +108,19 @@ def _until_eos(ids: list[int]) -> list[int]:
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _attention_weights(graphdef, params, rest, src_ids, tgt_in_ids):
+def _attention_weights(graphdef, params, rest, batch):
     """Teacher-forced weights ``{"encoder_self", "decoder_self", "decoder_cross"}``."""
     model = nnx.merge(graphdef, params, rest)
-    return model.with_attention(src_ids, tgt_in_ids)[1]
+    return model.with_attention(batch)[1]
 
 
 class Translator:
     """A model, its parameters and its tokenizer, ready to translate sentences.
 
     Args:
-      model: an encoder-decoder ``nn.Transformer`` (concrete, or abstract from
-        ``nnx.eval_shape`` when ``params`` is given).
+      model: a model that translates (``model.translates``: the encoder-decoder
+        ``nn.Transformer``), concrete, or abstract from ``nnx.eval_shape`` when ``params``
+        is given.
       tokenizer: the ``Tokenizer`` the model was trained with.
       params: parameter dict (``nnx.to_pure_dict`` layout); default: the model's own.
       max_source_length: longest source in tokens, EOS included (default the model's
@@ -165,9 +135,10 @@ class Translator:
                  max_source_length: int | None = None, max_decode_length: int | None = None,
                  extra_length: int = EXTRA_LENGTH,
                  normalize: Callable[[str], str] | None = None):
-        if model_kind(model) != "encoder_decoder":
-            raise TypeError(f"Translator needs an encoder-decoder Transformer, not a "
-                            f"{type(model).__name__}; use Generator for a language model.")
+        if not model.translates:
+            raise TypeError(f"Translator needs a model that translates (an encoder-decoder "
+                            f"Transformer), not a {type(model).__name__}; use Generator for "
+                            "a language model.")
         self.config = model.config
         self.model_def, own = split_model(model)
         if params is None:
@@ -207,7 +178,12 @@ class Translator:
         Raises:
           FileNotFoundError: no such directory, checkpoint or tokenizer (with the path).
         """
-        run = read_run(workdir, step, averaged, "encoder_decoder")
+        run = read_run(workdir, step, averaged)
+        if not run["model"].translates:
+            raise ValueError(
+                f"the run in {workdir} trained a {type(run['model']).__name__}, which does not "
+                "translate; load it with transformer_jax.inference.load."
+            )
         kwargs.setdefault("normalize", source_transform(run["data"]))
         translator = cls(run["model"], run["tokenizer"], params=run["params"], **kwargs)
         translator.step = run["step"]
@@ -324,13 +300,13 @@ class Translator:
         s_len, t_len = len(src), len(tgt)
         src_ids = np.full((1, _bucket(s_len, self.max_source_length)), self.config.pad_id,
                           np.int32)
-        tgt_in = np.full((1, _bucket(t_len, self.max_decode_length)), self.config.pad_id,
-                         np.int32)
+        targets = np.full((1, _bucket(t_len, self.max_decode_length)), self.config.pad_id,
+                          np.int32)
         src_ids[0, :s_len] = src
-        tgt_in[0, 1:t_len] = tgt[:-1]  # shift right: BOS (= pad id) first
+        targets[0, :t_len] = tgt  # the model reads them shifted right, BOS (= pad id) first
         weights = jax.device_get(_attention_weights(
-            self.model_def.graphdef, self.params, self.model_def.rest, jnp.asarray(src_ids),
-            jnp.asarray(tgt_in)))
+            self.model_def.graphdef, self.params, self.model_def.rest,
+            {"inputs": jnp.asarray(src_ids), "targets": jnp.asarray(targets)}))
         piece = self.tokenizer.id_to_piece
         return {
             "cross": np.asarray(weights["decoder_cross"][:, 0, :, :t_len, :s_len]),
@@ -370,28 +346,3 @@ def attention_maps(translator: Translator, source: str, target: str | None = Non
             "model with Translator(model, tokenizer, params=params)."
         )
     return translator.attention(source, target, beam_size=beam_size, alpha=alpha)
-
-
-# ------------------------------------------------------------------------------ loading
-def load(workdir: str, *, step: int | None = None, averaged: bool = False,
-         **kwargs) -> Translator | Generator:
-    """The trained model of a work directory, ready to use, in one call.
-
-    Returns a :class:`Translator` for an encoder-decoder run (``translate``,
-    ``attention``) and a :class:`Generator` for a decoder-only run (``generate``); both
-    carry ``model``, ``params``, ``tokenizer``, ``config`` and ``step``.
-
-    Args:
-      workdir: the run's ``--workdir``.
-      step: checkpoint step (default: the newest).
-      averaged: use ``<workdir>/averaged`` (checkpoint averaging) instead.
-      **kwargs: forwarded to ``Translator`` (``max_source_length`` ...).
-    """
-    run = read_run(workdir, step, averaged, None)
-    if run["kind"] == "decoder_only":
-        loaded = Generator(run["model"], run["tokenizer"], params=run["params"])
-    else:
-        kwargs.setdefault("normalize", source_transform(run["data"]))
-        loaded = Translator(run["model"], run["tokenizer"], params=run["params"], **kwargs)
-    loaded.step = run["step"]
-    return loaded

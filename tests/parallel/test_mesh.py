@@ -7,16 +7,10 @@ from flax import nnx
 from helpers import adam_step, init_state, packed_batch, tiny_config
 from jax.sharding import PartitionSpec as P
 
-from transformer_jax.nn import Transformer
-from transformer_jax.training import ConfigError
-from transformer_jax.training.sharding import (
-    Sharded,
-    default_sharding_config,
-    logical_specs,
-    mesh_shape,
-    mesh_specs,
-)
-from transformer_jax.training.step import split_model
+from transformer_jax.errors import ConfigError
+from transformer_jax.nn import Transformer, logical_specs, split_model
+from transformer_jax.parallel import Sharded, default_sharding_config
+from transformer_jax.parallel.mesh import mesh_shape, mesh_specs
 
 MESH = {"data": 2, "fsdp": 2, "tensor": 2}
 
@@ -34,8 +28,7 @@ def run():
     if jax.device_count() < 8:
         pytest.skip("needs 8 devices (tests/conftest.py sets 8 virtual CPU devices)")
     model = Transformer(tiny_config(), rngs=nnx.Rngs(0))
-    dp = Sharded(_sharded_config(), devices=jax.devices()[:8])
-    dp.bind(model)
+    dp = Sharded(_sharded_config(), devices=jax.devices()[:8]).for_model(model)
     model_def, params = split_model(model)
     tx, per_device = adam_step(model_def)
     batch = packed_batch(8, 16, seed=7)
@@ -46,8 +39,9 @@ def run():
         ref_state, m = ref_step(ref_state, batch)
         ref_losses.append(float(m["loss"]))
 
-    state = dp.put_state(init_state(params, tx))
-    step, rng = dp.train_step(per_device), dp.put_rng(jax.random.key(0))
+    state = init_state(params, tx)
+    step, rng = dp.compile_train_step(per_device, state), dp.put_rng(jax.random.key(0))
+    state = dp.put_state(state)
     losses = []
     for _ in range(2):
         state, m = step(state, dp.put_batch(batch), rng)
@@ -123,6 +117,11 @@ def test_rules_map_logical_names_and_leave_indivisible_dims_replicated():
     # unnamed parameters (layer norms) stay replicated
     norm = specs["encoder"]["layers"][0]["self_residual"]["norm"]["norm"]["scale"]
     assert norm == P(None)
+
+
+def test_placing_state_needs_the_model():
+    with pytest.raises(RuntimeError, match=r"for_model\(model\)"):
+        Sharded(_sharded_config(), devices=jax.devices()[:8]).state_shardings({"w": 1})
 
 
 def test_mesh_sizes_are_checked():

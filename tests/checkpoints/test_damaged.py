@@ -10,13 +10,9 @@ import jax.numpy as jnp
 import optax
 import pytest
 
-from transformer_jax.training.checkpoint import (
-    Checkpointer,
-    CheckpointReadError,
-    CorruptCheckpointError,
-    _is_corruption,
-)
-from transformer_jax.training.errors import CheckpointMismatchError
+from transformer_jax.checkpoints import Checkpointer, CorruptCheckpointError
+from transformer_jax.checkpoints.manager import is_corruption
+from transformer_jax.errors import CheckpointMismatchError, CheckpointReadError
 from transformer_jax.training.step import create_train_state
 
 
@@ -63,12 +59,12 @@ def test_other_errors_stop_and_leave_the_checkpoint(two_checkpoints, monkeypatch
 
 
 def test_corruption_is_told_apart():
-    assert _is_corruption(FileNotFoundError("meta/metadata"))
-    assert _is_corruption(json.JSONDecodeError("bad", "{", 1))
+    assert is_corruption(FileNotFoundError("meta/metadata"))
+    assert is_corruption(json.JSONDecodeError("bad", "{", 1))
     inner = ValueError('DATA_LOSS: Error reading "w/.zarray" in OCDBT database')
     outer = CheckpointMismatchError("wrapped")
     outer.__cause__ = inner
-    assert _is_corruption(outer)
+    assert is_corruption(outer)
     try:  # orbax re-raises tensorstore's error as a plain Exception while handling it
         try:
             raise ValueError('FAILED_PRECONDITION: Error reading "w/0.0" in OCDBT database: '
@@ -76,7 +72,7 @@ def test_corruption_is_told_apart():
         except ValueError:
             raise Exception("Encountered error while reading array index") from None  # noqa: TRY002
     except Exception as err:  # noqa: BLE001
-        assert _is_corruption(err)
-    assert not _is_corruption(MemoryError())
-    assert not _is_corruption(OSError(errno.EIO, "Input/output error"))
-    assert not _is_corruption(ValueError("shape (8, 8) does not match (4, 4)"))
+        assert is_corruption(err)
+    assert not is_corruption(MemoryError())
+    assert not is_corruption(OSError(errno.EIO, "Input/output error"))
+    assert not is_corruption(ValueError("shape (8, 8) does not match (4, 4)"))

@@ -1,4 +1,5 @@
-"""Data parallelism: pmap and shard_map over 8 CPU devices match one device step for step."""
+"""Data-parallel strategies: pmap and shard_map over 8 CPU devices match one device step for
+step."""
 
 import functools
 import os
@@ -9,12 +10,8 @@ import optax
 import pytest
 from helpers import init_state, synthetic_batch, tiny_model, tiny_train_config
 
-from transformer_jax.training import (
-    DataParallel,
-    eval_step,
-    train_and_evaluate,
-    train_step,
-)
+from transformer_jax.parallel import make_strategy
+from transformer_jax.training import eval_step, train_and_evaluate, train_step
 
 STEPS, ROWS = 3, 16
 
@@ -26,19 +23,20 @@ def _run(mode: str, *, dropout: bool):
     # would hide it, and it turns the float noise of gradients that are exactly zero in
     # theory, such as the key bias, into full-size steps of either sign).
     tx = optax.sgd(0.5)
-    dp = DataParallel(mode)
+    dp = make_strategy(mode)
     per_device = functools.partial(
         train_step, model_def=model_def, tx=tx, schedule=lambda count: 0.5,
         label_smoothing=0.1, dropout=dropout)
-    step = dp.train_step(per_device)
-    state = dp.put_state(init_state(params, tx))
+    state = init_state(params, tx)
+    step = dp.compile_train_step(per_device, state)
+    state = dp.put_state(state)
     rng = dp.put_rng(jax.random.key(7))
     history = []
     for i in range(STEPS):
         state, metrics = step(state, dp.put_batch(synthetic_batch(ROWS, seed=i)), rng)
         history.append(dp.metrics(metrics))
     final = jax.device_get(dp.get_state(state))
-    evaluated = dp.metrics(dp.eval_step(functools.partial(eval_step, model_def=model_def))(
+    evaluated = dp.metrics(dp.compile_eval_step(functools.partial(eval_step, model_def=model_def))(
         dp.put_state(final.params), dp.put_batch(synthetic_batch(ROWS, seed=99))))
     return final, history, evaluated, params
 
@@ -72,7 +70,7 @@ def test_data_parallel_matches_one_device(mode, single):
 
 @pytest.mark.parametrize("mode", ["pmap", "shard_map"])
 def test_batch_not_divisible_by_devices(mode):
-    dp = DataParallel(mode)
+    dp = make_strategy(mode)
     assert dp.check_batch_size(16) == 16
     with pytest.raises(ValueError, match=r"^batch_size=12 is not divisible by the 8 devices; "
                                          r"use a multiple of 8\.$"):

@@ -3,9 +3,10 @@
 Parameters carry logical axis names (``transformer_jax.nn.partitioning``: "vocab", "embed",
 "heads", "kv", "mlp"). One rules table (config ``sharding.rules``) maps each logical name to
 mesh axes; the batch is split over ("data", "fsdp"). The train step is the single-device
-``step.train_step`` (``axis_name=None``) compiled by ``jax.jit`` with ``NamedSharding`` in/out
-shardings: XLA's SPMD partitioner inserts the collectives (all-gathers of FSDP-sharded
-weights, reduce-scatters of their gradients, all-reduces of tensor-parallel partial sums).
+``training.step.train_step`` (``axis_name=None``) compiled by ``jax.jit`` with
+``NamedSharding`` in/out shardings: XLA's SPMD partitioner inserts the collectives
+(all-gathers of FSDP-sharded weights, reduce-scatters of their gradients, all-reduces of
+tensor-parallel partial sums).
 
 Default rules (``default_sharding_config``)::
 
@@ -16,15 +17,15 @@ devices, ``sharding.tensor = k`` Megatron-style splitting of heads / hidden unit
 ``sharding.data`` plain replication. A dimension that the mesh axes do not divide is left
 replicated (logged once), so odd vocabulary sizes still run.
 
-:class:`Sharded` implements ``parallel.Parallel`` like ``parallel.DataParallel``
-(``prepare``, ``put_state``, ``put_batch``, ``train_step`` ...), so the training loop and the
-evaluator drive every mode the same way. The mesh is laid out process-major; a process loads
-the rows its devices hold (``data_shard``: with a "tensor" axis spanning processes, several
-processes load the same rows) and the global batch is assembled with its global shape.
+:class:`Sharded` implements ``parallel.Strategy``. The mesh is laid out process-major; a
+process loads the rows its devices hold (``data_shard``: with a "tensor" axis spanning
+processes, several processes load the same rows) and the global batch is assembled with its
+global shape.
 """
 
 from __future__ import annotations
 
+import copy
 import functools
 import logging
 import math
@@ -38,18 +39,17 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from transformer_jax.nn.partitioning import LOGICAL_AXES
+from transformer_jax.errors import ConfigError
+from transformer_jax.nn.partitioning import LOGICAL_AXES, logical_specs
 from transformer_jax.ops import partition
-from transformer_jax.training.distributed import (
+from transformer_jax.parallel.placement import (
     global_batch,
     ordered_mesh,
     process_major,
     process_rows,
     put_global,
 )
-from transformer_jax.training.errors import ConfigError
-from transformer_jax.training.parallel import DataParallel, check_divisible
-from transformer_jax.training.step import params_before_use
+from transformer_jax.parallel.strategy import check_divisible
 
 __all__ = [
     "BATCH_AXES",
@@ -57,9 +57,7 @@ __all__ = [
     "Sharded",
     "check_sharding_config",
     "default_sharding_config",
-    "logical_specs",
     "make_mesh",
-    "make_parallel",
     "mesh_shape",
     "mesh_specs",
 ]
@@ -134,12 +132,6 @@ def make_mesh(c: Mapping, devices: Sequence[Any] | None = None) -> jax.sharding.
     return ordered_mesh(mesh_shape(c, len(devices)), MESH_AXES, devices, auto)
 
 
-def logical_specs(model: nnx.Module) -> dict:
-    """Params pytree (as ``step.split_model``) of PartitionSpecs with logical names."""
-    specs = nnx.get_partition_spec(nnx.state(model, nnx.Param))
-    return nnx.to_pure_dict(specs)
-
-
 def mesh_specs(logical: dict, params: dict, rules: Mapping, mesh) -> tuple[dict, list[str]]:
     """Logical PartitionSpecs -> mesh PartitionSpecs through ``rules``.
 
@@ -190,77 +182,71 @@ class Sharded:
       config: the ``sharding`` config section.
       devices: devices of the mesh (default: all, across processes).
 
-    Call :meth:`prepare` (or :meth:`bind`) with the model before placing state.
+    :meth:`for_model` gives the strategy bound to a model's parameter layout, which placing
+    and compiling the state needs.
     """
 
-    mode = "sharded"
+    name = "sharded"
 
     def __init__(self, config: Mapping, devices: Sequence[Any] | None = None):
         self.config = dict(config)
         self.mesh = make_mesh(self.config, devices)
         self.devices = list(self.mesh.devices.flat)
         self.num_devices = len(self.devices)
-        self._replicated = NamedSharding(self.mesh, P())
-        self._batch = NamedSharding(self.mesh, P(BATCH_AXES))
-        self._data_shard = process_rows(self._batch, self.global_devices)
-        self.param_shardings = None
-        self._param_treedef = None
+        self.replicated = NamedSharding(self.mesh, P())
+        self.batch_sharding = NamedSharding(self.mesh, P(BATCH_AXES))
+        self._data_shard = process_rows(self.batch_sharding, self.batch_shards)
+        self.param_specs = None  # mesh PartitionSpecs of the params (for_model)
 
     @property
-    def global_devices(self) -> int:
+    def batch_shards(self) -> int:
         """Batch shards: rows must divide by data x fsdp."""
         return self.mesh.shape["data"] * self.mesh.shape["fsdp"]
 
     def check_batch_size(self, batch_size: int) -> int:
-        """Validate the global batch and return the rows this process loads."""
-        check_divisible(batch_size, self.global_devices,
-                        f"the data x fsdp = {self.global_devices} batch shards")
+        check_divisible(batch_size, self.batch_shards,
+                        f"the data x fsdp = {self.batch_shards} batch shards")
         return batch_size // self.data_shard()[1]
 
     def data_shard(self) -> tuple[int, int]:
         return self._data_shard
 
-    def prepare(self, model: nnx.Module) -> None:
-        self.bind(model)
-
-    def bind(self, model: nnx.Module) -> None:
-        """Derive the parameter shardings from the model's logical axis metadata."""
+    def for_model(self, model: nnx.Module) -> Sharded:
+        """A copy bound to the parameter shardings that ``sharding.rules`` give the model's
+        logical axis names (an abstract model is enough)."""
         params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
         specs, notes = mesh_specs(logical_specs(model), params, self.config["rules"], self.mesh)
         for note in notes:
             log.warning("sharding: %s", note)
-        self.param_specs = specs
-        self.param_shardings = jax.tree_util.tree_map(
-            lambda s: NamedSharding(self.mesh, s), specs, is_leaf=lambda s: isinstance(s, P))
-        # the layout a weight is used in: its FSDP split gathered, tensor splits kept
-        self._use_shardings = jax.tree_util.tree_map(
-            lambda s: NamedSharding(self.mesh, _without_axis(s, "fsdp")), specs,
-            is_leaf=lambda s: isinstance(s, P))
-        self._param_treedef = jax.tree_util.tree_structure(params)
+        bound = copy.copy(self)
+        bound.param_specs = specs
+        return bound
 
     # ----------------------------------------------------------------- placement
-    def shardings_for(self, tree):
-        """Shardings for ``tree``: params-shaped subtrees (params, Adam moments, accumulated
-        gradients) get the parameter shardings, every other leaf is replicated."""
-        if self.param_shardings is None:
-            raise RuntimeError("Sharded.bind(model) must be called before placing state.")
-
-        def params_like(x):
-            return jax.tree_util.tree_structure(x) == self._param_treedef
-
-        def one(sub):
-            if params_like(sub):
-                return self.param_shardings
-            return self._replicated
-
-        return jax.tree_util.tree_map(one, tree, is_leaf=params_like)
+    def _shardings(self, specs) -> Any:
+        return jax.tree_util.tree_map(lambda s: NamedSharding(self.mesh, s), specs,
+                                      is_leaf=lambda s: isinstance(s, P))
 
     def state_shardings(self, tree):
-        return self.shardings_for(tree)
+        """Params-shaped subtrees (params, Adam moments, accumulated gradients) get the
+        parameter shardings, every other leaf is replicated."""
+        if self.param_specs is None:
+            raise RuntimeError("Sharded.for_model(model) gives the strategy for a model's "
+                               "parameters; call it before placing or compiling state.")
+        treedef = jax.tree_util.tree_structure(self.param_specs,
+                                               is_leaf=lambda s: isinstance(s, P))
+        param_shardings = self._shardings(self.param_specs)
+
+        def params_like(x):
+            return jax.tree_util.tree_structure(x) == treedef
+
+        return jax.tree_util.tree_map(
+            lambda sub: param_shardings if params_like(sub) else self.replicated, tree,
+            is_leaf=params_like)
 
     def put_state(self, tree):
         """Any-placed pytree -> sharded copies (never aliases the input)."""
-        return put_global(tree, self.shardings_for(tree))
+        return put_global(tree, self.state_shardings(tree))
 
     def get_state(self, tree):
         return tree
@@ -268,56 +254,43 @@ class Sharded:
     def put_batch(self, batch: Mapping[str, np.ndarray]):
         """This process's rows (see :meth:`data_shard`) -> global arrays split over
         ("data", "fsdp")."""
-        return global_batch(self._batch, batch, self.data_shard()[1])
+        return global_batch(self.batch_sharding, batch, self.data_shard()[1])
 
     def put_rng(self, key):
-        return put_global(key, self._replicated)
+        return put_global(key, self.replicated)
 
     def metrics(self, tree) -> dict[str, float]:
         return {k: float(v) for k, v in jax.device_get(tree).items()}
 
+    def exportable(self) -> Sharded:
+        return self
+
     # ----------------------------------------------------------------- compile
-    def train_step(self, per_device: Callable) -> Callable:
+    def compile_train_step(self, per_device: Callable, state) -> Callable:
         """``step(state, batch, rng)`` jitted with the state's shardings; donates ``state``."""
-        compiled: dict[str, Callable] = {}
+        sh = self.state_shardings(state)
+        return jax.jit(self._traced(per_device),
+                       in_shardings=(sh, self.batch_sharding, self.replicated),
+                       out_shardings=(sh, self.replicated), donate_argnums=0)
 
-        def step(state, batch, rng):
-            if "fn" not in compiled:
-                sh = self.shardings_for(state)
-                compiled["fn"] = jax.jit(
-                    lambda s, b, r: self._traced(per_device, s, b, r, axis_name=None),
-                    in_shardings=(sh, self._batch, self._replicated),
-                    out_shardings=(sh, self._replicated),
-                    donate_argnums=0,
-                )
-            return compiled["fn"](state, batch, rng)
-
-        return step
-
-    def _traced(self, fn: Callable, *args, **kwargs):
-        """``fn`` traced with the FSDP-split weights all-gathered before use
-        (``step.params_before_use``; left alone, XLA kept the weights split and every row of
-        the batch on every device: 8.4x the temporaries of data parallelism on 8 chips) and
-        inside ``ops.partition.partitioned`` (Pallas kernels per device on their rows, split
-        over ("data", "fsdp"), and their heads)."""
-        heads = _rule_axes(dict(self.config["rules"]).get("heads", ""))
-        gather = functools.partial(jax.lax.with_sharding_constraint,
-                                   shardings=self._use_shardings)
-        with partition.partitioned(self.mesh, BATCH_AXES, heads), params_before_use(gather):
-            return fn(*args, **kwargs)
-
-    def eval_step(self, per_device: Callable) -> Callable:
+    def compile_eval_step(self, per_device: Callable) -> Callable:
         """``eval(params, batch)`` jitted; outputs replicated."""
-        return jax.jit(lambda p, b: self._traced(per_device, p, b, axis_name=None),
-                       out_shardings=self._replicated)
+        return jax.jit(self._traced(per_device), out_shardings=self.replicated)
 
+    def _traced(self, fn: Callable) -> Callable:
+        """``fn`` with the FSDP-split weights all-gathered before use (the ``param_constraint``
+        of ``training.step``; left alone, XLA kept the weights split and every row of the
+        batch on every device, docs/scaling.md), traced inside ``ops.partition.partitioned``
+        (Pallas kernels per device on their rows, split over ("data", "fsdp"), and their
+        heads)."""
+        heads = _rule_axes(dict(self.config["rules"]).get("heads", ""))
+        in_use = self._shardings(jax.tree_util.tree_map(
+            lambda s: _without_axis(s, "fsdp"), self.param_specs,
+            is_leaf=lambda s: isinstance(s, P)))
+        gather = functools.partial(jax.lax.with_sharding_constraint, shardings=in_use)
 
-def make_parallel(config: Mapping):
-    """The placement/compilation driver of a validated training config.
+        def traced(*args):
+            with partition.partitioned(self.mesh, BATCH_AXES, heads):
+                return fn(*args, axis_name=None, param_constraint=gather)
 
-    ``parallelism="sharded"`` -> :class:`Sharded`; anything else -> ``parallel.DataParallel``.
-    Call ``prepare(model)`` before placing state.
-    """
-    if config["parallelism"] == "sharded":
-        return Sharded(config["sharding"])
-    return DataParallel(config["parallelism"])
+        return traced

@@ -1,9 +1,10 @@
-"""Text generation with a trained decoder-only language model.
+"""Text generation with a trained language model: ``Generator``, ``make_generate_fn``.
 
-``make_generate_fn`` builds the pure ``generate(params, prompt_ids, rng)`` (prefill through the
-KV cache, then ``decoding.sample``); ``Generator`` wraps it with the tokenizer and compiles once
-per prompt shape. ``transformer_jax.inference.load`` returns a ``Generator`` for a
-decoder-only run.
+``make_generate_fn`` builds the pure ``generate(params, prompt_ids, rng)`` (the model's
+``init_decoding`` reads the prompt through the KV cache, then ``decoding.sample``);
+``Generator`` wraps it with the tokenizer and compiles once per prompt shape.
+``transformer_jax.inference.load`` returns a ``Generator`` for a run whose model does not
+translate (a decoder-only LM).
 """
 
 from __future__ import annotations
@@ -27,10 +28,10 @@ def make_generate_fn(model_def: ModelDef, *, max_new_tokens: int, temperature: f
                      top_k: int = 0, top_p: float = 1.0, eos_id: int = EOS_ID):
     """Jitted ``generate(params, prompt_ids [B, P], rng) -> ids [B, max_new_tokens]``.
 
-    For a decoder-only LM, trained on ``shift_right(targets)``: position 0 holds the BOS (pad
-    id 0) and every later position the previous token. Continuing a prompt ``p_1 .. p_k``
-    feeds ``[BOS, p_1 .. p_{k-1}]`` through the model once (one parallel pass that fills the
-    KV cache) and starts ``decoding.sample`` from ``p_k``; an empty prompt starts from BOS.
+    The model's ``init_decoding`` reads the prompt: a decoder-only LM, trained on
+    ``shift_right(targets)``, feeds ``[BOS, p_1 .. p_{k-1}]`` of a prompt ``p_1 .. p_k``
+    through the model once (one parallel pass that fills the KV cache) and sampling starts
+    from ``p_k``; an empty prompt starts from BOS.
 
     All prompts of a batch have the same length P >= 0 (no padding: rows decode in lockstep
     over one cache index). The output holds the sampled continuation, its EOS, then pad (0).
@@ -43,23 +44,16 @@ def make_generate_fn(model_def: ModelDef, *, max_new_tokens: int, temperature: f
     def generate(params, prompt_ids, rng):
         model = model_def.merge(params)
         prompt_ids = jnp.asarray(prompt_ids, jnp.int32)
-        batch, prompt_len = prompt_ids.shape
-        cache = model.init_cache(batch, prompt_len + max_new_tokens)
-        start_ids = None
-        if prompt_len:
-            bos = jnp.zeros((batch, 1), jnp.int32)
-            prefill = jnp.concatenate([bos, prompt_ids[:, :-1]], axis=1)  # [B, P]
-            _, cache = model.decode(prefill, cache=cache)
-            start_ids = prompt_ids[:, -1]  # [B]
+        cache, start_ids = model.init_decoding(prompt_ids, max_new_tokens)
 
         def tokens_to_logits(ids, cache):  # ids [B, 1]
             logits, cache = model.decode(ids, cache=cache)  # [B, 1, V]
             return logits[:, 0, :], cache
 
         return decoding.sample(
-            cache, tokens_to_logits, rng, batch_size=batch, max_len=max_new_tokens,
-            temperature=temperature, top_k=top_k, top_p=top_p, eos_id=eos_id,
-            start_ids=start_ids)
+            cache, tokens_to_logits, rng, batch_size=prompt_ids.shape[0],
+            max_len=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+            eos_id=eos_id, start_ids=start_ids)
 
     return jax.jit(generate)
 
@@ -68,7 +62,8 @@ class Generator:
     """A decoder-only LM, its parameters and its tokenizer, ready to continue prompts.
 
     Args:
-      model: an ``nn.DecoderOnlyLM`` (concrete, or abstract when ``params`` is given).
+      model: a language model such as ``nn.DecoderOnlyLM`` (concrete, or abstract when
+        ``params`` is given).
       tokenizer: the ``Tokenizer`` the model was trained with.
       params: parameter dict; default: the model's own.
     """
@@ -83,8 +78,13 @@ class Generator:
     @classmethod
     def from_workdir(cls, workdir: str, *, step: int | None = None,
                      averaged: bool = False) -> Generator:
-        """Load tokenizer, model config and params of a decoder-only training run."""
-        run = read_run(workdir, step, averaged, "decoder_only")
+        """Load tokenizer, model config and params of a language-model training run."""
+        run = read_run(workdir, step, averaged)
+        if run["model"].translates:
+            raise ValueError(
+                f"the run in {workdir} trained a {type(run['model']).__name__}, a translation "
+                "model; load it with transformer_jax.inference.load (a Translator)."
+            )
         generator = cls(run["model"], run["tokenizer"], params=run["params"])
         generator.step = run["step"]
         return generator

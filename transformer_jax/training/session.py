@@ -1,0 +1,276 @@
+"""Setting up a training run: everything it holds, built in one place (:func:`setup`).
+
+A :class:`Session` is the whole state of a run, in the open: what set-up built (the
+:class:`~transformer_jax.training.build.Run`, the data, the checkpointer, the evaluator, the
+writers) and the :class:`Progress` that the loop and its hooks advance. Nothing is set
+elsewhere, so the loop (``training.loop``) and the hooks (``training.hooks``) read one object.
+
+Order of set-up: the strategy checks the batch sizes (before anything is written), the work
+directory and the data are prepared (the tokenizer's size becomes ``model.vocab_size``), the
+run is built, and the state is restored from the newest readable checkpoint, or initialised.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import logging
+import os
+import shutil
+import time
+from typing import Any
+
+import jax
+import ml_collections
+
+import transformer_jax.training.reporting as reporting
+from transformer_jax import data as data_lib
+from transformer_jax.checkpoints import Checkpointer, check_compatible, load_params
+from transformer_jax.errors import WorkdirError
+from transformer_jax.parallel import Strategy, chief_first, make_strategy
+from transformer_jax.runtime import StopFlag
+from transformer_jax.training.budget import Throughput, TimeBudget
+from transformer_jax.training.build import Run, build_run
+from transformer_jax.training.defaults import parse_metrics
+from transformer_jax.training.evaluate import Evaluator
+from transformer_jax.training.step import TrainState
+
+__all__ = ["Progress", "Session", "RunBatches", "setup"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class Progress:
+    """What changes while training; the loop and the hooks update it.
+
+    Attributes:
+      state: the train state, placed by the strategy.
+      rng: the dropout key (host; saved with every checkpoint).
+      rng_dev: ``rng`` placed for the compiled step.
+      micro: micro-batches done (``train_step`` calls).
+      step: optimizer updates done.
+      first_step: the update this process started from (0, or the resumed one).
+      resumed_step: the checkpoint step the run resumed from (0: a fresh start).
+      num_train_steps: updates to run: configured, or fitted to the time limit.
+      fitted_steps: the fitted count (``fit_steps_to_time``), None before the fit.
+      pending: step metrics not fetched from the devices yet.
+      last_train: the last logged training metrics.
+      last_eval: ``(step, metrics)`` of the last evaluation.
+      interrupted: stopped by a signal (checkpoint written, no final evaluation).
+      out_of_time: stopped by ``max_train_minutes`` (then finished as usual).
+    """
+
+    state: TrainState
+    rng: jax.Array
+    rng_dev: jax.Array
+    micro: int
+    step: int
+    first_step: int
+    resumed_step: int
+    num_train_steps: int
+    fitted_steps: int | None = None
+    pending: list = dataclasses.field(default_factory=list)
+    last_train: dict = dataclasses.field(default_factory=dict)
+    last_eval: tuple[int, dict] | None = None
+    interrupted: bool = False
+    out_of_time: bool = False
+
+
+@dataclasses.dataclass
+class Session:
+    """A training run: what :func:`setup` built and its :class:`Progress`.
+
+    Attributes:
+      config: the validated config as run (``model.vocab_size`` is the tokenizer's).
+      workdir: absolute work directory.
+      run: model, optimizer, strategy and compiled steps (``build_run``).
+      prepared: the prepared data (``data.prepare``).
+      train_it: this process's training batches (resumable).
+      checkpointer: saves and restores ``<workdir>/checkpoints``.
+      evaluator: loss and decoding metrics on a split.
+      history, writer: ``history.jsonl`` and TensorBoard (process 0 writes them).
+      throughput: measured update speed; budget: the time limit.
+      signals: SIGTERM / Ctrl-C flag.
+      tokenizer_ref: path and sha256 of the tokenizer, saved with every checkpoint.
+      metric_names: decoding metrics of the evaluations.
+      is_chief: this is process 0.
+      progress: the state of the loop.
+    """
+
+    config: ml_collections.ConfigDict
+    workdir: str
+    run: Run
+    prepared: Any
+    train_it: RunBatches
+    checkpointer: Checkpointer
+    evaluator: Evaluator
+    history: reporting.History
+    writer: reporting.MetricWriter
+    throughput: Throughput
+    budget: TimeBudget
+    signals: StopFlag
+    tokenizer_ref: dict
+    metric_names: tuple[str, ...]
+    is_chief: bool
+    progress: Progress
+
+    @property
+    def strategy(self) -> Strategy:
+        return self.run.strategy
+
+
+class RunBatches:
+    """This process's training batches, holding only the arrays the model reads.
+
+    This process materialises row block ``index`` of ``count`` (``Strategy.data_shard``) of
+    every global batch; the global batch sequence, and the iterator state saved with each
+    checkpoint, depend only on the data, the seed and the global batch size
+    (``data/streams.py``), so a run resumes on any number of processes or devices.
+    """
+
+    def __init__(self, prepared, run: Run):
+        index, count = run.strategy.data_shard()
+        self._it = data_lib.train_iterator(prepared, run.config.batch_size, run.config.seed,
+                                           process_index=index, process_count=count)
+        self._select = run.select
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        return self._select(next(self._it))
+
+    def get_state(self):
+        return self._it.get_state()
+
+    def set_state(self, state) -> None:
+        self._it.set_state(state)
+
+
+def setup(config: ml_collections.ConfigDict, workdir: str, *, signals: StopFlag,
+          wall_start: float | None = None) -> Session:
+    """Prepare data, build the run, resume or initialise the state (module docstring).
+
+    Args:
+      config: a config from ``validate_config``.
+      workdir: the run directory (created).
+      signals: the SIGTERM / Ctrl-C flag of the run.
+      wall_start: ``time.perf_counter()`` at the start of the process (the time limit
+        counts from there; default now).
+    """
+    wall_start = time.perf_counter() if wall_start is None else wall_start
+    workdir = os.path.abspath(workdir)
+    strategy = make_strategy(config.parallelism, config.sharding)
+    strategy.check_batch_size(config.batch_size)  # before anything is written
+    eval_batch_size = config.eval_batch_size or config.batch_size
+    strategy.check_batch_size(eval_batch_size)
+    prepared = _prepare_data(config, workdir)
+    run = build_run(config, vocab_size=prepared.vocab_size, strategy=strategy)
+    checkpointer = Checkpointer(workdir, keep=config.keep_checkpoints)
+    latest = checkpointer.latest_meta()  # fail before touching anything if the run
+    if latest is not None:  # cannot continue
+        check_compatible(latest[1].get("config", {}), run.config.to_dict(), workdir)
+    is_chief = jax.process_index() == 0
+    if is_chief:
+        reporting.write_json(os.path.join(workdir, reporting.CONFIG_FILE), run.config.to_dict())
+    train_it = RunBatches(prepared, run)
+    # A params-only checkpoint (a model imported by interop.marian) starts a fine-tuning run.
+    init_params_step = latest[0] if latest and latest[1].get("params_only") else None
+    run, progress = _start(run, checkpointer, train_it, workdir, init_params_step)
+    metric_names = parse_metrics(config.eval_metrics)
+    return Session(
+        config=run.config, workdir=workdir, run=run, prepared=prepared, train_it=train_it,
+        checkpointer=checkpointer,
+        evaluator=Evaluator.for_run(run, prepared, batch_size=eval_batch_size,
+                                    metric_names=metric_names),
+        history=reporting.History(workdir, progress.resumed_step),
+        writer=reporting.MetricWriter(workdir, enabled=is_chief),
+        throughput=Throughput(),
+        budget=TimeBudget(float(config.max_train_minutes), wall_start),
+        signals=signals, tokenizer_ref=_tokenizer_ref(prepared), metric_names=metric_names,
+        is_chief=is_chief, progress=progress)
+
+
+def _start(run: Run, checkpointer: Checkpointer, train_it: RunBatches, workdir: str,
+           init_params_step: int | None) -> tuple[Run, Progress]:
+    """The state restored into its shardings from the newest readable checkpoint (damaged
+    newer ones are set aside), or initialised there; the run with its fitted schedule."""
+    restored = None
+    if init_params_step is None:
+        restored = checkpointer.restore_latest(run.abstract_state, config=run.config.to_dict(),
+                                               shardings=run.state_shardings)
+    rng = jax.random.fold_in(jax.random.key(run.config.seed), 1)  # dropout stream
+    resumed_step, fitted = 0, None
+    if init_params_step is not None:
+        state = run.state_from_params(load_params(workdir, init_params_step))
+    elif restored is None:
+        state = run.init_state()
+    else:
+        state, rng = restored["state"], restored["rng"]
+        if restored["data_state"] is not None:
+            train_it.set_state(restored["data_state"])
+        resumed_step = int(restored["meta"]["step"])
+        fitted = restored["meta"].get("fitted_num_train_steps")
+        fitted = int(fitted) if fitted is not None and run.config.fit_steps_to_time else None
+        if fitted is not None:
+            run = run.with_num_train_steps(fitted)  # the schedule the run started with
+        log.info("resuming from step %d", resumed_step)
+        print(f"resuming from step {resumed_step}", flush=True)
+    micro = _local_int(state.step)
+    step = micro // int(run.config.optimizer.grad_accum_steps)
+    progress = Progress(
+        state=run.strategy.put_state(state), rng=rng, rng_dev=run.strategy.put_rng(rng),
+        micro=micro, step=step, first_step=step, resumed_step=resumed_step,
+        num_train_steps=run.num_train_steps, fitted_steps=fitted)
+    return run, progress
+
+
+def _prepare_data(config, workdir: str):
+    """The work directory (created and checked) and the prepared data, process 0 first; a
+    failure leaves no half-prepared work directory behind."""
+    created = _make_workdir(workdir)
+    try:
+        return chief_first(lambda: data_lib.prepare(config.data, workdir), "prepare",
+                           timeout_s=config.distributed.barrier_timeout)
+    except Exception:
+        if created and jax.process_index() == 0:
+            shutil.rmtree(workdir, ignore_errors=True)
+        raise
+
+
+def _make_workdir(workdir: str) -> bool:
+    """Create ``workdir`` and check that it takes a write; returns whether it was created."""
+    created = not os.path.isdir(workdir)
+    probe = os.path.join(workdir, f".write_check_{os.getpid()}")
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        with open(probe, "wb") as f:
+            f.write(b"\0" * 4096)
+            f.flush()
+            os.fsync(f.fileno())
+        os.remove(probe)
+    except OSError as err:
+        with contextlib.suppress(OSError):
+            os.remove(probe)
+        if created:
+            shutil.rmtree(workdir, ignore_errors=True)
+        raise WorkdirError(
+            f"cannot write to the work directory {workdir} ({err.strerror or err}); choose a "
+            "--workdir on a writable file system with free space."
+        ) from None
+    return created
+
+
+def _tokenizer_ref(prepared) -> dict:
+    with open(prepared.tokenizer_path, "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()
+    return {"path": os.path.abspath(prepared.tokenizer_path), "sha256": digest}
+
+
+def _local_int(x) -> int:
+    """A replicated scalar (host value or jax.Array, also one spanning processes) as int."""
+    if isinstance(x, jax.Array):
+        x = x.addressable_shards[0].data
+    return int(jax.device_get(x))
