@@ -33,10 +33,7 @@ INTERNAL_ROOTS = ("jax", "jaxlib", "flax", "optax", "orbax")
 # the file and the start of the violation's description. The list only shrinks: an entry
 # whose violation is gone fails the test until it is removed.
 KNOWN = {
-    ("long function", "transformer_jax/ops/attention.py", "dot_product_attention "),
     ("long function", "transformer_jax/decoding.py", "beam_search "),
-    ("private name", "transformer_jax/ops/multi_head.py",
-     "imports _shape from transformer_jax.ops.attention"),
     ("re-export", "transformer_jax/data/pipeline.py", "BATCH_KEYS "),
 }
 
