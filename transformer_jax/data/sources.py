@@ -69,8 +69,8 @@ class NumbersConfig(tfds.core.BuilderConfig):
         """A config whose name encodes every parameter, so each variant gets its own folder."""
         name = f"max{max_number}_train{train_size}_val{validation_size}_test{test_size}_seed{seed}"
         return cls(name=name, version=NumbersTranslate.VERSION, max_number=max_number,
-                   train_size=train_size,
-                   validation_size=validation_size, test_size=test_size, seed=seed,
+                   train_size=train_size, validation_size=validation_size, test_size=test_size,
+                   seed=seed,
                    description="English number words -> German number words.")
 
 
