@@ -9,7 +9,7 @@ every line on stdin: what a user runs; default) or through ``Translator`` in thi
 (``--via api``: the same code path without the command-line start-up), with the command line's
 defaults (beam 4, the run's length penalty).
 
-Writes JSON: per spelling, exact match per magnitude (0-9, 10-99, 100-999, 1000-9999, 10000+)
+Writes JSON: per spelling, exact match per magnitude (0-9, 10-99, 100-999, 1000-9999, 10000-up)
 with counts, and every failure as ``[number, input, output, expected]``.
 
 Usage:

@@ -16,9 +16,10 @@ import sacrebleu
 __all__ = ["MAGNITUDES", "bleu", "chrf", "corpus_scores", "exact_match_by_magnitude"]
 
 # Magnitude buckets of exact_match_by_magnitude: (label, smallest |value|), ascending; a value
-# belongs to the last bucket whose lower end it reaches.
+# belongs to the last bucket whose lower end it reaches. Labels use only characters that
+# TensorBoard keeps in a tag.
 MAGNITUDES = (("0-9", 0), ("10-99", 10), ("100-999", 100), ("1000-9999", 1_000),
-              ("10000+", 10_000))
+              ("10000-up", 10_000))
 
 
 def _check_aligned(hypotheses: Sequence[str], references: Sequence[str]) -> None:

@@ -59,7 +59,7 @@ def test_summary_and_last_line_report_exact_match_by_magnitude(demo_run):
     with open(os.path.join(demo_run.workdir, "summary.json"), encoding="utf-8") as f:
         summary = json.load(f)
     test = summary["test"]
-    labels = ["0-9", "10-99", "100-999", "1000-9999", "10000+"]
+    labels = ["0-9", "10-99", "100-999", "1000-9999", "10000-up"]
     assert [k for k in test if k.startswith("exact_match_")] == [
         f"exact_match_{label}" for label in labels]  # the test split holds every magnitude
     assert all(0.0 <= test[f"exact_match_{label}"] <= 100.0 for label in labels)

@@ -8,7 +8,7 @@
                                     sacrebleu, exact_match in percent
   exact_match_<magnitude>           with exact_match, when the examples carry a number
                                     (``PairSource.values``, e.g. the numbers task): exact
-                                    match per magnitude bucket (0-9, 10-99, ..., 10000+)
+                                    match per magnitude bucket (0-9, 10-99, ..., 10000-up)
 
 Decoding is split like the loss pass: global eval batch ``b`` holds sentences
 ``b * batch_size + [0, batch_size)``, each process decodes its block of rows of it, spread
