@@ -86,38 +86,60 @@ class CachedReader(CachedIds):
 
 
 class OnlineReader:
-    """Examples read as text and tokenized now (optionally in worker processes)."""
+    """Examples read as text and tokenized now; with a ``workers.TokenizerPool`` the sampled
+    segmentation runs in worker processes, and each stream's next chunk is started ahead."""
 
     def __init__(self, spec, source, tokenizer, pool=None):
-        self.spec, self.source, self.tokenizer, self.pool = spec, source, tokenizer, pool
+        self.spec, self.source, self.tokenizer = spec, source, tokenizer
+        self.pool = pool if spec.subword_sampling else None
+        self._pending: dict[tuple[int, int, int], tuple] = {}  # started chunks
 
-    def _encode(self, texts: list[str], positions: list[int]) -> list[list[int]]:
-        spec = self.spec
-        if not spec.subword_sampling:
-            return self.tokenizer.encode(texts)
-        alpha, nbest_size = spec.subword_sampling  # a new draw per side, example and epoch
-        keys = [2 * p for p in positions] + [2 * p + 1 for p in positions]
-        if self.pool is not None:
-            return self.pool.encode_sampled(texts, keys, alpha, nbest_size, spec.seed)
-        return self.tokenizer.encode_sampled(texts, keys, alpha=alpha, nbest_size=nbest_size,
-                                             seed=spec.seed)
-
-    def read(self, row: int, start: int, count: int) -> Chunk:
+    def _start(self, row: int, start: int, count: int) -> tuple:
+        """(positions, example indices, ids or a pool future of them) of a chunk."""
         spec = self.spec
         stop = min(row + (start + count) * spec.batch_size, spec.end)
         positions = np.arange(row + start * spec.batch_size, stop, spec.batch_size)
         indices = spec.order(positions).tolist()
         pairs = self.source.__getitems__(indices) if indices else []
-        ids = self._encode([s for s, _ in pairs] + [t for _, t in pairs], positions.tolist())
-        refs = [(np.asarray(ids[i] + [EOS_ID], np.int32),
-                 np.asarray(ids[len(pairs) + i] + [EOS_ID], np.int32))
-                for i in range(len(pairs))]
-        src = np.asarray([len(r[0]) for r in refs], np.int64)
-        tgt = np.asarray([len(r[1]) for r in refs], np.int64)
+        texts = [s for s, _ in pairs] + [t for _, t in pairs]
+        if not spec.subword_sampling:
+            return positions, indices, self.tokenizer.encode(texts)
+        alpha, nbest_size = spec.subword_sampling  # a new draw per side, example and epoch
+        keys = [2 * p for p in positions.tolist()] + [2 * p + 1 for p in positions.tolist()]
+        if self.pool is not None:
+            return positions, indices, self.pool.submit(texts, keys, alpha, nbest_size, spec.seed)
+        return positions, indices, self.tokenizer.encode_sampled(
+            texts, keys, alpha=alpha, nbest_size=nbest_size, seed=spec.seed)
+
+    def expect(self, row: int, start: int, count: int) -> None:
+        """Starts the chunk in the workers now, so it is ready when read (pool only)."""
+        key = (row, start, count)
+        if (self.pool is not None and key not in self._pending
+                and row + start * self.spec.batch_size < self.spec.end):
+            self._pending[key] = self._start(row, start, count)
+
+    def forget(self) -> None:
+        """Drops the chunks started ahead (the streams moved: ``set_state``)."""
+        for _, _, work in self._pending.values():
+            work.cancel()
+        self._pending.clear()
+
+    def read(self, row: int, start: int, count: int) -> Chunk:
+        job = self._pending.pop((row, start, count), None) or self._start(row, start, count)
+        self.expect(row, start + count, count)  # this stream's next chunk
+        _, indices, ids = job
+        if self.pool is not None:
+            ids = self.pool.result(ids)
+        m = len(indices)
+        refs = [(np.asarray(ids[i] + [EOS_ID], np.int32), np.asarray(ids[m + i] + [EOS_ID],
+                                                                        np.int32))
+                for i in range(m)]
+        src = np.fromiter((len(r[0]) for r in refs), np.int64, m)
+        tgt = np.fromiter((len(r[1]) for r in refs), np.int64, m)
         preprocessor = getattr(self.source, "preprocessor", None)  # PairSource has one
         ratio = preprocessor.max_length_ratio if preprocessor is not None else 0.0
-        keep = (np.maximum(src, tgt) <= spec.max_length) & _ratio_keep(src, tgt, ratio)
-        _record_dropped(spec.stats, [i for i, k in zip(indices, keep, strict=True) if not k])
+        keep = (np.maximum(src, tgt) <= self.spec.max_length) & _ratio_keep(src, tgt, ratio)
+        _record_dropped(self.spec.stats, [i for i, k in zip(indices, keep, strict=True) if not k])
         return Chunk(start, refs, src.tolist(), tgt.tolist(), keep.tolist())
 
     def tokens(self, refs: list, side: int):

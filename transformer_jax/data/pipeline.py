@@ -12,10 +12,10 @@ and ``B`` only, and the iterator's ``get_state()`` — the positions of all ``B`
 a small JSON-serialisable dict, equal on every process — restores under any process count.
 
 Evaluation: pairs in data-source order (ids from the same cache), one per row, inputs/targets
-trimmed to max_length (the last kept
-token replaced by EOS; counted), never packed; the last batch is filled with
-all-pad rows, and each row carries ``index`` (position in the split, -1 for filler rows), so
-every example is evaluated exactly once and outputs align with :func:`raw_pairs`.
+trimmed to max_length (the last kept token replaced by EOS; counted), never packed; the last
+batch is filled with all-pad rows, and each row carries ``index`` (position in the split, -1
+for filler rows), so every example is evaluated exactly once and outputs align with
+:func:`raw_pairs`.
 
 Batch keys (all int32): inputs, targets, inputs_segmentation, targets_segmentation,
 inputs_position, targets_position ([rows, max_length]); eval batches also index ([rows]).
@@ -41,6 +41,7 @@ import transformer_jax.data.examples as examples
 import transformer_jax.data.sources as sources
 import transformer_jax.data.streams as streams
 import transformer_jax.data.token_cache as token_cache
+import transformer_jax.data.workers as workers
 from transformer_jax.data.config import check_data_config
 from transformer_jax.data.streams import BATCH_KEYS
 from transformer_jax.data.tokenizer import Tokenizer
@@ -270,7 +271,9 @@ def train_iterator(
         bins=cfg.packing_bins_per_row, num_epochs=num_epochs,
         subword_sampling=(cfg.subword_sampling_alpha, cfg.subword_sampling_nbest)
         if sampling else None,
-        token_ids=None if sampling else prepared.token_ids(split))
+        token_ids=None if sampling else prepared.token_ids(split),
+        pool=workers.shared_pool(prepared.tokenizer, cfg.num_workers)
+        if sampling and cfg.get("num_workers", 0) > 0 else None)
     iterator = streams.TrainBatches(
         spec, process_index * rows, (process_index + 1) * rows,
         gather=_gather_for(process_count), prefetch=cfg.prefetch_batches)

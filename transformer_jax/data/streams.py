@@ -148,6 +148,13 @@ class RowStream:
         self._window = [b for b in bins if b]
         self._window_end = k
 
+    def start_reading(self) -> None:
+        """Lets the reader start the chunk the next window needs (worker processes)."""
+        chunk = self._chunk
+        if self._window is None and (chunk is None or not chunk.start <= self.window_start
+                                     < chunk.start + len(chunk.keep)):
+            self.spec.reader.expect(self.row, self.window_start, _READ_CHUNK)
+
     def next_row(self) -> list | None:
         """The examples of the next packed row, or None once a finite stream is exhausted."""
         if self._window is None:
@@ -216,6 +223,9 @@ class TrainBatches:
     # ------------------------------------------------------------------ batches
     def _produce(self):
         """(batch, positions after it) or None when every local stream has ended."""
+        if getattr(self.spec.reader, "pool", None) is not None:
+            for stream in self._streams:  # all chunks this batch needs, in the workers at once
+                stream.start_reading()
         rows = [s.next_row() for s in self._streams]
         if all(r is None for r in rows):
             return None
@@ -302,6 +312,8 @@ class TrainBatches:
                     "depends on it) or start from a fresh --workdir.")
         positions = state["positions"]
         self.close()
+        if hasattr(self.spec.reader, "forget"):
+            self.spec.reader.forget()
         self._consumed = [tuple(int(p) for p in positions[r]) for r in self._rows]
         for stream, pos in zip(self._streams, self._consumed, strict=True):
             stream.set_position(*pos)

@@ -133,7 +133,7 @@ def _save(stem: str, token_ids: TokenIds, key: dict) -> None:
 
 
 def _load(stem: str, max_length: int) -> TokenIds:
-    ids = np.load(stem + ".ids.npy", mmap_mode="r", allow_pickle=False)
+    ids = np.asarray(np.load(stem + ".ids.npy", mmap_mode="r", allow_pickle=False))  # mapped
     starts = np.load(stem + ".starts.npy", allow_pickle=False)
     lengths = np.load(stem + ".lengths.npy", allow_pickle=False)
     return TokenIds(ids, starts, lengths, max_length)
