@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import ml_collections
 
 from transformer_jax.data.preprocess import Preprocessor
@@ -10,6 +12,15 @@ __all__ = ["default_data_config", "check_data_config"]
 
 SOURCES = ("numbers", "text", "tfds")
 MODEL_TYPES = ("unigram", "bpe")
+
+
+def default_num_workers() -> int:
+    """The CPUs this process may use, at most 8 (``data.num_workers``' default)."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cpus = os.cpu_count() or 1
+    return max(1, min(cpus, 8))
 
 
 def default_data_config() -> ml_collections.ConfigDict:
@@ -51,6 +62,9 @@ def default_data_config() -> ml_collections.ConfigDict:
     # with 1, 0.88 with 4, 0.90 with 8).
     c.packing_bins_per_row = 4
     c.prefetch_batches = 2  # batches prepared ahead in a background thread (0 = off).
+    # Worker processes segmenting text for subword sampling (the only per-example work left
+    # once token ids are cached); 0 = in the main process. Batches do not depend on it.
+    c.num_workers = default_num_workers()
     # Numbers task ("numbers" source): numbers from range(numbers_max), each split drawn with
     # an equal share per digit class (0-9, 10-99, ...); see data/numbers.py, split_numbers.
     c.numbers_max = 100_000  # exclusive upper end of the number range (at most 1_000_000).
@@ -87,5 +101,9 @@ def check_data_config(c) -> None:
             raise ValueError(f"data.subword_sampling_nbest={c.subword_sampling_nbest} must be "
                              ">= 2 for subword sampling.")
     Preprocessor.from_config(c)  # unicode_normalization / max_length_ratio
+    workers = c.get("num_workers", 0)
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
+        raise ValueError(f"data.num_workers={workers!r} must be an integer >= 0 (0 segments "
+                         "text in the main process).")
     if c.packing_bins_per_row < 1:
         raise ValueError(f"data.packing_bins_per_row={c.packing_bins_per_row} must be >= 1.")

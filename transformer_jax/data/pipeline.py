@@ -2,17 +2,20 @@
 
 Training (:mod:`transformer_jax.data.streams`): row ``r`` of every global batch of ``B`` rows
 comes from its own stream of the seeded, per-epoch reshuffled training indices (every
-``B``-th one, starting at ``r``), read, tokenized (EOS appended), pairs longer than max_length
-dropped (counted in Prepared.stats), then packed first-fit into rows of max_length (segment
-ids 1..k, positions per segment) or padded one pair per row. Each process materialises its
+``B``-th one, starting at ``r``), their token ids (EOS appended) read from the split's
+token-id cache that :func:`prepare` builds once (``token_cache.py``; subword sampling
+tokenizes as it reads), pairs longer than max_length dropped (counted in Prepared.stats),
+then packed first-fit into rows of max_length (segment ids 1..k, positions per segment) or
+padded one pair per row. Each process materialises its
 own block of rows. The sequence of global batches therefore depends on the data, the seed
 and ``B`` only, and the iterator's ``get_state()`` — the positions of all ``B`` row streams,
 a small JSON-serialisable dict, equal on every process — restores under any process count.
 
-Evaluation: pairs in data-source order, one per row, inputs/targets trimmed to max_length
-(the last kept token replaced by EOS; counted), never packed; the last batch is filled with
-all-pad rows, and each row carries ``index`` (position in the split, -1 for filler rows), so
-every example is evaluated exactly once and outputs align with :func:`raw_pairs`.
+Evaluation: pairs in data-source order (ids from the same cache), one per row, inputs/targets
+trimmed to max_length (the last kept token replaced by EOS; counted), never packed; the last
+batch is filled with all-pad rows, and each row carries ``index`` (position in the split, -1
+for filler rows), so every example is evaluated exactly once and outputs align with
+:func:`raw_pairs`.
 
 Batch keys (all int32): inputs, targets, inputs_segmentation, targets_segmentation,
 inputs_position, targets_position ([rows, max_length]); eval batches also index ([rows]).
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import atexit
 import dataclasses
+import json
 import logging
 import os
 import threading
@@ -33,11 +37,14 @@ import jax
 import ml_collections
 import numpy as np
 
+import transformer_jax.data.examples as examples
 import transformer_jax.data.sources as sources
 import transformer_jax.data.streams as streams
+import transformer_jax.data.token_cache as token_cache
+import transformer_jax.data.workers as workers
 from transformer_jax.data.config import check_data_config
 from transformer_jax.data.streams import BATCH_KEYS
-from transformer_jax.data.tokenizer import EOS_ID, Tokenizer
+from transformer_jax.data.tokenizer import Tokenizer
 from transformer_jax.data.validation import DataError
 
 __all__ = [
@@ -85,6 +92,7 @@ class Prepared:
     builder: object  # the prepared tfds builder
     stats: PipelineStats = dataclasses.field(default_factory=PipelineStats)
     _sources: dict = dataclasses.field(default_factory=dict, repr=False)
+    _token_ids: dict = dataclasses.field(default_factory=dict, repr=False)  # by cache key
 
     @property
     def vocab_size(self) -> int:
@@ -99,6 +107,23 @@ class Prepared:
         if split not in self._sources:
             self._sources[split] = sources.open_split(self.config, self.builder, split)
         return self._sources[split]
+
+    @property
+    def cache_dir(self) -> str:
+        """Where the token-id caches of the splits live (beside the prepared dataset)."""
+        return os.path.join(getattr(self.builder, "data_dir", self.data_dir), "token_ids")
+
+    def token_ids(self, split: str) -> token_cache.TokenIds:
+        """The split's token ids (EOS appended, see ``token_cache``): read from the cache
+        beside the prepared data, built there on first use or when the key changed."""
+        source = self.source(split)
+        key = json.dumps(token_cache.cache_key(self.tokenizer, self.config.max_length,
+                                               source.preprocessor, split, source.name),
+                         sort_keys=True)
+        if key not in self._token_ids:
+            self._token_ids[key] = token_cache.load_or_build(
+                self.cache_dir, split, source, self.tokenizer, self.config.max_length)
+        return self._token_ids[key]
 
 
 def _training_sentences(source: sources.PairSource, sample_size: int, seed: int):
@@ -115,7 +140,9 @@ def _training_sentences(source: sources.PairSource, sample_size: int, seed: int)
 
 
 def prepare(data_config, workdir: str, *, tokenizer_path: str | None = None) -> Prepared:
-    """Prepares the dataset (once) and loads or trains the tokenizer (once per workdir).
+    """Prepares the dataset (once), loads or trains the tokenizer (once per workdir) and
+    tokenizes the train / eval / test splits into their token-id caches (once per tokenizer,
+    max_length and preprocessing; the train split not with subword sampling).
 
     Args:
       data_config: the ``data.*`` ConfigDict (see ``default_data_config``).
@@ -152,22 +179,13 @@ def prepare(data_config, workdir: str, *, tokenizer_path: str | None = None) -> 
             sentences, vocab_size=config.vocab_size, model_type=config.tokenizer_model_type,
             character_coverage=config.tokenizer_character_coverage, path=path)
     prepared.tokenizer = tokenizer
+    for split in (config.train_split, config.eval_split, config.test_split):
+        if split and not (split == config.train_split and config.subword_sampling_alpha > 0):
+            prepared.token_ids(split)  # tokenized once, here (subword sampling: per epoch)
     return prepared
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def _pad_row(tokens: np.ndarray, length: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """tokens [n] -> (ids [L], segmentation [L], positions [L]), zero beyond n."""
-    n = len(tokens)
-    ids = np.zeros(length, np.int32)
-    ids[:n] = tokens
-    seg = np.zeros(length, np.int32)
-    seg[:n] = 1
-    pos = np.zeros(length, np.int32)
-    pos[:n] = np.arange(n, dtype=np.int32)
-    return ids, seg, pos
 
 
 def _resolve_process(process_index, process_count) -> tuple[int, int]:
@@ -245,12 +263,17 @@ def train_iterator(
     rows = _local_rows(batch_size, process_count)
     if not 0 <= seed < 2**32:
         raise ValueError(f"seed={seed} must be in [0, 2**32).")
+    split = split or cfg.train_split
+    sampling = cfg.subword_sampling_alpha > 0
     spec = streams.StreamSpec(
-        prepared.source(split or cfg.train_split), prepared.tokenizer, prepared.stats,
+        prepared.source(split), prepared.tokenizer, prepared.stats,
         batch_size=batch_size, seed=seed, max_length=cfg.max_length, packing=cfg.packing,
         bins=cfg.packing_bins_per_row, num_epochs=num_epochs,
-        subword_sampling=((cfg.subword_sampling_alpha, cfg.subword_sampling_nbest)
-                          if cfg.subword_sampling_alpha > 0 else None))
+        subword_sampling=(cfg.subword_sampling_alpha, cfg.subword_sampling_nbest)
+        if sampling else None,
+        token_ids=None if sampling else prepared.token_ids(split),
+        pool=workers.shared_pool(prepared.tokenizer, cfg.num_workers)
+        if sampling and cfg.get("num_workers", 0) > 0 else None)
     iterator = streams.TrainBatches(
         spec, process_index * rows, (process_index + 1) * rows,
         gather=_gather_for(process_count), prefetch=cfg.prefetch_batches)
@@ -275,32 +298,23 @@ class _EvalBatch(grain.transforms.Map):
     """Batch number -> padded eval batch of this process's rows, with example ``index``."""
 
     def __init__(self, prepared: Prepared, split: str, batch_size: int, rows: int, offset: int):
-        self._source = prepared.source(split)
-        self._tokenizer, self._stats = prepared.tokenizer, prepared.stats
-        self._split, self._length = split, prepared.config.max_length
+        self._ids = examples.CachedIds(prepared.token_ids(split))
+        self._stats, self._split = prepared.stats, split
+        self._length = prepared.config.max_length
         self._batch_size, self._rows, self._offset = batch_size, rows, offset
-
-    def _fit(self, ids: list[int], index: int) -> np.ndarray:
-        ids = ids + [EOS_ID]
-        if len(ids) > self._length:
-            ids = ids[: self._length - 1] + [EOS_ID]
-            with self._stats._lock:
-                self._stats.trimmed_eval_ids.setdefault(self._split, set()).add(index)
-        return np.asarray(ids, np.int32)
 
     def map(self, batch_number):
         start = int(batch_number) * self._batch_size + self._offset
         index = np.arange(start, start + self._rows)  # [rows]
-        valid = index < len(self._source)
-        pairs = self._source.__getitems__(index[valid].tolist())
-        out = {k: np.zeros((self._rows, self._length), np.int32) for k in BATCH_KEYS}
-        if pairs:
-            srcs, tgts = zip(*pairs, strict=True)
-            for key, texts in (("inputs", srcs), ("targets", tgts)):
-                for r, ids in enumerate(self._tokenizer.encode(texts)):
-                    row = _pad_row(self._fit(ids, int(index[r])), self._length)
-                    for name, value in zip(("", "_segmentation", "_position"), row, strict=True):
-                        out[key + name][r] = value
+        valid = index < len(self._ids.token_ids)
+        lengths = self._ids.token_ids.lengths[:, index[valid]]  # [2, valid rows], untrimmed
+        trimmed = index[valid][lengths.max(axis=0, initial=0) > self._length].tolist()
+        if trimmed:
+            with self._stats._lock:
+                self._stats.trimmed_eval_ids.setdefault(self._split, set()).update(trimmed)
+        rows = [[int(i)] if v else [] for i, v in zip(index, valid, strict=True)]
+        out = examples.layout_rows(rows, self._ids, self._length)
+        out = {k: out[k] for k in BATCH_KEYS}
         out["index"] = np.where(valid, index, -1).astype(np.int32)  # [rows]
         return out
 

@@ -5,9 +5,10 @@ own stream, and only from it::
 
     order  = the training indices, shuffled with ``seed`` and reshuffled every epoch, repeated
     stream r = order[r], order[r + B], order[r + 2B], ...     (example k of row r: order[r + kB])
-      -> read + tokenize (with data.subword_sampling_alpha > 0: a segmentation drawn per
-         example, side and epoch, keyed by the global position), append EOS; pairs longer
-         than max_length are skipped (and counted)
+      -> token ids with EOS, from the split's token-id cache (tokenized once, see
+         token_cache.py), or with data.subword_sampling_alpha > 0 tokenized now (a
+         segmentation drawn per example, side and epoch, keyed by the global position);
+         pairs longer than max_length are skipped (and counted)
       -> packed: windows of ``bins`` rows filled first-fit; a window closes at the first
          example that fits none of its rows, and its rows are emitted in order
          padded: one example per row
@@ -19,19 +20,23 @@ window and how many of its rows were already emitted. Re-packing the window from
 ``window_start`` is deterministic, so these two numbers restore the row exactly. The global
 state is the list of all ``B`` positions: the same on every process, and valid under any
 process count that divides ``B``.
+
+The packing loop touches only example lengths (Python ints, a few per example); the batch's
+arrays are laid out by ``examples.layout_rows`` in numpy over all its tokens at once.
 """
 
 from __future__ import annotations
 
 import queue
+import sys
 import threading
 from collections.abc import Callable, Sequence
 
-import grain
 import numpy as np
 from jax.experimental import multihost_utils
 
-from transformer_jax.data.tokenizer import EOS_ID
+from transformer_jax.data.examples import CachedReader, Chunk, OnlineReader, layout_rows
+from transformer_jax.data.order import EpochOrder
 from transformer_jax.errors import ConfigError
 
 __all__ = ["BATCH_KEYS", "RowStream", "StreamSpec", "TrainBatches", "allgather_states",
@@ -46,17 +51,27 @@ BATCH_KEYS = (
 
 
 class StreamSpec:
-    """What fixes the streams: the data order, global batch size, length and packing."""
+    """What fixes the streams: the data order, global batch size, length and packing.
+
+    ``token_ids`` (the split's ``token_cache.TokenIds``) makes the streams read cached ids;
+    without it, or with subword sampling, they tokenize the text as they go (``pool``: a
+    ``workers.TokenizerPool`` doing that in worker processes).
+    """
 
     def __init__(self, source, tokenizer, stats, *, batch_size: int, seed: int,
                  max_length: int, packing: bool, bins: int, num_epochs: int | None = None,
-                 subword_sampling: tuple[float, int] | None = None):
+                 subword_sampling: tuple[float, int] | None = None, token_ids=None, pool=None):
         self.source, self.tokenizer, self.stats = source, tokenizer, stats
         self.subword_sampling = subword_sampling  # (alpha, nbest_size) or None
         self.batch_size, self.seed, self.max_length = batch_size, seed, max_length
         self.packing, self.bins = packing, bins if packing else 1
-        self.order = grain.MapDataset.range(len(source)).shuffle(seed=seed).repeat(num_epochs)
-        self.end = len(self.order)  # global positions past the last epoch (finite epochs only)
+        self.order = EpochOrder(len(source), seed)  # = grain's range(n).shuffle(seed).repeat()
+        # Global positions past the last epoch (finite epochs only).
+        self.end = len(source) * num_epochs if num_epochs is not None else sys.maxsize
+        if token_ids is not None and not subword_sampling:
+            self.reader = CachedReader(self, token_ids, getattr(source, "preprocessor", None))
+        else:
+            self.reader = OnlineReader(self, source, tokenizer, pool)
 
     def identity(self) -> dict:
         """The settings a saved state is only valid for."""
@@ -64,67 +79,8 @@ class StreamSpec:
                 "packing": self.packing, "bins": self.bins,
                 "subword_sampling": list(self.subword_sampling) if self.subword_sampling else None}
 
-    def read(self, row: int, start: int, count: int) -> list:
-        """Examples ``start .. start+count-1`` of row ``row``'s stream (fewer at the end).
-
-        Each is ``(inputs [s], targets [t])`` int32 with EOS, or None when longer than
-        max_length or outside the source's length-ratio filter (``data.max_length_ratio``);
-        the pair's index is then recorded in ``stats.dropped_train_ids``.
-        """
-        positions = range(row + start * self.batch_size,
-                          min(row + (start + count) * self.batch_size, self.end),
-                          self.batch_size)
-        indices = [int(self.order[p]) for p in positions]
-        if not indices:
-            return []
-        pairs = self.source.__getitems__(indices)
-        texts = [s for s, _ in pairs] + [t for _, t in pairs]
-        if self.subword_sampling:  # a new draw for every side of every example and epoch
-            alpha, nbest_size = self.subword_sampling
-            keys = [2 * p for p in positions] + [2 * p + 1 for p in positions]
-            ids = self.tokenizer.encode_sampled(texts, keys, alpha=alpha,
-                                                nbest_size=nbest_size, seed=self.seed)
-        else:
-            ids = self.tokenizer.encode(texts)
-        preprocessor = getattr(self.source, "preprocessor", None)  # PairSource has one
-        out = []
-        dropped = []
-        for i, index in enumerate(indices):
-            src, tgt = ids[i] + [EOS_ID], ids[len(indices) + i] + [EOS_ID]
-            if max(len(src), len(tgt)) > self.max_length or (
-                    preprocessor is not None and not preprocessor.keep(len(src) - 1, len(tgt) - 1)):
-                out.append(None)
-                dropped.append(index)
-            else:
-                out.append((np.asarray(src, np.int32), np.asarray(tgt, np.int32)))
-        if dropped:
-            with self.stats._lock:
-                self.stats.dropped_train_ids.update(dropped)
-        return out
-
-
-def _layout(examples: Sequence[np.ndarray], length: int) -> tuple[np.ndarray, ...]:
-    """Examples packed left to right -> (tokens [L], segmentation [L], positions [L])."""
-    tokens, seg, pos = (np.zeros(length, np.int32) for _ in range(3))
-    at = 0
-    for k, ex in enumerate(examples, start=1):
-        n = len(ex)
-        tokens[at : at + n] = ex
-        seg[at : at + n] = k
-        pos[at : at + n] = np.arange(n, dtype=np.int32)
-        at += n
-    return tokens, seg, pos
-
 
 _MAX_SKIPPED = 10_000  # consecutive dropped pairs that stop training with an error
-
-
-def _make_row(examples: list, length: int) -> dict[str, np.ndarray]:
-    out = {}
-    for side, key in enumerate(("inputs", "targets")):
-        tokens, seg, pos = _layout([ex[side] for ex in examples], length)
-        out.update({key: tokens, f"{key}_segmentation": seg, f"{key}_position": pos})
-    return out
 
 
 class RowStream:
@@ -133,10 +89,9 @@ class RowStream:
     def __init__(self, spec: StreamSpec, row: int):
         self.spec, self.row = spec, row
         self.window_start, self.emitted = 0, 0
-        self._window: list | None = None  # packed rows of the current window
+        self._window: list[list] | None = None  # rows (lists of examples) of the window
         self._window_end = 0
-        self._buffer: list = []  # examples [buffer_start, buffer_start + len)
-        self._buffer_start = 0
+        self._chunk: Chunk | None = None  # examples read last
 
     @property
     def position(self) -> tuple[int, int]:
@@ -146,50 +101,62 @@ class RowStream:
         self.window_start, self.emitted = int(window_start), int(emitted)
         self._window = None
 
-    def _example(self, k: int):
-        """Example k of this stream; None when dropped; raises IndexError past the end."""
-        if not self._buffer_start <= k < self._buffer_start + len(self._buffer):
-            self._buffer_start = k
-            self._buffer = self.spec.read(self.row, k, _READ_CHUNK)
-        if k - self._buffer_start >= len(self._buffer):
-            raise IndexError(k)
-        return self._buffer[k - self._buffer_start]
-
-    def _fits(self, used: list[int], example) -> bool:
-        if not self.spec.packing:
-            return used[0] == 0 and used[1] == 0
-        return all(u + len(x) <= self.spec.max_length for u, x in zip(used, example, strict=True))
+    def _chunk_at(self, k: int) -> Chunk:
+        """The chunk holding example ``k`` of this stream (read if needed; empty at the end)."""
+        chunk = self._chunk
+        if chunk is None or not chunk.start <= k < chunk.start + len(chunk.keep):
+            chunk = self._chunk = self.spec.reader.read(self.row, k, _READ_CHUNK)
+        return chunk
 
     def _pack_window(self) -> None:
-        bins: list[list] = [[] for _ in range(self.spec.bins)]
-        used = [[0, 0] for _ in range(self.spec.bins)]
-        k = self.window_start
-        skipped = 0  # dropped in a row; _MAX_SKIPPED or the whole data set: none fits
+        """First fit of the examples from ``window_start`` into ``bins`` rows; the window
+        closes at the first example that fits none of them (plain ints: no numpy per example)."""
+        spec = self.spec
+        length, nbins, packing = spec.max_length, spec.bins, spec.packing
+        bins: list[list] = [[] for _ in range(nbins)]
+        used_source, used_target = [0] * nbins, [0] * nbins
+        k, skipped, limit = self.window_start, 0, max(len(spec.source), _MAX_SKIPPED)
+        chunk = self._chunk_at(k)
         while True:
-            try:
-                example = self._example(k)
-            except IndexError:  # finite epochs: the stream ended
-                break
-            if example is None:
-                skipped += 1
-                if skipped >= max(len(self.spec.source), _MAX_SKIPPED):
+            j = k - chunk.start
+            if j >= len(chunk.keep):
+                chunk = self._chunk_at(k)
+                j = 0
+                if not chunk.keep:  # finite epochs: the stream ended
+                    break
+            if not chunk.keep[j]:
+                skipped += 1  # dropped in a row; the limit or the whole data set: none fits
+                if skipped >= limit:
                     raise ConfigError(
                         f"none of {skipped} training pairs in a row fits data.max_length="
-                        f"{self.spec.max_length} tokens (EOS included) and "
-                        "data.max_length_ratio; raise data.max_length.")
+                        f"{length} tokens (EOS included) and data.max_length_ratio; raise "
+                        "data.max_length.")
+                k += 1
+                continue
+            skipped = 0
+            a, b = chunk.source_lengths[j], chunk.target_lengths[j]
+            for i in range(nbins):
+                if used_source[i] + a <= length and used_target[i] + b <= length and (
+                        packing or not bins[i]):
+                    bins[i].append(chunk.refs[j])
+                    used_source[i] += a
+                    used_target[i] += b
+                    break
             else:
-                skipped = 0
-                b = next((b for b in range(len(bins)) if self._fits(used[b], example)), None)
-                if b is None:
-                    break  # closes the window; this example starts the next one
-                bins[b].append(example)
-                used[b] = [u + len(x) for u, x in zip(used[b], example, strict=True)]
+                break  # closes the window; this example starts the next one
             k += 1
-        self._window = [_make_row(b, self.spec.max_length) for b in bins if b]
+        self._window = [b for b in bins if b]
         self._window_end = k
 
-    def next_row(self) -> dict[str, np.ndarray] | None:
-        """The next packed row, or None once a finite stream is exhausted."""
+    def start_reading(self) -> None:
+        """Lets the reader start the chunk the next window needs (worker processes)."""
+        chunk = self._chunk
+        if self._window is None and (chunk is None or not chunk.start <= self.window_start
+                                     < chunk.start + len(chunk.keep)):
+            self.spec.reader.expect(self.row, self.window_start, _READ_CHUNK)
+
+    def next_row(self) -> list | None:
+        """The examples of the next packed row, or None once a finite stream is exhausted."""
         if self._window is None:
             self._pack_window()
         if self.emitted >= len(self._window):  # only an exhausted (finite) stream
@@ -256,12 +223,14 @@ class TrainBatches:
     # ------------------------------------------------------------------ batches
     def _produce(self):
         """(batch, positions after it) or None when every local stream has ended."""
+        if getattr(self.spec.reader, "pool", None) is not None:
+            for stream in self._streams:  # all chunks this batch needs, in the workers at once
+                stream.start_reading()
         rows = [s.next_row() for s in self._streams]
         if all(r is None for r in rows):
             return None
-        filler = {k: np.zeros(self.spec.max_length, np.int32) for k in BATCH_KEYS}
-        batch = {k: np.stack([(r if r is not None else filler)[k] for r in rows])
-                 for k in BATCH_KEYS}  # [rows, L] each
+        arrays = layout_rows([r or [] for r in rows], self.spec.reader, self.spec.max_length)
+        batch = {k: arrays[k] for k in BATCH_KEYS}  # [rows, L] each; ended rows are padding
         return batch, [s.position for s in self._streams]
 
     def _put(self, item) -> None:
@@ -343,6 +312,8 @@ class TrainBatches:
                     "depends on it) or start from a fresh --workdir.")
         positions = state["positions"]
         self.close()
+        if hasattr(self.spec.reader, "forget"):
+            self.spec.reader.forget()
         self._consumed = [tuple(int(p) for p in positions[r]) for r in self._rows]
         for stream, pos in zip(self._streams, self._consumed, strict=True):
             stream.set_position(*pos)
