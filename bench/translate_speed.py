@@ -113,9 +113,11 @@ def write_marian(path: str, size: dict, vocab: int) -> None:
 def prepare(root: str, size: dict, data: str) -> dict:
     """Writes (once per size) the Marian model, its imports and the tokenized sentences."""
     stamp = os.path.join(root, "prepared.json")
+    model_keys = {k: size[k] for k in ("d_model", "layers", "heads", "ffn", "vocab", "spm_lines")}
     if os.path.isfile(stamp):
         with open(stamp) as f:
-            if json.load(f)["size"] == size:
+            if json.load(f).get("model") == model_keys:  # same model: only new sentences
+                _write_sentences(root, os.path.join(root, "marian"), data, size)
                 return _read_prepared(root)
     os.makedirs(root, exist_ok=True)
     marian, workdir = os.path.join(root, "marian"), os.path.join(root, "jax_workdir")
@@ -131,7 +133,7 @@ def prepare(root: str, size: dict, data: str) -> dict:
         TransformersConverter(marian).convert(os.path.join(root, "ct2"), force=True)
     _write_sentences(root, marian, data, size)
     with open(stamp, "w") as f:
-        json.dump({"size": size}, f)
+        json.dump({"model": model_keys}, f)
     return _read_prepared(root)
 
 
