@@ -363,6 +363,18 @@ def ratios(results: dict) -> dict:
     return out
 
 
+def versions() -> dict:
+    from importlib import metadata
+
+    out = {}
+    for name in ("jax", "jaxlib", "flax", "ctranslate2", "transformers", "torch"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="tiny model, few sentences")
@@ -432,7 +444,8 @@ def main(argv=None) -> int:
         "command": command, "size": args.size, "cores": args.core_list,
         "vocab_size": len(prepared["pieces"]), "results": results, "agreement": agree,
         "ratios": speed, "table": table(results),
-        "machine": machine_info(loadavg_before=load_before, loadavg_after=os.getloadavg())})
+        "machine": machine_info(loadavg_before=load_before, loadavg_after=os.getloadavg(),
+                                versions=versions())})
     print(f"wrote {json_path}")
     return 0
 
