@@ -46,7 +46,8 @@ ENGINES = ("jax", "ct2", "ct2-avx512", "ct2-int8", "ct2-int8-avx512", "hf")
 FULL = dict(d_model=512, layers=6, heads=8, ffn=2048, vocab=8000, sentences=500,
             latency_sentences=50, tokens=32, repeats=3, spm_lines=29000)
 SMOKE = dict(d_model=32, layers=2, heads=4, ffn=64, vocab=150, sentences=16,
-             latency_sentences=2, tokens=8, repeats=1, spm_lines=2000)
+             latency_sentences=2, tokens=8, repeats=1, spm_lines=1000)
+SMOKE_ENGINES = ("jax", "ct2", "ct2-int8", "hf")  # the AVX-512 runs only in the full one
 
 
 # ------------------------------------------------------------------------------- model files
@@ -113,9 +114,11 @@ def write_marian(path: str, size: dict, vocab: int) -> None:
 def prepare(root: str, size: dict, data: str) -> dict:
     """Writes (once per size) the Marian model, its imports and the tokenized sentences."""
     stamp = os.path.join(root, "prepared.json")
+    model_keys = {k: size[k] for k in ("d_model", "layers", "heads", "ffn", "vocab", "spm_lines")}
     if os.path.isfile(stamp):
         with open(stamp) as f:
-            if json.load(f)["size"] == size:
+            if json.load(f).get("model") == model_keys:  # same model: only new sentences
+                _write_sentences(root, os.path.join(root, "marian"), data, size)
                 return _read_prepared(root)
     os.makedirs(root, exist_ok=True)
     marian, workdir = os.path.join(root, "marian"), os.path.join(root, "jax_workdir")
@@ -123,15 +126,18 @@ def prepare(root: str, size: dict, data: str) -> dict:
     os.makedirs(marian)
     vocab = write_tokenizer(marian, data, size["vocab"], size["spm_lines"])
     write_marian(marian, size, vocab)
-    subprocess.run([sys.executable, "-m", "transformer_jax.interop.marian", "import", marian,
-                    "--workdir", workdir], check=True, env=child_env(), stdout=subprocess.DEVNULL)
+    importer = subprocess.Popen(  # runs while CTranslate2 converts
+        [sys.executable, "-m", "transformer_jax.interop.marian", "import", marian, "--workdir",
+         workdir], env=child_env(), stdout=subprocess.DEVNULL)
     if importlib.util.find_spec("ctranslate2") is not None:
         from ctranslate2.converters import TransformersConverter
 
         TransformersConverter(marian).convert(os.path.join(root, "ct2"), force=True)
     _write_sentences(root, marian, data, size)
+    if importer.wait() != 0:
+        raise RuntimeError(f"python -m transformer_jax.interop.marian import {marian} failed")
     with open(stamp, "w") as f:
-        json.dump({"size": size}, f)
+        json.dump({"model": model_keys}, f)
     return _read_prepared(root)
 
 
@@ -357,10 +363,24 @@ def ratios(results: dict) -> dict:
     return out
 
 
+def versions() -> dict:
+    from importlib import metadata
+
+    out = {}
+    for name in ("jax", "jaxlib", "flax", "ctranslate2", "transformers", "torch"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="tiny model, few sentences")
-    parser.add_argument("--engines", default=",".join(ENGINES))
+    parser.add_argument("--engines", default=None,
+                        help=f"comma-separated, of {','.join(ENGINES)} (default all; "
+                             f"--smoke: {','.join(SMOKE_ENGINES)})")
     parser.add_argument("--modes", default=",".join(MODES))
     parser.add_argument("--cores", default=None,
                         help="CPU ids every engine is pinned to (default: all of this process)")
@@ -378,6 +398,7 @@ def parse_args(argv=None):
         if getattr(args, key) is not None:
             size[key] = getattr(args, key)
     args.size = size
+    args.engines = args.engines or ",".join(SMOKE_ENGINES if args.smoke else ENGINES)
     args.cores = args.cores or ",".join(map(str, sorted(os.sched_getaffinity(0))))
     args.core_list = [int(c) for c in args.cores.split(",")]
     args.root = args.root or os.path.join(
@@ -423,7 +444,8 @@ def main(argv=None) -> int:
         "command": command, "size": args.size, "cores": args.core_list,
         "vocab_size": len(prepared["pieces"]), "results": results, "agreement": agree,
         "ratios": speed, "table": table(results),
-        "machine": machine_info(loadavg_before=load_before, loadavg_after=os.getloadavg())})
+        "machine": machine_info(loadavg_before=load_before, loadavg_after=os.getloadavg(),
+                                versions=versions())})
     print(f"wrote {json_path}")
     return 0
 

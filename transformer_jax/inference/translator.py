@@ -3,11 +3,12 @@
 ``Translator(model, tokenizer)`` wraps a model in memory (``params=`` to use other weights);
 ``Translator.from_workdir`` / ``inference.load`` read a trained work directory. ``translate``
 sorts the sentences by token length, decodes them in batches whose shapes come from a small
-fixed set (rows and source length rounded up to powers of two), so a long list compiles a
-handful of programs, and returns the outputs in input order. Empty (or blank) sentences give
-empty outputs; sentences longer than the model's source limit are cut (a warning on stderr
-counts them). Each output may be at most ``source length + 50`` tokens long (the paper's
-limit), EOS included, and no longer than the decode buffer (``max_len``).
+fixed set (rows and source length rounded up to a power of two or 1.5 times one), so a long
+list compiles a handful of programs, and returns the outputs in input order. Empty (or
+blank) sentences give empty outputs; sentences longer than the model's source limit are cut
+(a warning on stderr counts them). Each output may be at most ``source length + 50``
+tokens long (the paper's limit), EOS included, and no longer than the decode buffer
+(``max_len``).
 
 Attention heatmaps::
 
@@ -100,8 +101,12 @@ def _translate_program(graphdef, max_length, beam_size, length_penalty, extra_le
 
 
 def _bucket(length: int, cap: int, floor: int = MIN_BUCKET) -> int:
-    """Smallest power of two >= ``length`` (at least ``floor``), but at most ``cap``."""
-    return min(cap, max(floor, 1 << max(0, int(length) - 1).bit_length()))
+    """Smallest of 1, 2, 3, 4, 6, 8, 12, 16, 24, ... (powers of two and 1.5 times them)
+    >= ``length``, at least ``floor`` and at most ``cap``: two shapes per octave, so padding
+    wastes at most a third (a half with powers of two alone)."""
+    length = max(int(length), floor, 1)
+    step = 1 << max(0, (length - 1).bit_length() - 2)  # [B, S] grid: 8, 16 | 24, 32 | 48 ...
+    return min(cap, -(-length // step) * step)
 
 
 def _until_eos(ids: list[int]) -> list[int]:
