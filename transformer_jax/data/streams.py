@@ -256,6 +256,7 @@ class TrainBatches:
         if getattr(self.spec.reader, "pool", None) is not None:
             for stream in self._streams:  # all chunks this batch needs, in the workers at once
                 stream.start_reading()
+            self.spec.reader.flush()
         rows = [s.next_row() for s in self._streams]
         if all(r is None for r in rows):
             return None
