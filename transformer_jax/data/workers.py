@@ -72,12 +72,11 @@ class _Group:
 
 @dataclasses.dataclass
 class _Part:
+    """One submission's texts within a group."""
+
     group: _Group
     offset: int
     count: int
-
-    def cancel(self) -> None:
-        """Nothing to stop: a group's other parts may still be read."""
 
 
 class TokenizerPool:
