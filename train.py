@@ -117,6 +117,10 @@ def _describe(summary: dict) -> str:
         metrics = summary.get(split) or {}
         scores = ", ".join(f"{k} {metrics[k]:.2f}" for k in
                            ("loss", "exact_match", "chrf", "bleu") if k in metrics)
+        by_magnitude = ", ".join(f"{k.removeprefix('exact_match_')} {v:.1f}"
+                                 for k, v in metrics.items() if k.startswith("exact_match_"))
+        if by_magnitude:
+            scores += f" (exact_match by magnitude: {by_magnitude})"
         if scores:
             parts.append(f"{split}: {scores}")
     parts.append(f"outputs in {summary['workdir']}")

@@ -86,10 +86,12 @@ def _enumerate(table, example, max_length, alpha):
     return sorted(hyps, key=lambda h: -h[0])
 
 
-def _greedy_loop(table, example, max_length, buffer):
+def _greedy_loop(table, example, max_length, buffer, min_len=0):
     out, prev, last = [], PAD, PAD
     for t in range(max_length):
-        logp = table[example, prev, last]
+        logp = table[example, prev, last].copy()
+        if t < min_len - 1:
+            logp[EOS] = -np.inf
         token = EOS if t == max_length - 1 else int(np.argmax(logp))
         out.append(token)
         if token == EOS:
@@ -242,6 +244,21 @@ def test_greedy_respects_per_example_max_lengths_and_pads_after_eos():
         eos_at = out[b].tolist().index(EOS)
         assert eos_at < max_lengths[b] and np.all(out[b, eos_at + 1:] == PAD)
     assert out[2].tolist() == [EOS] + [PAD] * 5  # max length 1: only the EOS
+
+
+def test_min_len_masks_eos_before_it_unless_forced():
+    table = _chain(seed=1, examples=3)
+    fn, cache = _chain_model(table)
+    max_lengths, buffer, min_len = [6, 2, 5], 6, 4
+    out = np.asarray(decoding.greedy_search(cache, fn, batch_size=3, max_len=buffer,
+                                            max_lengths=jnp.array(max_lengths), min_len=min_len))
+    for b in range(3):
+        assert out[b].tolist() == _greedy_loop(table, b, max_lengths[b], buffer, min_len)
+    assert out[1].tolist()[:2] == out[1].tolist()[:1] + [EOS]  # the cap wins over min_len
+    seqs, _ = decoding.beam_search(cache, fn, batch_size=3, beam_size=3, max_len=buffer,
+                                   min_len=buffer)
+    assert np.all(np.asarray(seqs)[:, :, buffer - 1] == EOS)  # exactly max_len tokens each
+    assert np.all(np.asarray(seqs)[:, :, : buffer - 1] > EOS)
 
 
 def test_beam_size_one_is_greedy():

@@ -28,7 +28,7 @@ def workdir(tmp_path_factory):
 def run_main(monkeypatch, capsys, argv, stdin: bytes):
     monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(stdin)))
     capsys.readouterr()
-    code = cli.main(argv)
+    code = cli.main([*argv, "--compile_cache", "none"])
     captured = capsys.readouterr()
     return code, captured.out, captured.err
 
@@ -36,9 +36,10 @@ def run_main(monkeypatch, capsys, argv, stdin: bytes):
 def test_cli_keeps_lines_and_reports_sacrebleu_scores(workdir, tmp_path):
     ref = tmp_path / "ref.txt"
     ref.write_text("\n".join(REFS) + "\n", encoding="utf-8")
+    cache = tmp_path / "jax_cache"
     proc = subprocess.run(
         [sys.executable, "-m", "transformer_jax.translate", "--workdir", workdir, "--beam", "1",
-         "--batch_size", "2", "--reference", str(ref)],
+         "--batch_size", "2", "--reference", str(ref), "--compile_cache", str(cache)],
         input=("\n".join(LINES) + "\n").encode("utf-8"), capture_output=True,
         env=dict(os.environ, JAX_PLATFORMS="cpu"), timeout=300, check=False)
     assert proc.returncode == 0, proc.stderr.decode()
@@ -57,6 +58,37 @@ def test_cli_keeps_lines_and_reports_sacrebleu_scores(workdir, tmp_path):
     same = sum(h == r for h, r in zip(out, REFS, strict=True))
     assert float(scores["exact_match"]) == pytest.approx(100 * same / len(REFS), abs=1e-4)
     assert f"({len(LINES)} lines" in err[-1]
+    assert any(cache.iterdir())  # the compiled programs, for the next run
+
+
+def test_cli_streams_chunks_in_input_order(workdir, monkeypatch, capsys):
+    words = ["seven", "twenty one", "nine thousand nine hundred and ninety nine", "", "eighty",
+             "one hundred and five", "three", "four hundred and forty four"]
+    lines = [words[(7 * i) % len(words)] for i in range(37)]  # mixed lengths, some blank
+    code, out, err = run_main(monkeypatch, capsys,
+                              ["--workdir", workdir, "--beam", "1", "--batch_size", "4",
+                               "--chunk_size", "5"], ("\n".join(lines) + "\n").encode())
+    assert code == 0, err
+    want = Translator.from_workdir(workdir).translate(lines, beam_size=1)
+    assert out.split("\n") == [*want, ""]
+    assert "37 lines" in err  # progress on stderr: the input is not a terminal
+
+
+def test_cli_bad_line_in_a_later_chunk_stops_after_the_earlier_chunks(workdir, monkeypatch,
+                                                                      capsys):
+    code, out, err = run_main(monkeypatch, capsys,
+                              ["--workdir", workdir, "--beam", "1", "--chunk_size", "2"],
+                              b"seven\neighty\nthree\n\xff\n")
+    assert code == 1 and len(out.split("\n")) == 3  # the first chunk, written
+    assert "error: line 4 of the input is not valid UTF-8" in err
+
+
+def test_iter_chunks_splits_like_read_lines():
+    data = b"a\r\nb\n\nc\nd"
+    chunks = list(cli.iter_chunks(io.BytesIO(data), 2))
+    assert chunks == [["a", "b"], ["", "c"], ["d"]]
+    assert sum(chunks, []) == cli.read_lines(data)
+    assert list(cli.iter_chunks(io.BytesIO(b""), 3)) == []
 
 
 def test_cli_averaged_and_step_match_the_api(workdir, monkeypatch, capsys):

@@ -21,6 +21,9 @@ Conventions shared by all searches:
 * The loop stops early once every example has finished.
 * ``forbid_ids`` lists further token ids that are never chosen (masked like PAD, after
   normalisation).
+* ``min_len`` (default 0) is the shortest output, EOS included: EOS is masked before position
+  ``min_len - 1`` unless ``max_lengths`` forces it there (``min_len == max_len`` gives every
+  example exactly ``max_len`` tokens, as benchmarks need).
 * ``beam_search(convention="huggingface")`` reproduces transformers' ``generate()`` (see there);
   the default "gnmt" is the paper's.
 * Cache leaves with a leading batch axis are expanded/reordered for beams; scalar leaves (the
@@ -90,16 +93,19 @@ def _start_ids(start_ids, batch_size: int, bos_id: int) -> jax.Array:
 
 
 def _mask_logits(logits, step, max_lengths, eos_id: int, pad_id: int, fill, forbid_ids=(),
-                 eos_value=None) -> jax.Array:
+                 eos_value=None, min_len: int = 0) -> jax.Array:
     """Sets ``fill`` where a token may not be chosen.  logits [B, V].
 
     PAD is never generated (it is no training target, and an output row reads "tokens, EOS,
     then PAD") and neither are ``forbid_ids``; rows at their last allowed position may only
-    choose EOS (scored ``eos_value`` when given, as transformers' forced EOS is).
+    choose EOS (scored ``eos_value`` when given, as transformers' forced EOS is); before
+    position ``min_len - 1`` EOS is not chosen (unless forced).
     """
     vocab = jnp.arange(logits.shape[-1])  # [V]
     last = (step >= max_lengths - 1)[:, None]  # [B, 1]
     banned = (last & (vocab != eos_id)) | ((vocab == pad_id) & (pad_id != eos_id))  # [B, V]
+    if min_len > 1:
+        banned = banned | ((step < min_len - 1) & ~last & (vocab == eos_id))
     if forbid_ids:
         banned = banned | jnp.isin(vocab, jnp.asarray(forbid_ids))
     if eos_value is not None:
@@ -129,7 +135,7 @@ def _check_logits(logits, rows: int) -> None:
 
 def _decode_loop(cache, tokens_to_logits: TokensToLogits, choose, rng, *, batch_size: int,
                  max_len: int, eos_id: int, bos_id: int, pad_id: int, max_lengths, start_ids,
-                 forbid_ids=()):
+                 forbid_ids=(), min_len: int = 0):
     """One token per example and step; ``choose(logits [B, V], rng) -> ids [B]``."""
     max_lengths = _max_lengths(max_lengths, batch_size, max_len)
     first = _start_ids(start_ids, batch_size, bos_id)
@@ -144,7 +150,7 @@ def _decode_loop(cache, tokens_to_logits: TokensToLogits, choose, rng, *, batch_
         logits, cache = tokens_to_logits(last[:, None], cache)  # [B, V]
         _check_logits(logits, batch_size)
         logits = _mask_logits(logits.astype(jnp.float32), step, max_lengths, eos_id, pad_id,
-                              -jnp.inf, forbid_ids)
+                              -jnp.inf, forbid_ids, min_len=min_len)
         token = choose(logits, step_rng).astype(jnp.int32)  # [B]
         token = jnp.where(finished, pad_id, token)
         out = lax.dynamic_update_slice(out, token[:, None], (0, step))
@@ -158,7 +164,7 @@ def _decode_loop(cache, tokens_to_logits: TokensToLogits, choose, rng, *, batch_
 
 def greedy_search(cache, tokens_to_logits: TokensToLogits, *, batch_size: int, max_len: int,
                   eos_id: int = 1, bos_id: int = 0, pad_id: int = 0, max_lengths=None,
-                  start_ids=None, forbid_ids=()) -> jax.Array:
+                  start_ids=None, forbid_ids=(), min_len: int = 0) -> jax.Array:
     """Argmax decoding.
 
     Args:
@@ -170,6 +176,7 @@ def greedy_search(cache, tokens_to_logits: TokensToLogits, *, batch_size: int, m
       max_lengths: optional ``[B]`` per-example caps (EOS included).
       start_ids: optional ``[B]`` first decoder inputs (default ``bos_id``).
       forbid_ids: token ids never chosen (e.g. ``(pad_id,)``).
+      min_len: shortest output, EOS included (EOS masked before position ``min_len - 1``).
 
     Returns:
       ``[B, max_len]`` int32 ids: tokens, EOS, then ``pad_id``.
@@ -178,7 +185,7 @@ def greedy_search(cache, tokens_to_logits: TokensToLogits, *, batch_size: int, m
         cache, tokens_to_logits, lambda logits, _: jnp.argmax(logits, axis=-1),
         jax.random.key(0), batch_size=batch_size, max_len=max_len, eos_id=eos_id,
         bos_id=bos_id, pad_id=pad_id, max_lengths=max_lengths, start_ids=start_ids,
-        forbid_ids=tuple(forbid_ids))
+        forbid_ids=tuple(forbid_ids), min_len=int(min_len))
 
 
 def _filter_logits(logits, temperature: float, top_k: int, top_p: float) -> jax.Array:
@@ -340,7 +347,7 @@ def _beam_select(logprobs, state: BeamState, done, eos_id: int, penalty):
 def beam_search(cache, tokens_to_logits: TokensToLogits, *, batch_size: int, beam_size: int,
                 max_len: int, eos_id: int = 1, bos_id: int = 0, pad_id: int = 0,
                 alpha: float = 0.6, max_lengths=None, start_ids=None, forbid_ids=(),
-                convention: str = "gnmt"):
+                convention: str = "gnmt", min_len: int = 0):
     """Beam search with the GNMT length penalty (paper: beam 4, alpha 0.6).
 
     A finished hypothesis of ``n`` tokens (EOS included) with log-probability ``logp`` scores
@@ -362,7 +369,7 @@ def beam_search(cache, tokens_to_logits: TokensToLogits, *, batch_size: int, bea
       tokens_to_logits: ``(ids [B*K, 1], cache) -> (logits [B*K, V], cache)``.
       batch_size, beam_size, max_len: B, K and the output length.
       alpha: length-penalty exponent (0 = plain log-probability).
-      eos_id, bos_id, pad_id, max_lengths, start_ids, forbid_ids: as in
+      eos_id, bos_id, pad_id, max_lengths, start_ids, forbid_ids, min_len: as in
         :func:`greedy_search`.
       convention: "gnmt" (above) or "huggingface", the search of transformers' ``generate()``
         with ``num_beams=K, length_penalty=alpha, early_stopping=False,
@@ -410,7 +417,8 @@ def beam_search(cache, tokens_to_logits: TokensToLogits, *, batch_size: int, bea
         vocab = logits.shape[-1]
         logprobs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
         logprobs = _mask_logits(logprobs, step, jnp.repeat(max_lengths, K), eos_id, pad_id,
-                                NEG_INF, forbid_ids, eos_value=0.0 if hf else None)
+                                NEG_INF, forbid_ids, eos_value=0.0 if hf else None,
+                                min_len=min_len)
         live_seqs, live_logp, fin_scores, fin_seqs, beams, last = _beam_select(
             logprobs.reshape(B, K, vocab), state, done, eos_id, penalty)
         cache = _reorder_cache(old_cache, cache, beams, B, K)

@@ -1,4 +1,5 @@
-"""Sources: the numbers task, your own text files (incl. bad input) and TFDS catalogue names."""
+"""Sources: your own text files (incl. bad input) and TFDS catalogue names (the numbers task is
+tested in test_numbers.py)."""
 
 import collections
 import os
@@ -6,71 +7,12 @@ import subprocess
 import sys
 import textwrap
 
-import numpy as np
 import pytest
 import tensorflow_datasets as tfds
-from helpers import small_numbers_config
 
 from transformer_jax.data import DataError, default_data_config, load_raw_pairs, load_split, sources
-from transformer_jax.data import numbers as nums
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-
-# --------------------------------------------------------------------------- numbers task
-
-KNOWN = {
-    0: ("zero", "null"),
-    1: ("one", "eins"),
-    16: ("sixteen", "sechzehn"),
-    21: ("twenty-one", "einundzwanzig"),
-    30: ("thirty", "dreißig"),
-    101: ("one hundred one", "einhunderteins"),
-    1100: ("one thousand one hundred", "eintausendeinhundert"),
-    4732: ("four thousand seven hundred thirty-two", "viertausendsiebenhundertzweiunddreißig"),
-    21000: ("twenty-one thousand", "einundzwanzigtausend"),
-    99999: ("ninety-nine thousand nine hundred ninety-nine",
-            "neunundneunzigtausendneunhundertneunundneunzig"),
-    101000: ("one hundred one thousand", "einhunderteintausend"),
-}
-
-
-@pytest.mark.parametrize("n", sorted(KNOWN))
-def test_number_words(n):
-    assert (nums.english_words(n), nums.german_words(n)) == KNOWN[n]
-
-
-def test_number_splits_disjoint_sized_and_seeded():
-    parts = nums.split_numbers(5000, 3000, 500, 400, seed=3)
-    assert [len(parts[s]) for s in nums.NUMBER_SPLITS] == [3000, 500, 400]
-    sets = [set(parts[s].tolist()) for s in nums.NUMBER_SPLITS]
-    assert sum(map(len, sets)) == len(set().union(*sets)) == 3900  # disjoint, no repeats
-    assert max(max(s) for s in sets) < 5000 and min(min(s) for s in sets) >= 0
-    again = nums.split_numbers(5000, 3000, 500, 400, seed=3)
-    other = nums.split_numbers(5000, 3000, 500, 400, seed=4)
-    assert all(np.array_equal(parts[s], again[s]) for s in nums.NUMBER_SPLITS)
-    assert not np.array_equal(parts["test"], other["test"])
-
-
-def test_number_split_sizes_must_fit():
-    with pytest.raises(ValueError, match="asks for 1100 distinct numbers"):
-        nums.split_numbers(1000, 1000, 50, 50, seed=0)
-
-
-def test_numbers_dataset_holds_exactly_the_split_numbers(prepared_numbers):
-    cfg = small_numbers_config()
-    parts = nums.split_numbers(cfg.numbers_max, cfg.numbers_train_size,
-                               cfg.numbers_validation_size, cfg.numbers_test_size,
-                               cfg.numbers_seed)
-    english = set()
-    for split in nums.NUMBER_SPLITS:
-        got = collections.Counter(load_raw_pairs(cfg, split, prepared_numbers.data_dir))
-        want = collections.Counter(
-            (nums.english_words(n), nums.german_words(n)) for n in parts[split])
-        assert got == want
-        english |= {src for src, _ in got}
-    total = cfg.numbers_train_size + cfg.numbers_validation_size + cfg.numbers_test_size
-    assert len(english) == total  # no source sentence shared between splits
-
 
 # --------------------------------------------------------------------------- text files
 

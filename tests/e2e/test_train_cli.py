@@ -11,6 +11,7 @@ import pytest
 from ml_collections import ConfigDict
 
 from transformer_jax.checkpoints import read_meta
+from transformer_jax.data.numbers import english_words, german_words
 from transformer_jax.training.optim import make_schedule
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -22,7 +23,7 @@ TINY = [  # seconds, not minutes: a tiny model, 300 training pairs, no decoding
     "--config.data.numbers_test_size=16", "--config.data.test_split=",
     "--config.data.vocab_size=64", "--config.data.max_length=16",
     "--config.model.d_model=32", "--config.model.num_heads=2", "--config.model.d_ff=64",
-    "--config.model.max_len=32",
+    "--config.model.max_len=32", "--config.optimizer.schedule=warmup_rsqrt",
 ]
 
 
@@ -136,7 +137,15 @@ def test_skipped_long_pairs_are_counted_and_reported(tmp_path):
 
 
 def test_no_pair_fits_max_length_is_one_line_error(tmp_path):
-    proc = _train("--workdir", str(tmp_path / "run"), *TINY, "--config.data.max_length=6")
+    # Text files of long number words: the numbers task always trains on short ones ("two").
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    values = range(777_000, 777_300)
+    for split in ("train", "validation"):
+        (corpus / f"{split}.en").write_text("".join(f"{english_words(n)}\n" for n in values))
+        (corpus / f"{split}.de").write_text("".join(f"{german_words(n)}\n" for n in values))
+    proc = _train("--workdir", str(tmp_path / "run"), *TINY, "--config.data.max_length=6",
+                  "--config.data.source=text", f"--config.data.path={corpus}")
     assert proc.returncode == 2, proc.stderr[-3000:]
     lines = proc.stderr.strip().splitlines()
     assert lines[-1] == ("error: none of 10000 training pairs in a row fits data.max_length=6 "

@@ -65,12 +65,13 @@ def default_data_config() -> ml_collections.ConfigDict:
     # Worker processes segmenting text for subword sampling (the only per-example work left
     # once token ids are cached); 0 = in the main process. Batches do not depend on it.
     c.num_workers = default_num_workers()
-    # Numbers task ("numbers" source): numbers drawn from range(numbers_max), splits disjoint.
+    # Numbers task ("numbers" source): numbers from range(numbers_max), each split drawn with
+    # an equal share per digit class (0-9, 10-99, ...); see data/numbers.py, split_numbers.
     c.numbers_max = 100_000  # exclusive upper end of the number range (at most 1_000_000).
-    c.numbers_train_size = 40_000  # training pairs.
-    c.numbers_validation_size = 1_000  # validation pairs.
-    c.numbers_test_size = 1_000  # test pairs.
-    c.numbers_seed = 0  # seed of the permutation that assigns numbers to splits.
+    c.numbers_train_size = 40_000  # training pairs (a class smaller than its share repeats).
+    c.numbers_validation_size = 1_000  # validation pairs (distinct numbers).
+    c.numbers_test_size = 1_000  # test pairs (distinct numbers, none in validation).
+    c.numbers_seed = 0  # seed of the draws that assign numbers to splits.
     return c
 
 

@@ -3,24 +3,34 @@
 ``4732`` gives the pair ``("four thousand seven hundred thirty-two",
 "viertausendsiebenhundertzweiunddreißig")``. Both sides come from the ``num2words`` package.
 
-English is normalised to one spelling per number by :func:`normalize_english`: lower case, the
-commas and the British "and" that ``num2words`` writes ("four thousand, seven hundred and
-thirty-two") are dropped, and compound tens get a hyphen ("thirty-two", standard orthography;
-"thirty two" is joined the same way). The same function runs on the training pairs and, because
-a work directory records ``data.source = "numbers"``, on every sentence ``translate`` reads from
-such a run (``source_normalizer``), so "Three hundred and thirty-nine thousand, five hundred and
-sixty-four", "one hundred five" and "One hundred and five" all reach the model in the spelling
-it was trained on. Normalising (rather than training on random spelling variants) is exact for
-every variant it knows, spends none of the tiny model's capacity or training steps on
-formatting, and also fixes runs trained before it existed.
+English is normalised to one spelling per number by :func:`normalize_english`: lower case,
+punctuation and the British "and" that ``num2words`` writes ("four thousand, seven hundred and
+thirty-two") dropped, "a hundred" read as "one hundred", compound tens hyphenated
+("thirty-two", standard orthography; "thirty two" is joined the same way), and a number written
+in digits ("4732", "4,732") spelled out. The same function runs on the training pairs and,
+because a work directory records ``data.source = "numbers"``, on every sentence ``translate``
+reads from such a run (``source_normalizer``), so "Three hundred and thirty-nine thousand, five
+hundred and sixty-four.", "one hundred five" and "One hundred and five" all reach the model in
+the spelling it was trained on. Normalising (rather than training on random spelling variants)
+is exact for every variant it knows, spends none of the tiny model's capacity or training steps
+on formatting, and also fixes runs trained before it existed.
 
 German is written as one word, as German does; the tokenizer learns the compound pieces
 ("tausend", "hundert", "und", "zwanzig", ...), so the model must reorder units and tens
 ("zweiunddreißig" = two-and-thirty).
 
-Splits are disjoint sets of numbers: a permutation of ``range(max_number)`` seeded by ``seed``
-is cut into ``train`` / ``validation`` / ``test`` slices of the requested sizes, so no test
-number is ever seen in training.
+Which numbers (:func:`split_numbers`): the range is cut into digit classes (0-9, 10-99,
+100-999, ...) and every split gives each class an equal share of its size. Drawing uniformly
+from ``range(10**6)`` would leave the numbers people type first almost unseen (fewer than one in
+a thousand has three digits or fewer) and unmeasured. A class with fewer numbers than its
+training share is in training completely, each number repeated (with 54,000 pairs below a
+million: 900 copies of 0-9, 100 of 10-99, 10 of 100-999 and every number from 1,000 to 9,999
+once); a larger class gives a random subset. Validation and test are drawn the same way, never
+repeat a number, never share one with each other, and take only numbers that are not in
+training — except from a class that training holds completely, where there are none: there
+they measure whether the model learned the numbers it was taught (the small numbers are a
+finite set that people type, so the task teaches all of them), while the larger classes measure
+numbers never seen in training.
 """
 
 from __future__ import annotations
@@ -34,6 +44,7 @@ from num2words import num2words
 __all__ = [
     "NUMBER_SPLITS",
     "MAX_SUPPORTED",
+    "digit_classes",
     "english_words",
     "english_spellings",
     "normalize_english",
@@ -47,7 +58,9 @@ MAX_SUPPORTED = 1_000_000  # German num2words writes "eine Million" (two words) 
 
 _AND = re.compile(r"\band\b")
 _SPACES = re.compile(r"\s+")
-_PUNCTUATION = re.compile(r"[,;.!?\-]")
+_PUNCTUATION = re.compile(r"[^\w\s]|_")  # anything but letters, digits and spaces
+_DIGITS = re.compile(r"\d+|\d{1,3}(?:[, \u00a0\u202f']\d{3})+")  # 4732, 4,732, 4 732
+_A_HUNDRED = re.compile(r"(?:^|\ba )(hundred|thousand)\b")  # "a hundred", a leading "thousand"
 _TENS = "twenty|thirty|forty|fifty|sixty|seventy|eighty|ninety"
 _UNITS = "one|two|three|four|five|six|seven|eight|nine"
 _COMPOUND = re.compile(rf"\b({_TENS}) ({_UNITS})\b")
@@ -56,13 +69,21 @@ _COMPOUND = re.compile(rf"\b({_TENS}) ({_UNITS})\b")
 def normalize_english(text: str) -> str:
     """The one spelling the numbers task trains on.
 
-    Lower case; commas, other punctuation and the word "and" dropped; runs of spaces collapsed;
-    tens and units joined by a hyphen. ``"Three hundred and thirty-nine thousand, five hundred
-    and sixty four"`` -> ``"three hundred thirty-nine thousand five hundred sixty-four"``.
+    Lower case; punctuation (hyphens too) and the word "and" dropped; "a hundred" / "a
+    thousand" (and a leading "hundred" / "thousand") read with "one"; runs of spaces collapsed;
+    tens and units joined by a hyphen; a whole line of digits below a million spelled out.
+    ``"Three hundred and thirty-nine thousand, five hundred and sixty four."`` and
+    ``"339,564"`` -> ``"three hundred thirty-nine thousand five hundred sixty-four"``.
     Idempotent; text that is not a number is only lower-cased and de-punctuated.
     """
+    text = text.strip().rstrip(".!?").strip()
+    if _DIGITS.fullmatch(text):
+        value = int(re.sub(r"\D", "", text))
+        if value < MAX_SUPPORTED:
+            return english_words(value)
     text = _PUNCTUATION.sub(" ", text.lower())
     text = _SPACES.sub(" ", _AND.sub(" ", text)).strip()
+    text = _A_HUNDRED.sub(r"one \1", text)
     return _COMPOUND.sub(r"\1-\2", text)
 
 
@@ -74,19 +95,20 @@ def english_words(n: int) -> str:
 def english_spellings(n: int) -> dict[str, str]:
     """Ways people write ``n`` (for tests and evaluation), keyed by a short name.
 
-    ``"plain"`` is the training spelling; ``"num2words"`` is that package's own ("four
-    thousand, seven hundred and thirty-two"); ``"capitalised"`` starts with a capital and has
-    neither "and" nor hyphens ("Four thousand seven hundred thirty two"); ``"and"`` keeps the
-    British "and" without commas.
+    ``"plain"`` is the training spelling ("four thousand seven hundred thirty-two");
+    ``"num2words"`` is that package's own ("four thousand, seven hundred and thirty-two");
+    ``"capitalised"`` starts with a capital and has neither "and" nor hyphens ("Four thousand
+    seven hundred thirty two"); ``"punctuated"`` is the num2words spelling as a sentence ("Four
+    thousand, seven hundred and thirty-two."); ``"digits"`` is ``str(n)``.
     """
     raw = num2words(int(n), lang="en")
-    plain = english_words(n)
-    no_hyphen = plain.replace("-", " ")
+    no_hyphen = english_words(n).replace("-", " ")
     return {
-        "plain": plain,
+        "plain": english_words(n),
         "num2words": raw,
         "capitalised": no_hyphen[:1].upper() + no_hyphen[1:],
-        "and": raw.replace(",", ""),
+        "punctuated": raw[:1].upper() + raw[1:] + ".",
+        "digits": str(int(n)),
     }
 
 
@@ -107,17 +129,90 @@ def german_words(n: int) -> str:
     return text.replace("einstausend", "eintausend")
 
 
+def digit_classes(max_number: int) -> list[tuple[int, int]]:
+    """``[lo, hi)`` ranges of the numbers with 1, 2, 3, ... digits below ``max_number``:
+    ``digit_classes(2500) == [(0, 10), (10, 100), (100, 1000), (1000, 2500)]``."""
+    out, lo = [], 0
+    while lo < max_number:
+        hi = min(10 * max(lo, 1), max_number)
+        out.append((lo, hi))
+        lo = hi
+    return out
+
+
+def _equal_shares(capacities: list[int], size: int) -> list[int]:
+    """``size`` split as evenly as possible over pools that hold ``capacities`` items; a pool
+    that cannot take its share gives the rest to the others (the largest pools take the
+    remainder). Raises ValueError when the pools together hold fewer than ``size``."""
+    shares = [0] * len(capacities)
+    order = sorted(range(len(capacities)), key=lambda i: capacities[i])
+    left = size
+    for rank, i in enumerate(order):
+        shares[i] = min(capacities[i], left // (len(order) - rank))
+        left -= shares[i]
+    if left:
+        raise ValueError(f"only {sum(capacities)} numbers are left to draw {size} from")
+    return shares
+
+
+def _train_numbers(classes, size: int, rng) -> np.ndarray:
+    """``size`` numbers, an equal share per class: a class smaller than its share is repeated
+    (each number ``share // len`` or one more times), a larger one gives a random subset."""
+    share = [size // len(classes) + (i >= len(classes) - size % len(classes))
+             for i in range(len(classes))]  # the remainder goes to the largest classes
+    out = []
+    for (lo, hi), want in zip(classes, share, strict=True):
+        count = hi - lo
+        if want >= count:
+            copies = np.full(count, want // count)
+            copies[rng.choice(count, want % count, replace=False)] += 1
+            out.append(np.repeat(np.arange(lo, hi), copies))
+        else:
+            out.append(lo + rng.choice(count, want, replace=False))
+    return np.concatenate(out)
+
+
+def _held_out_pools(classes, train: np.ndarray, max_number: int) -> list[np.ndarray]:
+    """Per class: the numbers not in ``train``, or the whole class if training holds it all."""
+    in_train = np.zeros(max_number, bool)
+    in_train[train] = True
+    pools = []
+    for lo, hi in classes:
+        unseen = lo + np.flatnonzero(~in_train[lo:hi])
+        pools.append(unseen if len(unseen) else np.arange(lo, hi))
+    return pools
+
+
+def _draw(pools: list[np.ndarray], size: int, rng, name: str) -> np.ndarray:
+    try:
+        shares = _equal_shares([len(p) for p in pools], size)
+    except ValueError as err:
+        raise ValueError(
+            f"The numbers task {name} split asks for {size} numbers but {err} (held-out numbers "
+            "never repeat and are not shared between splits); raise data.numbers_max or lower "
+            "the split sizes."
+        ) from None
+    return np.concatenate([rng.choice(p, k, replace=False) for p, k in zip(pools, shares,
+                                                                           strict=True)])
+
+
 def split_numbers(
     max_number: int, train_size: int, validation_size: int, test_size: int, seed: int
 ) -> dict[str, np.ndarray]:
-    """Disjoint number sets per split, drawn from ``range(max_number)``.
+    """The numbers of each split, drawn from ``range(max_number)`` by digit class.
+
+    Every split gives each digit class (:func:`digit_classes`) an equal share. Training repeats
+    the numbers of a class smaller than its share; validation and test never repeat, are
+    disjoint and hold no training number unless their class is entirely in training (see the
+    module docstring for why).
 
     Returns:
       ``{"train": [train_size], "validation": [validation_size], "test": [test_size]}`` int64
-      arrays; the same arguments always give the same arrays.
+      arrays, each sorted by class; the same arguments always give the same arrays.
 
     Raises:
-      ValueError: the sizes do not fit in the range, or the range is unsupported.
+      ValueError: a size is below 1, the held-out sizes do not fit, or the range is
+        unsupported.
     """
     if not 1 <= max_number <= MAX_SUPPORTED:
         raise ValueError(
@@ -128,16 +223,15 @@ def split_numbers(
     for name, size in sizes.items():
         if size < 1:
             raise ValueError(f"The numbers task {name} size is {size}; it must be at least 1.")
-    total = sum(sizes.values())
-    if total > max_number:
-        raise ValueError(
-            f"The numbers task asks for {total} distinct numbers (train {train_size} + validation "
-            f"{validation_size} + test {test_size}) but data.numbers_max={max_number} only has "
-            f"{max_number}; raise numbers_max or lower the split sizes."
-        )
-    order = np.random.default_rng(seed).permutation(max_number)
-    out, start = {}, 0
-    for name in NUMBER_SPLITS:
-        out[name] = order[start : start + sizes[name]]
-        start += sizes[name]
-    return out
+    rng_train, rng_test, rng_validation = (
+        np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(3))
+    classes = digit_classes(max_number)
+    train = _train_numbers(classes, train_size, rng_train)
+    pools = _held_out_pools(classes, train, max_number)
+    test = _draw(pools, test_size, rng_test, "test")
+    in_test = np.zeros(max_number, bool)
+    in_test[test] = True
+    pools = [p[~in_test[p]] for p in pools]
+    validation = _draw(pools, validation_size, rng_validation, "validation")
+    return {"train": train.astype(np.int64), "validation": validation.astype(np.int64),
+            "test": test.astype(np.int64)}

@@ -38,6 +38,7 @@ __all__ = [
     "PairSource",
     "TextPairs",
     "TextPairsConfig",
+    "VALUE_FEATURE",
     "get_builder",
     "load_raw_pairs",
     "load_split",
@@ -47,6 +48,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 _FORMAT = "array_record"
+VALUE_FEATURE = "value"  # an integer feature of each example, e.g. the number of the numbers task
 
 
 # --------------------------------------------------------------------------- numbers task
@@ -66,17 +68,21 @@ class NumbersConfig(tfds.core.BuilderConfig):
     def make(cls, max_number, train_size, validation_size, test_size, seed) -> NumbersConfig:
         """A config whose name encodes every parameter, so each variant gets its own folder."""
         name = f"max{max_number}_train{train_size}_val{validation_size}_test{test_size}_seed{seed}"
-        return cls(name=name, version="1.0.0", max_number=max_number, train_size=train_size,
-                   validation_size=validation_size, test_size=test_size, seed=seed,
+        return cls(name=name, version=NumbersTranslate.VERSION, max_number=max_number,
+                   train_size=train_size, validation_size=validation_size, test_size=test_size,
+                   seed=seed,
                    description="English number words -> German number words.")
 
 
 class NumbersTranslate(tfds.core.GeneratorBasedBuilder):
-    """English number words -> German number words; splits disjoint by number."""
+    """English number words -> German number words, and the number itself (``value``)."""
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "First version."}
-    BUILDER_CONFIGS = [NumbersConfig.make(100_000, 40_000, 1_000, 1_000, 0)]
+    VERSION = tfds.core.Version("2.0.0")
+    RELEASE_NOTES = {
+        "1.0.0": "First version.",
+        "2.0.0": "Numbers drawn by digit class (small ones repeated in training); int64 "
+                 "feature 'value'.",
+    }
 
     def _info(self) -> tfds.core.DatasetInfo:
         # Single-file module: build DatasetInfo directly (dataset_info_from_configs expects a
@@ -84,7 +90,8 @@ class NumbersTranslate(tfds.core.GeneratorBasedBuilder):
         return tfds.core.DatasetInfo(
             builder=self,
             description="English number words (num2words, no commas or 'and') -> German.",
-            features=tfds.features.Translation(languages=["en", "de"]),
+            features=tfds.features.FeaturesDict({
+                "en": tfds.features.Text(), "de": tfds.features.Text(), VALUE_FEATURE: np.int64}),
             supervised_keys=("en", "de"),
         )
 
@@ -96,8 +103,9 @@ class NumbersTranslate(tfds.core.GeneratorBasedBuilder):
         return {name: self._generate_examples(values) for name, values in parts.items()}
 
     def _generate_examples(self, values):
-        for n in values:
-            yield int(n), {"en": numbers.english_words(n), "de": numbers.german_words(n)}
+        for key, n in enumerate(values):  # training repeats numbers: the key is the position
+            yield key, {"en": numbers.english_words(n), "de": numbers.german_words(n),
+                        VALUE_FEATURE: int(n)}
 
 
 # --------------------------------------------------------------------------- text files
@@ -227,9 +235,6 @@ def get_builder(data_config, data_dir: str):
         # Check sizes before TFDS creates folders.
         numbers.split_numbers(config.max_number, config.train_size, config.validation_size,
                               config.test_size, config.seed)
-        # TFDS refuses a config object named like a built-in one: pass built-ins by name.
-        if config.name in {c.name for c in NumbersTranslate.BUILDER_CONFIGS}:
-            config = config.name
         builder = NumbersTranslate(config=config, data_dir=data_dir, file_format=_FORMAT)
         if not builder.is_prepared():
             builder.download_and_prepare(file_format=_FORMAT)
@@ -272,12 +277,15 @@ class PairSource:
     Wraps a TFDS data source. Supports ``len()``, integer indexing (negative too) and
     ``__getitems__`` (batched reads); usable directly as a ``grain.MapDataset.source``.
     Every pair goes through ``preprocessor`` (``data.lowercase`` etc.; identity by default).
+    ``value_key`` names an integer feature that each example carries (the numbers task's
+    ``value``), read by :meth:`values`.
     """
 
     def __init__(self, data_source, source_key: str, target_key: str, name: str = "",
-                 preprocessor: Preprocessor | None = None):
+                 preprocessor: Preprocessor | None = None, value_key: str | None = None):
         self._source = data_source
         self._keys = (source_key, target_key)
+        self._value_key = value_key
         self.name = name
         self.preprocessor = preprocessor or Preprocessor()
 
@@ -301,6 +309,18 @@ class PairSource:
         records = self._source.__getitems__([int(i) for i in indices])
         return [self._pair(r) for r in records]
 
+    def values(self) -> np.ndarray | None:
+        """int64 ``[len(self)]``: the numeric value of every example, in index order; None
+        when the examples carry none."""
+        if self._value_key is None:
+            return None
+        out = np.zeros(len(self), np.int64)
+        for start in range(0, len(self), 4096):
+            stop = min(start + 4096, len(self))
+            records = self._source.__getitems__(list(range(start, stop)))
+            out[start:stop] = [int(np.asarray(r[self._value_key])) for r in records]
+        return out
+
     def __repr__(self) -> str:
         return f"PairSource({self.name!r}, {len(self)} pairs)"
 
@@ -316,8 +336,9 @@ def open_split(data_config, builder, split: str) -> PairSource:
         )
     src_key, tgt_key = _feature_keys(data_config, builder)
     data_source = builder.as_data_source(split=split)
+    value_key = VALUE_FEATURE if VALUE_FEATURE in builder.info.features.keys() else None
     return PairSource(data_source, src_key, tgt_key, name=f"{builder.name}:{split}",
-                      preprocessor=Preprocessor.from_config(data_config))
+                      preprocessor=Preprocessor.from_config(data_config), value_key=value_key)
 
 
 def load_split(data_config, split: str, data_dir: str) -> PairSource:

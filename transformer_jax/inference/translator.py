@@ -43,7 +43,7 @@ MIN_BUCKET = 8  # shortest padded source length
 # ------------------------------------------------------------------------------ decoding
 def make_translate_fn(model_def, *, max_length: int, beam_size: int = 1,
                       length_penalty: float = 0.6, extra_length: int | None = None,
-                      pad_id: int = PAD_ID):
+                      pad_id: int = PAD_ID, min_length: int = 0):
     """Jitted ``translate(params, src_ids [B, S]) -> ids [B, max_length]`` (EOS-terminated).
 
     Greedy search for ``beam_size == 1``, else the best beam of ``beam_search``, from the
@@ -59,15 +59,19 @@ def make_translate_fn(model_def, *, max_length: int, beam_size: int = 1,
         source length (non-pad tokens) plus ``extra_length`` (paper: 50), and at
         ``max_length``; None caps every example at ``max_length`` only.
       pad_id: source padding id.
+      min_length: shortest output, EOS included (EOS masked before; ``min_length ==
+        max_length`` makes every output exactly ``max_length`` tokens, for benchmarks).
     """
     program = _translate_program(model_def.graphdef, int(max_length), int(beam_size),
-                                 float(length_penalty), extra_length, int(pad_id))
+                                 float(length_penalty), extra_length, int(pad_id),
+                                 int(min_length))
     rest = model_def.rest
     return lambda params, src_ids: program(params, rest, src_ids)
 
 
 @functools.lru_cache(maxsize=64)
-def _translate_program(graphdef, max_length, beam_size, length_penalty, extra_length, pad_id):
+def _translate_program(graphdef, max_length, beam_size, length_penalty, extra_length, pad_id,
+                       min_length):
     def translate(params, rest, src_ids):
         model = nnx.merge(graphdef, params, rest)
         batch = src_ids.shape[0]
@@ -84,11 +88,12 @@ def _translate_program(graphdef, max_length, beam_size, length_penalty, extra_le
         if beam_size == 1:
             return decoding.greedy_search(
                 cache, tokens_to_logits, batch_size=batch, max_len=max_length, eos_id=EOS_ID,
-                max_lengths=max_lengths, forbid_ids=forbid, start_ids=start_ids)
+                max_lengths=max_lengths, forbid_ids=forbid, start_ids=start_ids,
+                min_len=min_length)
         return decoding.beam_search(
             cache, tokens_to_logits, batch_size=batch, beam_size=beam_size,
             max_len=max_length, eos_id=EOS_ID, alpha=length_penalty, max_lengths=max_lengths,
-            forbid_ids=forbid, start_ids=start_ids,
+            forbid_ids=forbid, start_ids=start_ids, min_len=min_length,
         )[0][:, 0]
 
     return jax.jit(translate)
@@ -225,19 +230,22 @@ class Translator:
         print(f"warning: {len(cut)} input line(s) longer than {self.max_source_length} tokens "
               f"(EOS included) were truncated (line {lines}).", file=sys.stderr, flush=True)
 
-    def _fn(self, buffer: int, beam_size: int, alpha: float):
-        key = (buffer, beam_size, float(alpha), self.extra_length)
+    def _fn(self, buffer: int, beam_size: int, alpha: float, min_length: int = 0):
+        key = (buffer, beam_size, float(alpha), self.extra_length, min_length)
         if key not in self._fns:
             self._fns[key] = make_translate_fn(
                 self.model_def, max_length=buffer, beam_size=beam_size, length_penalty=alpha,
-                extra_length=self.extra_length, pad_id=self.config.pad_id)
+                extra_length=self.extra_length, pad_id=self.config.pad_id,
+                min_length=min_length)
         return self._fns[key]
 
     # -------------------------------------------------------------------- translation
     def translate_ids(self, rows: list[list[int]], *, beam_size: int = 4,
-                      alpha: float | None = None, batch_size: int = 64) -> np.ndarray:
+                      alpha: float | None = None, batch_size: int = 64,
+                      min_length: int = 0) -> np.ndarray:
         """Decode EOS-terminated source id lists as one padded batch -> ``[len(rows), L]``
-        (``alpha`` None: ``self.length_penalty``)."""
+        (``alpha`` None: ``self.length_penalty``; ``min_length``: shortest output, EOS
+        included)."""
         alpha = self.length_penalty if alpha is None else alpha
         n = len(rows)
         longest = max((len(r) for r in rows), default=0)
@@ -253,7 +261,7 @@ class Translator:
         for i, row in enumerate(rows):
             src[i, : len(row)] = row
         buffer = min(width + self.extra_length, self.max_decode_length)
-        out = self._fn(buffer, beam_size, alpha)(self.params, jnp.asarray(src))
+        out = self._fn(buffer, beam_size, alpha, min_length)(self.params, jnp.asarray(src))
         return np.asarray(out)[:n]
 
     def translate(self, sentences: Sequence[str], *, beam_size: int = 4,

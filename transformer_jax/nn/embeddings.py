@@ -114,6 +114,20 @@ class OutputProjection(nnx.Module):
                 rngs=rngs,
             )
 
+    def weights(self) -> tuple[jax.Array, jax.Array | None]:
+        """``(kernel [D, V] in the compute dtype, bias [V] float32 or None)`` with
+        ``self(x) == einsum(x, kernel, preferred_element_type=float32) + bias``."""
+        if self.tie:
+            kernel = self.tokens.embed.embedding[...].astype(self.dtype).T  # [D, V]
+        else:
+            kernel = self.dense.kernel[...].astype(self.dtype)  # [D, V]
+        bias = None
+        if hasattr(self, "logits_bias"):
+            bias = self.logits_bias[...].astype(jnp.float32)
+        elif not self.tie and self.dense.bias is not None:
+            bias = self.dense.bias[...].astype(jnp.float32)
+        return kernel, bias
+
     def __call__(self, x) -> jax.Array:
         logits = self.tokens.attend(x) if self.tie else self._dense(x)  # [B, T, V]
         if hasattr(self, "logits_bias"):

@@ -59,6 +59,10 @@ class DecoderOnlyLM(nnx.Module):
         """Output projection: ``[B, T, D]`` -> float32 logits ``[B, T, V]``."""
         return self.decoder.output(hidden)
 
+    def output_projection(self) -> tuple[jax.Array, jax.Array | None]:
+        """``(kernel [D, V], bias [V] or None)`` of :meth:`logits` (see ``nn.model``)."""
+        return self.decoder.output.weights()
+
     def with_attention(self, batch):
         """``__call__`` that also returns ``{"decoder_self": [L, B, N, T, T]}`` weights."""
         hidden, weights = self._forward(batch, return_attention=True)

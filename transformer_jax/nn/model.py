@@ -6,6 +6,7 @@ evaluation, decoding and ahead-of-time compilation never ask which kind they hol
     logits = model(batch)                          # [B, T, V] float32, teacher forced
     hidden = model.hidden(batch)                   # [B, T, D] final hidden states
     logits = model.logits(hidden)                  # [B, T, V] the output projection alone
+    kernel, bias = model.output_projection()       # [D, V], [V] or None: logits' weights
     logits, weights = model.with_attention(batch)  # + attention weights per layer
     cache, start = model.init_decoding(context, max_len)   # ready for decoding.* searches
     logits, cache = model.decode(ids, cache=cache)          # one step: ids [B, 1]
@@ -18,8 +19,8 @@ reads; others are ignored.
 
 ``hidden`` and ``logits`` are separate so that a loss can apply the output projection to
 pieces of the hidden states (e.g. chunks of positions) and never hold the float32
-``[B, T, V]`` logits of the whole batch at once; ``model(batch)`` is
-``model.logits(model.hidden(batch))``.
+``[B, T, V]`` logits of the whole batch at once (``ops.fused_cross_entropy`` of ``hidden``
+and ``output_projection()``); ``model(batch)`` is ``model.logits(model.hidden(batch))``.
 """
 
 from __future__ import annotations
@@ -49,6 +50,11 @@ class Model(Protocol):
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """Output projection ``[..., D]`` -> float32 logits ``[..., V]``."""
+
+    def output_projection(self) -> tuple[jax.Array, jax.Array | None]:
+        """``(kernel [D, V] in the compute dtype, bias [V] float32 or None)``: ``logits(h)`` is
+        ``einsum(h, kernel, preferred_element_type=float32) + bias`` (tied or untied), for a
+        loss that applies the projection itself (``ops.fused_cross_entropy``)."""
 
     def with_attention(self, batch) -> tuple[jax.Array, dict]:
         """``(logits, {name: [L, B, N, T, S]})`` attention weights of every layer."""

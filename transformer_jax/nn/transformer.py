@@ -58,6 +58,10 @@ class Transformer(nnx.Module):
         """Output projection: ``[B, T, D]`` -> float32 logits ``[B, T, V]``."""
         return self.decoder.output(hidden)
 
+    def output_projection(self) -> tuple[jax.Array, jax.Array | None]:
+        """``(kernel [D, V], bias [V] or None)`` of :meth:`logits` (see ``nn.model``)."""
+        return self.decoder.output.weights()
+
     def with_attention(self, batch):
         """Logits and the attention weights (float32, before dropout).
 

@@ -5,6 +5,7 @@ No Flax here; every function works under ``jax.jit``, ``jax.vmap`` and ``jax.gra
 
 from transformer_jax.ops.attention import IMPLEMENTATIONS, dot_product_attention, masked_softmax
 from transformer_jax.ops.dropout import dropout, keep_mask, keep_scale
+from transformer_jax.ops.fused_loss import FusedLoss, fused_cross_entropy
 from transformer_jax.ops.lora import lora_dense, lora_merge
 from transformer_jax.ops.losses import cross_entropy, token_accuracy
 from transformer_jax.ops.masks import (
@@ -32,6 +33,7 @@ from transformer_jax.ops.positional import (
 __all__ = [
     "IMPLEMENTATIONS",
     "AttentionSpec",
+    "FusedLoss",
     "alibi_bias",
     "alibi_slopes",
     "apply_rope",
@@ -40,6 +42,7 @@ __all__ = [
     "cross_entropy",
     "dot_product_attention",
     "dropout",
+    "fused_cross_entropy",
     "keep_mask",
     "keep_scale",
     "lora_dense",

@@ -118,7 +118,8 @@ def _compile_train_step(run: Run, tx, schedule) -> Callable:
     per_device = functools.partial(
         train_step, model_def=run.model_def, tx=tx, schedule=schedule,
         label_smoothing=float(opt.label_smoothing), dropout=cfg.uses_dropout,
-        grad_accum_steps=int(opt.grad_accum_steps), pad_id=cfg.pad_id)
+        grad_accum_steps=int(opt.grad_accum_steps), pad_id=cfg.pad_id,
+        loss_chunk=int(opt.loss_chunk))
     return run.strategy.compile_train_step(per_device, run.abstract_state)
 
 
@@ -153,7 +154,8 @@ def build_run(config: ml_collections.ConfigDict, *, vocab_size: int | None = Non
     abstract_state = jax.eval_shape(lambda p: create_train_state(p, tx), params)
     eval_fn = functools.partial(eval_step, model_def=model_def,
                                 label_smoothing=float(config.optimizer.label_smoothing),
-                                pad_id=model_cfg.pad_id)
+                                pad_id=model_cfg.pad_id,
+                                loss_chunk=int(config.optimizer.loss_chunk))
     run = Run(config=config, model_config=model_cfg, model_def=model_def,
               batch_keys=tuple(abstract.batch_keys), strategy=strategy, tx=tx,
               schedule=schedule, num_train_steps=steps, abstract_state=abstract_state,

@@ -95,6 +95,9 @@ def default_optimizer_config() -> ml_collections.ConfigDict:
     c.clip_norm = 0.0  # global-norm clipping; 0 disables
     c.grad_accum_steps = 1  # micro-batches per update
     c.label_smoothing = 0.1
+    # Positions per chunk of the fused output projection + loss (ops.fused_cross_entropy):
+    # only [loss_chunk, V] float32 logits exist at a time; 0 materialises [B, T, V].
+    c.loss_chunk = 0
     return c
 
 
@@ -248,6 +251,10 @@ def _check_optimizer(merged: dict, d_model: int) -> None:
                           f"{', '.join(SCHEDULES)}.")
     if not 0.0 <= opt["label_smoothing"] < 1.0:
         raise ConfigError(f"optimizer.label_smoothing={opt['label_smoothing']} must be in [0, 1).")
+    chunk = opt["loss_chunk"]
+    if not (isinstance(chunk, int) and not isinstance(chunk, bool) and chunk >= 0):
+        raise ConfigError(f"optimizer.loss_chunk={chunk!r} must be 0 (loss from the full "
+                          "logits) or a positive number of positions per chunk (e.g. 1024).")
     if not (isinstance(opt["grad_accum_steps"], int) and opt["grad_accum_steps"] >= 1):
         raise ConfigError(f"optimizer.grad_accum_steps={opt['grad_accum_steps']!r} must be >= 1.")
     try:  # the optimizer's own checks (warm-up vs. steps, clipping), before any disk write

@@ -6,6 +6,9 @@
   bleu, chrf, exact_match           on the first ``num_sentences`` sentences (-1: all),
                                     decoded greedily or with beam search; scores from
                                     sacrebleu, exact_match in percent
+  exact_match_<magnitude>           with exact_match, when the examples carry a number
+                                    (``PairSource.values``, e.g. the numbers task): exact
+                                    match per magnitude bucket (0-9, 10-99, ..., 10000-up)
 
 Decoding is split like the loss pass: global eval batch ``b`` holds sentences
 ``b * batch_size + [0, batch_size)``, each process decodes its block of rows of it, spread
@@ -29,7 +32,7 @@ from jax.sharding import PartitionSpec as P
 from transformer_jax import data as data_lib
 from transformer_jax.checkpoints import average_into_workdir, load_params
 from transformer_jax.inference import make_translate_fn
-from transformer_jax.metrics import corpus_scores
+from transformer_jax.metrics import corpus_scores, exact_match_by_magnitude
 from transformer_jax.nn import ModelDef
 from transformer_jax.parallel import Strategy, ordered_mesh, to_local
 from transformer_jax.training.build import Run
@@ -104,6 +107,7 @@ class Evaluator:
             model_def, max_length=prepared.max_length, beam_size=beam_size,
             length_penalty=length_penalty)
         self._references: dict[str, list[tuple[str, str]]] = {}
+        self._values: dict[str, np.ndarray | None] = {}
         self._sharded_translate = None  # (jitted decode, mesh), built on first use
 
     @classmethod
@@ -199,8 +203,14 @@ class Evaluator:
         """Loss metrics on the split and decoding metrics on its first sentences."""
         metrics = self.loss(params, split)
         if self.metric_names and num_sentences != 0:
-            _, hyps, refs = self.translations(params, split, num_sentences)
+            indices, hyps, refs = self.translations(params, split, num_sentences)
             metrics.update(corpus_scores(hyps, refs, self.metric_names))
+            if "exact_match" in self.metric_names and hyps:
+                if split not in self._values:
+                    self._values[split] = self.prepared.source(split).values()
+                values = self._values[split]
+                if values is not None:
+                    metrics.update(exact_match_by_magnitude(hyps, refs, values[indices]))
             metrics["num_sentences"] = float(len(hyps))
         return metrics
 

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import optax
 
 from transformer_jax.nn import ModelDef
-from transformer_jax.ops import cross_entropy, token_accuracy
+from transformer_jax.ops import cross_entropy, fused_cross_entropy, token_accuracy
 
 __all__ = [
     "TrainState",
@@ -66,27 +66,42 @@ def create_train_state(params, tx: optax.GradientTransformation) -> TrainState:
 
 
 def forward(model_def: ModelDef, params, batch: Batch, dropout_rng=None, *,
-            param_constraint: ParamConstraint = None) -> jax.Array:
+            param_constraint: ParamConstraint = None, hidden: bool = False) -> jax.Array:
     """Teacher-forced float32 logits ``[B, T, V]`` of a batch of (possibly packed) rows:
-    ``model(batch)`` of the model ``model_def.merge(params)`` (see ``nn.model``).
+    ``model(batch)`` of the model ``model_def.merge(params)`` (see ``nn.model``); with
+    ``hidden=True`` the final hidden states ``[B, T, D]`` (``model.hidden(batch)``) instead.
 
     ``param_constraint`` (from the parallelism strategy) is applied to ``params`` first.
     """
     if param_constraint is not None:
         params = param_constraint(params)
-    return model_def.merge(params)(batch, dropout_rng=dropout_rng).astype(jnp.float32)
+    model = model_def.merge(params)
+    if hidden:
+        return model.hidden(batch, dropout_rng=dropout_rng)
+    return model(batch, dropout_rng=dropout_rng).astype(jnp.float32)
 
 
-def _sums(logits, batch: Batch, label_smoothing: float, pad_id: int) -> dict[str, jax.Array]:
-    """Per-device sums: smoothed loss, NLL, correct tokens, target and source tokens."""
+def _sums(out, batch: Batch, label_smoothing: float, pad_id: int,
+          projection=None, loss_chunk: int = 0) -> dict[str, jax.Array]:
+    """Per-device sums: smoothed loss, NLL, correct tokens, target and source tokens.
+
+    ``out`` is the logits ``[B, T, V]``, or with ``loss_chunk > 0`` the hidden states
+    ``[B, T, D]`` and ``projection = (kernel, bias)``: then ``ops.fused_cross_entropy``
+    applies the output projection ``loss_chunk`` positions at a time.
+    """
     targets = batch["targets"]  # [B, T]
     weights = (targets != pad_id).astype(jnp.float32)  # [B, T]
-    loss_sum, weight_sum = cross_entropy(logits, targets, weights, label_smoothing)
-    if label_smoothing > 0:
-        nll_sum, _ = cross_entropy(logits, targets, weights, 0.0)
+    if loss_chunk > 0:
+        kernel, bias = projection
+        fused = fused_cross_entropy(out, kernel, targets, weights, bias=bias,
+                                    label_smoothing=label_smoothing, chunk=loss_chunk)
+        loss_sum, nll_sum, correct_sum, weight_sum = fused
     else:
+        loss_sum, weight_sum = cross_entropy(out, targets, weights, label_smoothing)
         nll_sum = loss_sum
-    correct_sum, _ = token_accuracy(logits, targets, weights)
+        if label_smoothing > 0:
+            nll_sum, _ = cross_entropy(out, targets, weights, 0.0)
+        correct_sum, _ = token_accuracy(out, targets, weights)
     inputs = batch.get("inputs")  # absent for a decoder-only LM
     src_tokens = jnp.zeros((), jnp.float32)
     if inputs is not None:
@@ -98,6 +113,15 @@ def _sums(logits, batch: Batch, label_smoothing: float, pad_id: int) -> dict[str
         "weight_sum": weight_sum,
         "src_tokens": src_tokens,
     }
+
+
+def _projection(model_def: ModelDef, params, param_constraint: ParamConstraint, loss_chunk):
+    """``(kernel, bias)`` of the model's output layer for the fused loss (None without it)."""
+    if loss_chunk <= 0:
+        return None
+    if param_constraint is not None:
+        params = param_constraint(params)
+    return model_def.merge(params).output_projection()
 
 
 def _psum(tree, axis_name):
@@ -129,6 +153,7 @@ def train_step(
     pad_id: int = 0,
     axis_name: str | None = None,
     param_constraint: ParamConstraint = None,
+    loss_chunk: int = 0,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer call on one (micro-)batch.
 
@@ -148,6 +173,9 @@ def train_step(
       axis_name: mapped axis to sum over (``"data"``), or None on one device.
       param_constraint: applied to the parameters before the forward pass (the mesh
         strategy's all-gather of FSDP-split weights); None leaves them as they are.
+      loss_chunk: 0 computes the loss from the float32 ``[B, T, V]`` logits; ``C > 0`` uses
+        ``ops.fused_cross_entropy`` over chunks of ``C`` positions (same numbers, only
+        ``[C, V]`` logits at a time).
 
     Returns:
       ``(new_state, metrics)`` with float32 scalars ``loss`` (smoothed, per target token),
@@ -155,14 +183,16 @@ def train_step(
       ``learning_rate``, ``tokens`` (non-pad target tokens) and ``src_tokens``.
     """
     def loss_fn(params):
-        run = functools.partial(forward, model_def, params, param_constraint=param_constraint)
+        run = functools.partial(forward, model_def, params, param_constraint=param_constraint,
+                                hidden=loss_chunk > 0)
         if dropout:  # one key per global row: masks do not depend on the device count
             keys = _row_keys(rng, state.step, batch["targets"].shape[0], axis_name)  # [B]
-            logits = jax.vmap(lambda row, key: run(  # [B, T, V]
+            out = jax.vmap(lambda row, key: run(  # [B, T, V] logits or [B, T, D] hidden
                 jax.tree_util.tree_map(lambda x: x[None], row), key)[0])(batch, keys)
         else:
-            logits = run(batch)  # [B, T, V]
-        sums = _sums(logits, batch, label_smoothing, pad_id)
+            out = run(batch)  # [B, T, V] logits or [B, T, D] hidden
+        projection = _projection(model_def, params, param_constraint, loss_chunk)
+        sums = _sums(out, batch, label_smoothing, pad_id, projection, loss_chunk)
         return sums["loss_sum"], sums
 
     grads, sums = jax.grad(loss_fn, has_aux=True)(state.params)
@@ -192,12 +222,16 @@ def eval_step(
     pad_id: int = 0,
     axis_name: str | None = None,
     param_constraint: ParamConstraint = None,
+    loss_chunk: int = 0,
 ) -> dict[str, jax.Array]:
     """Summed metrics of one evaluation batch (add them up, then divide by ``weight_sum``).
 
     Returns:
       float32 scalars ``loss_sum``, ``nll_sum``, ``correct_sum``, ``weight_sum``,
-      ``src_tokens`` (summed over ``axis_name`` when given).
+      ``src_tokens`` (summed over ``axis_name`` when given). ``loss_chunk`` as in
+      :func:`train_step`.
     """
-    logits = forward(model_def, params, batch, param_constraint=param_constraint)  # [B, T, V]
-    return _psum(_sums(logits, batch, label_smoothing, pad_id), axis_name)
+    out = forward(model_def, params, batch, param_constraint=param_constraint,
+                  hidden=loss_chunk > 0)  # [B, T, V] logits or [B, T, D] hidden
+    projection = _projection(model_def, params, param_constraint, loss_chunk)
+    return _psum(_sums(out, batch, label_smoothing, pad_id, projection, loss_chunk), axis_name)
