@@ -37,9 +37,11 @@ from benchlib import write_json  # noqa: E402
 SMOKE = ["--config.model.d_model=32", "--config.model.num_heads=2", "--config.model.d_ff=64",
          "--config.model.num_layers=1", "--config.batch_size=8", "--config.num_train_steps=4",
          "--config.max_train_minutes=0", "--config.fit_steps_to_time=false",
-         "--config.optimizer.warmup_steps=2", "--config.eval_every_steps=2",
+         "--config.optimizer.warmup_steps=2", "--config.eval_every_steps=4",
          "--config.log_every_steps=1", "--config.eval_num_sentences=4",
-         "--config.eval_beam_size=2", "--config.checkpoint_every_steps=4",
+         "--config.eval_beam_size=1", "--config.checkpoint_every_steps=4",
+         "--config.data.test_split=", "--config.data.max_length=32",
+         "--config.model.max_len=32",
          "--config.data.vocab_size=300", "--config.data.tokenizer_sample_size=2000",
          "--config.optimizer.loss_chunk=64"]
 
@@ -183,7 +185,7 @@ def main(argv=None) -> int:
         return 2
     if args.smoke:
         extra = SMOKE + extra
-        args.synthetic_steps, args.test_lines = 2, args.test_lines or 8
+        args.synthetic_steps, args.test_lines = 2, args.test_lines or 4
     extra.append(f"--config.data.path={args.data}")
     result: dict = {"smoke": args.smoke, "config": args.config, "overrides": extra}
 

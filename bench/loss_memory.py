@@ -47,9 +47,9 @@ def _config(dtype: str, chunk: int, rows: int, length: int, parallelism: str):
 
 def measure(dtype: str, chunk: int, rows: int, length: int, topology: str | None) -> dict:
     """Compile one train step; its memory analysis in bytes (per device)."""
-    from transformer_jax.aot.programs import build_programs, tpu_devices
-
     import jax
+
+    from transformer_jax.aot.programs import build_programs, tpu_devices
 
     devices = tpu_devices(topology) if topology else jax.devices("cpu")[:1]
     config = _config(dtype, chunk, rows, length, "auto" if topology else "none")
