@@ -24,10 +24,14 @@ if ((${#missing[@]})); then
     echo "no .wheels/ folder: run 'bash bench/gpu_wheels.sh' on a machine with network" >&2
     exit 2
   fi
-  # --no-deps on the known list: pip must not touch jax, jaxlib or numpy of the image.
-  "$PYTHON" -m pip install --no-index --find-links .wheels --no-deps \
-    tensorflow-datasets grain array-record ml-collections num2words tensorboardX absl-py \
-    $(cat .wheels/extra.txt 2>/dev/null || true)
+  # --no-index: only the wheelhouse; what the image has already (jax, jaxlib, numpy, ...)
+  # satisfies the requirements and is left as it is.
+  # tensorflow-datasets without pyarrow (never imported here; not in the wheelhouse).
+  "$PYTHON" -m pip install --no-index --find-links .wheels \
+    grain array-record ml-collections num2words tensorboardX absl-py dm-tree \
+    "etils[edc,enp,epath,epy,etree]" immutabledict promise protobuf psutil requests \
+    simple-parsing tensorflow-metadata termcolor toml tqdm wrapt
+  "$PYTHON" -m pip install --no-index --find-links .wheels --no-deps tensorflow-datasets
 fi
 
 if command -v nvidia-smi >/dev/null; then
