@@ -10,8 +10,7 @@ import jax.numpy as jnp
 import optax
 import pytest
 
-from transformer_jax.checkpoints import Checkpointer, CorruptCheckpointError
-from transformer_jax.checkpoints.manager import is_corruption
+from transformer_jax.checkpoints import Checkpointer, CorruptCheckpointError, is_corruption
 from transformer_jax.errors import CheckpointMismatchError, CheckpointReadError
 from transformer_jax.training.step import create_train_state
 
