@@ -1,0 +1,59 @@
+"""Checkpoint averaging: imported (params_only) weights are never averaged in; a new average
+replaces the old one only once it is written."""
+
+import logging
+
+import jax
+import numpy as np
+import pytest
+
+from transformer_jax.checkpoints import (
+    CHECKPOINT_DIR,
+    average_checkpoints,
+    save_params,
+)
+from transformer_jax.config import ModelConfig
+from transformer_jax.nn import DEFAULT_MODEL_KIND, abstract_params
+from transformer_jax.training.average import main as average_main
+
+MODEL = ModelConfig.tiny(vocab_size=16, d_model=8, num_heads=2, num_layers=1, d_ff=16,
+                         max_len=8).to_dict()
+
+
+def _params(value: float):
+    shapes = abstract_params(DEFAULT_MODEL_KIND, MODEL)
+    return jax.tree_util.tree_map(lambda s: np.full(s.shape, value, s.dtype), shapes)
+
+
+def _meta(step: int, **extra) -> dict:
+    return {"step": step, "config": {"model": MODEL, "model_kind": DEFAULT_MODEL_KIND},
+            **extra}
+
+
+def _values(params) -> set[float]:
+    return {float(v) for x in jax.tree_util.tree_leaves(params) for v in np.unique(x)}
+
+
+@pytest.fixture
+def fine_tune_workdir(tmp_path):
+    """Imported weights at step 0 (params_only, all 100.0), fine-tuned steps 1 and 2."""
+    directory = str(tmp_path / CHECKPOINT_DIR)
+    save_params(directory, 0, _params(100.0), _meta(0, params_only=True))
+    for step in (1, 2):
+        save_params(directory, step, _params(float(step)), _meta(step))
+    return str(tmp_path)
+
+
+def test_params_only_steps_are_not_averaged(fine_tune_workdir, caplog):
+    with caplog.at_level(logging.WARNING):
+        params, meta = average_checkpoints(fine_tune_workdir, last=3)
+    assert meta["averaged_steps"] == [1, 2] and meta["skipped_params_only_steps"] == [0]
+    assert _values(params) == {1.5}  # the mean of 1 and 2; 100 would pull it to 34.33
+    assert "not averaging step(s) [0]" in caplog.text and "params_only" in caplog.text
+
+
+def test_only_params_only_steps_is_one_line_exit_2(tmp_path, capsys):
+    save_params(str(tmp_path / CHECKPOINT_DIR), 0, _params(1.0), _meta(0, params_only=True))
+    assert average_main(["--workdir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "only imported params_only steps [0]" in err
