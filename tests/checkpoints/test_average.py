@@ -2,14 +2,18 @@
 replaces the old one only once it is written."""
 
 import logging
+import os
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from transformer_jax.checkpoints import (
+    AVERAGED_DIR,
     CHECKPOINT_DIR,
     average_checkpoints,
+    load_params,
     save_params,
 )
 from transformer_jax.config import ModelConfig
@@ -57,3 +61,23 @@ def test_only_params_only_steps_is_one_line_exit_2(tmp_path, capsys):
     assert average_main(["--workdir", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "only imported params_only steps [0]" in err
+
+
+def test_a_failed_write_leaves_the_previous_average(fine_tune_workdir, monkeypatch):
+    out = f"{fine_tune_workdir}/{AVERAGED_DIR}"
+    save_params(out, 2, _params(1.0), _meta(2))
+    real_save = ocp.CheckpointManager.save
+
+    def fail_midway(self, *args, **kwargs):
+        real_save(self, *args, **kwargs)  # some files are written, then the disk fills up
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ocp.CheckpointManager, "save", fail_midway)
+    with pytest.raises(OSError, match="No space left"):
+        save_params(out, 2, _params(7.0), _meta(2))
+    monkeypatch.undo()
+    assert _values(load_params(fine_tune_workdir, averaged=True)) == {1.0}
+    assert sorted(os.listdir(fine_tune_workdir)) == [AVERAGED_DIR, CHECKPOINT_DIR]  # no leftovers
+    save_params(out, 2, _params(7.0), _meta(2))  # a write that completes replaces it
+    assert _values(load_params(fine_tune_workdir, averaged=True)) == {7.0}
+    assert os.listdir(out) == ["2"]

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
+import tempfile
 from collections.abc import Mapping
 from typing import Any
 
@@ -21,12 +23,9 @@ __all__ = ["average_checkpoints", "average_into_workdir", "save_params"]
 log = logging.getLogger(__name__)
 
 
-def save_params(directory: str, step: int, params, meta: Mapping) -> None:
-    """Write a params-only checkpoint (replacing an existing one at ``step``)."""
+def _write_params(directory: str, step: int, params, meta: Mapping) -> None:
     manager = open_manager(directory, async_save=False)
     try:
-        if step in manager.all_steps():
-            manager.delete(step)
         manager.save(
             step,
             args=ocp.args.Composite(
@@ -37,6 +36,29 @@ def save_params(directory: str, step: int, params, meta: Mapping) -> None:
         manager.wait_until_finished()
     finally:
         manager.close()
+
+
+def save_params(directory: str, step: int, params, meta: Mapping) -> None:
+    """Write a params-only checkpoint ``<directory>/<step>`` (replacing an existing one).
+
+    The new checkpoint is written whole into a temporary sibling of ``directory`` first;
+    only then is an existing ``<step>`` renamed aside and the new one renamed into place
+    (two renames on one file system), so a failed or interrupted write leaves the previous
+    checkpoint as it was.
+    """
+    directory = os.path.abspath(directory)
+    os.makedirs(os.path.dirname(directory), exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(directory)}-", suffix=".tmp",
+                               dir=os.path.dirname(directory))
+    try:
+        _write_params(os.path.join(staging, "new"), step, params, meta)
+        os.makedirs(directory, exist_ok=True)
+        target = os.path.join(directory, str(step))
+        if os.path.exists(target):
+            os.replace(target, os.path.join(staging, "old"))
+        os.replace(os.path.join(staging, "new", str(step)), target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def average_checkpoints(workdir: str, last: int = 5) -> tuple[Any, dict]:
