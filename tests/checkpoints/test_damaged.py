@@ -75,3 +75,34 @@ def test_corruption_is_told_apart():
     assert not is_corruption(MemoryError())
     assert not is_corruption(OSError(errno.EIO, "Input/output error"))
     assert not is_corruption(ValueError("shape (8, 8) does not match (4, 4)"))
+
+
+@pytest.mark.parametrize("error", [
+    ValueError('UNAVAILABLE: Error reading local file "/runs/checksum_sweep/checkpoints/2/'
+               'params/d/1f": Input/output error'),
+    ValueError('PERMISSION_DENIED: Error opening "/runs/corrupt-test/checkpoints/2/params"'),
+    ValueError("Error reading /mnt/truncated_runs/checkpoints/2/params/d/1f: "
+               "Input/output error"),
+    PermissionError(13, "Permission denied", "/runs/corrupt/checkpoints/2/meta"),
+    OSError(5, "Input/output error", "/runs/checksum/truncated/checkpoints/2"),
+])
+def test_a_damage_word_in_a_path_is_not_damage(error):
+    assert not is_corruption(error)
+    wrapped = Exception("Encountered error while reading array index")  # as orbax re-raises
+    wrapped.__context__ = error
+    assert not is_corruption(wrapped)
+
+
+def test_storage_errors_under_a_damage_word_path_leave_the_checkpoint(two_checkpoints,
+                                                                      monkeypatch):
+    workdir, state = two_checkpoints
+    ckpt = Checkpointer(str(workdir))
+
+    def fail(*args, **kwargs):
+        raise ValueError(f'UNAVAILABLE: Error reading "{workdir}/corrupt/checksum": timed out')
+
+    monkeypatch.setattr(ckpt, "restore", fail)
+    with pytest.raises(CheckpointReadError, match="it is not damaged, so it was left in place"):
+        ckpt.restore_latest(state)
+    ckpt.close()
+    assert sorted(os.listdir(workdir / "checkpoints")) == ["1", "2"]
