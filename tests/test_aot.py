@@ -147,6 +147,7 @@ def test_cli_errors_are_one_line_exit_2(tmp_path, lines, args, message):
     assert message in proc.stderr
 
 
+@pytest.mark.faults
 def test_overrides_are_typed_as_train_py_types_them(tmp_path):
     # model.num_encoder_layers defaults to None (an int placeholder): "2" must become 2.
     config = aot.load_config(write_config(tmp_path), [

@@ -163,6 +163,7 @@ def test_read_lines_splits_like_text_files():
     assert cli.read_lines("grüße\n".encode()) == ["grüße"]
 
 
+@pytest.mark.faults
 def test_cli_falls_back_from_a_damaged_newest_checkpoint(workdir, monkeypatch, capsys, tmp_path):
     copy = tmp_path / "run"
     shutil.copytree(workdir, copy)

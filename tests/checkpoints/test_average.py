@@ -23,6 +23,8 @@ from transformer_jax.training.average import main as average_main
 MODEL = ModelConfig.tiny(vocab_size=16, d_model=8, num_heads=2, num_layers=1, d_ff=16,
                          max_len=8).to_dict()
 
+pytestmark = pytest.mark.faults
+
 
 def _params(value: float):
     shapes = abstract_params(DEFAULT_MODEL_KIND, MODEL)

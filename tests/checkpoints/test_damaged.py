@@ -14,6 +14,8 @@ from transformer_jax.checkpoints import Checkpointer, CorruptCheckpointError, is
 from transformer_jax.errors import CheckpointMismatchError, CheckpointReadError
 from transformer_jax.training.step import create_train_state
 
+pytestmark = pytest.mark.faults
+
 
 @pytest.fixture
 def two_checkpoints(tmp_path):
