@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
 from collections.abc import Mapping
 
 import jax
@@ -18,10 +19,12 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from transformer_jax.checkpoints.damage import is_corruption
 from transformer_jax.checkpoints.layout import (
     AVERAGED_DIR,
     check_compatible,
     checkpoint_dir,
+    one_line,
     open_manager,
 )
 from transformer_jax.config import ModelConfig
@@ -119,12 +122,40 @@ def read_tokenizer(workdir: str, meta: Mapping) -> Tokenizer:
     return Tokenizer(proto)
 
 
+def _readable_step(workdir: str, step: int | None, averaged: bool) -> tuple[dict, object]:
+    """``(meta, params)`` of checkpoint ``step``, or of the newest readable one (see
+    :func:`read_run`)."""
+    path = os.path.join(workdir, AVERAGED_DIR) if averaged else workdir
+    if step is not None:
+        return read_meta(path, step), load_params(workdir, step, averaged=averaged)
+    steps: list = []
+    if os.path.isdir(checkpoint_dir(path)):
+        manager = open_manager(checkpoint_dir(path), create=False)
+        try:
+            steps = sorted(manager.all_steps(), reverse=True)
+        finally:
+            manager.close()
+    for number, candidate in enumerate(steps or [None]):  # None: read_meta says why
+        try:
+            return (read_meta(path, candidate),
+                    load_params(workdir, candidate, averaged=averaged))
+        except Exception as err:
+            if not is_corruption(err) or number + 1 >= len(steps):
+                raise
+            print(f"warning: checkpoint step {candidate} in {checkpoint_dir(path)} cannot be "
+                  f"read ({one_line(err)}); using step {steps[number + 1]}.",
+                  file=sys.stderr, flush=True)
+    raise AssertionError("unreachable: the last step's error is raised")
+
+
 def read_run(workdir: str, step: int | None = None, averaged: bool = False) -> dict:
     """Model (abstract), params, tokenizer and step of a training work directory.
 
-    ``averaged`` reads ``<workdir>/averaged``. The model is built from the run's saved
-    ``model`` config and ``model_kind``; callers use what the model answers (``nn.model``),
-    never the kind itself.
+    ``averaged`` reads ``<workdir>/averaged``. Without ``step``, a damaged newest checkpoint
+    (files missing, short or undecodable) is skipped for the newest readable one, with a
+    one-line warning on stderr; any other error is raised. The model is built from the run's
+    saved ``model`` config and ``model_kind``; callers use what the model answers
+    (``nn.model``), never the kind itself.
     """
     workdir = os.path.abspath(workdir)
     if not os.path.isdir(workdir):
@@ -136,7 +167,7 @@ def read_run(workdir: str, step: int | None = None, averaged: bool = False) -> d
             f"no averaged checkpoint in {workdir}; write one with python -m "
             f"transformer_jax.training.average --workdir {workdir}"
         )
-    meta = read_meta(os.path.join(workdir, AVERAGED_DIR) if averaged else workdir, step)
+    meta, params = _readable_step(workdir, step, averaged)
     saved = meta.get("config") or {}
     if not saved.get("model"):
         raise ValueError(f"the checkpoint in {workdir} has no model config in its metadata.")
@@ -144,7 +175,7 @@ def read_run(workdir: str, step: int | None = None, averaged: bool = False) -> d
     kind = saved.get("model_kind", DEFAULT_MODEL_KIND)
     return {
         "model": nnx.eval_shape(lambda: build_model(kind, config, nnx.Rngs(0))),
-        "params": load_params(workdir, meta["step"], averaged=averaged),
+        "params": params,
         "tokenizer": read_tokenizer(workdir, meta),
         "step": int(meta["step"]),
         "data": saved.get("data") or {},
