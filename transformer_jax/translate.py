@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 
 from transformer_jax.runtime import configure_malloc, skip_absent_tpu
@@ -99,6 +100,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.beam < 1 or args.batch_size < 1:
         print(f"error: --beam={args.beam} and --batch_size={args.batch_size} must be >= 1.",
               file=sys.stderr)
+        return 2
+    if args.alpha is not None and not math.isfinite(args.alpha):
+        print(f"error: --alpha={args.alpha} is not a finite number; give a finite length "
+              "penalty such as 0.6.", file=sys.stderr)
         return 2
     try:
         lines = _read(args.input, "the input")

@@ -194,10 +194,12 @@ def test_fit_steps_to_time_ends_the_schedule_in_time_and_resume_keeps_the_count(
     assert resumed["step"] == fitted or resumed["stopped_by_time_limit"]
 
 
-def test_fit_steps_to_time_needs_a_time_limit(tmp_path):
-    proc = _train("--workdir", str(tmp_path / "w"), *TINY, "--config.fit_steps_to_time=true")
+@pytest.mark.parametrize("minutes", ["0", "inf"])
+def test_fit_steps_to_time_needs_a_time_limit(tmp_path, minutes):
+    proc = _train("--workdir", str(tmp_path / "w"), *TINY, "--config.fit_steps_to_time=true",
+                  f"--config.max_train_minutes={minutes}")
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines()[-1] == (
-        "error: fit_steps_to_time=True fits the schedule to max_train_minutes, which is 0; "
-        "set max_train_minutes or fit_steps_to_time=False.")
+    assert proc.stderr.strip().splitlines() == [
+        f"error: fit_steps_to_time=True fits the schedule to max_train_minutes, which is "
+        f"{minutes}; set a finite max_train_minutes > 0 or fit_steps_to_time=False."]
     assert not os.path.exists(tmp_path / "w")
