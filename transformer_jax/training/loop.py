@@ -63,7 +63,11 @@ def train_and_evaluate(config, workdir: str) -> dict:
     initialize(config.distributed)  # a multi-process job connects (no-op for one process)
     with StopFlag() as signals:
         session = setup(config, workdir, signals=signals, wall_start=wall_start)
-        train(session)
+        try:
+            train(session)
+        except BaseException:
+            session.release()  # the work directory's lock
+            raise
     return finish(session)
 
 
@@ -170,4 +174,5 @@ def finish(session: Session) -> dict:
                     session.history, os.path.join(session.workdir, reporting.CURVE_FILE),
                     session.metric_names)
         session.writer.close()
+        session.release()  # the work directory's lock
     return summary

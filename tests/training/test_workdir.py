@@ -1,0 +1,45 @@
+"""The work directory's lock (``fcntl.flock``): one holder, freed by the OS when it dies."""
+
+import os
+import signal
+import subprocess
+import sys
+
+from transformer_jax.training.workdir import LOCK_FILE, WorkdirLock
+
+
+def test_second_holder_is_refused_with_the_holders_pid_and_host(tmp_path):
+    first, second = WorkdirLock(str(tmp_path)), WorkdirLock(str(tmp_path))
+    assert first.acquire() == ""
+    recorded = (tmp_path / LOCK_FILE).read_text()
+    message = second.acquire()
+    assert f"(process {os.getpid()} on " in message and "in use by another run" in message
+    assert (tmp_path / LOCK_FILE).read_text() == recorded  # the refused one wrote nothing
+    first.release()
+    assert second.acquire() == ""
+    second.release()
+
+
+def test_a_stale_lock_file_never_blocks(tmp_path):
+    (tmp_path / LOCK_FILE).write_text("999999 deadhost\n")
+    lock = WorkdirLock(str(tmp_path))
+    assert lock.acquire() == ""
+    assert (tmp_path / LOCK_FILE).read_text().split()[0] == str(os.getpid())
+    lock.release()
+
+
+def test_the_lock_of_a_killed_holder_is_free(tmp_path):
+    code = ("import sys, time; from transformer_jax.training.workdir import WorkdirLock; "
+            f"lock = WorkdirLock({str(tmp_path)!r}); assert lock.acquire() == ''; "
+            "print('held', flush=True); "
+            "time.sleep(60)")
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert "in use by another run" in WorkdirLock(str(tmp_path)).acquire()
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    lock = WorkdirLock(str(tmp_path))
+    assert lock.acquire() == ""
+    lock.release()
