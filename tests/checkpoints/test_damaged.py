@@ -10,8 +10,7 @@ import jax.numpy as jnp
 import optax
 import pytest
 
-from transformer_jax.checkpoints import Checkpointer, CorruptCheckpointError
-from transformer_jax.checkpoints.manager import is_corruption
+from transformer_jax.checkpoints import Checkpointer, CorruptCheckpointError, is_corruption
 from transformer_jax.errors import CheckpointMismatchError, CheckpointReadError
 from transformer_jax.training.step import create_train_state
 
@@ -76,3 +75,18 @@ def test_corruption_is_told_apart():
     assert not is_corruption(MemoryError())
     assert not is_corruption(OSError(errno.EIO, "Input/output error"))
     assert not is_corruption(ValueError("shape (8, 8) does not match (4, 4)"))
+
+
+@pytest.mark.parametrize("message", [
+    'UNAVAILABLE: Error reading "runs/checksum_corrupt/checkpoints/5/d/0.0": connection reset',
+    'DEADLINE_EXCEEDED: reading gs://bucket/truncated/checkpoints/5/d/0.0',
+    "cannot reach /mnt/corrupt-tests/truncated/5/manifest.ocdbt (server busy)",
+    "FAILED_PRECONDITION: lock held on 'checksum.corrupt' by another writer",
+])
+def test_paths_never_make_an_error_damage(message):
+    """A transient error under a path that says "checksum", "corrupt" or "truncated" must not
+    move a good checkpoint aside: the path is a name, not a diagnosis."""
+    assert not is_corruption(ValueError(message))
+    wrapped = Exception("Encountered error while reading array index")
+    wrapped.__cause__ = ValueError(message)
+    assert not is_corruption(wrapped)

@@ -125,11 +125,16 @@ def test_skipped_long_pairs_are_counted_and_reported(tmp_path):
     summary.json, so a user of their own corpus learns to raise max_length."""
     workdir = str(tmp_path / "run")
     proc = _train("--workdir", workdir, "--config.model.num_layers=1", *TINY,
-                  "--config.data.max_length=20")
+                  "--config.data.max_length=20", "--config.data.test_split=test")
     assert proc.returncode == 0, proc.stderr[-3000:]
     with open(os.path.join(workdir, "summary.json")) as f:
-        dropped = json.load(f)["train_pairs_dropped"]
+        summary = json.load(f)
+    dropped = summary["train_pairs_dropped"]
     assert dropped > 0
+    # the evaluation scores long sources cut to max_length: summary.json says so, per split
+    cut = summary["eval_pairs_cut_to_max_length"]
+    assert summary["eval_max_length"] == 20
+    assert set(cut) == {"validation", "test"} and all(0 < n <= 16 for n in cut.values())
     assert (f"{dropped} distinct training pairs read so far were skipped as longer than "
             "max_length") in proc.stderr
     assert "(data.max_length=20); raise data.max_length to train on them." in proc.stderr

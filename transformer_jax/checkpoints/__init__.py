@@ -18,10 +18,12 @@ from transformer_jax.checkpoints.layout import (
     CHECKPOINT_DIR,
     CORRUPT_DIR,
     OPTIMIZER_KEYS,
+    CorruptCheckpointError,
     check_compatible,
     checkpoint_dir,
+    is_corruption,
 )
-from transformer_jax.checkpoints.manager import Checkpointer, CorruptCheckpointError
+from transformer_jax.checkpoints.manager import Checkpointer
 from transformer_jax.checkpoints.read import load_params, read_meta, read_run, read_tokenizer
 
 __all__ = [
@@ -36,6 +38,7 @@ __all__ = [
     "average_into_workdir",
     "check_compatible",
     "checkpoint_dir",
+    "is_corruption",
     "load_params",
     "read_meta",
     "read_run",

@@ -14,7 +14,9 @@ Nothing is pickled: arrays go to tensorstore, everything else to JSON.
 
 from __future__ import annotations
 
+import json
 import os
+import re
 from collections.abc import Mapping
 
 import orbax.checkpoint as ocp
@@ -22,6 +24,8 @@ import orbax.checkpoint as ocp
 from transformer_jax.errors import CheckpointMismatchError
 
 __all__ = [
+    "CorruptCheckpointError",
+    "is_corruption",
     "ARCHITECTURE_KEYS",
     "AVERAGED_DIR",
     "CHECKPOINT_DIR",
@@ -48,6 +52,49 @@ ARCHITECTURE_KEYS = (
 )
 # Optimizer fields that change the optimizer-state structure.
 OPTIMIZER_KEYS = ("name", "grad_accum_steps")
+
+
+class CorruptCheckpointError(ValueError):
+    """A checkpoint's files are missing, short or cannot be decoded."""
+
+
+# tensorstore's status codes of files that are missing or short; any other status
+# (UNAVAILABLE, DEADLINE_EXCEEDED, PERMISSION_DENIED, INTERNAL, ...) is not damage
+_DAMAGE_STATUSES = ("DATA_LOSS", "NOT_FOUND", "OUT_OF_RANGE")
+_OTHER_STATUS = re.compile(r"^[A-Z][A-Z_]+:")
+# what decoders say about bytes that cannot be decoded (read with the paths taken out)
+_DECODE_MARKS = ("Truncated", "truncated", "Error decoding", "corrupt", "checksum")
+# quoted strings, URLs and anything with a path separator: names, never a diagnosis
+_PATHS = re.compile(r"\"[^\"]*\"|'[^']*'|\S*[/\\]\S*")
+
+
+def _damage_in_text(message: str) -> bool:
+    status = message.split(":", 1)[0] if _OTHER_STATUS.match(message) else None
+    if status in _DAMAGE_STATUSES:
+        return True
+    if status not in (None, "FAILED_PRECONDITION", "INVALID_ARGUMENT", "UNKNOWN"):
+        return False  # a transient or permission status, whatever the text says
+    return any(mark in _PATHS.sub(" ", message) for mark in _DECODE_MARKS)
+
+
+def is_corruption(err: BaseException | None) -> bool:
+    """Missing, short or undecodable files (not: memory, permissions, other I/O errors).
+
+    Classified by the error's type and tensorstore's status code, and by a decoder's words
+    with every path and quoted name taken out, so that a transient error under a directory
+    called, say, ``truncated`` is not taken for damage. Follows the chain of causes: orbax
+    re-raises tensorstore's ``ValueError`` as a plain ``Exception`` while handling it.
+    """
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, CorruptCheckpointError | FileNotFoundError | NotADirectoryError
+                      | json.JSONDecodeError | UnicodeDecodeError):
+            return True
+        if isinstance(err, ValueError) and _damage_in_text(" ".join(str(err).split())):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
 
 
 def one_line(err: Exception, limit: int = 160) -> str:

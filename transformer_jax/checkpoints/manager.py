@@ -14,7 +14,6 @@ each with a one-line warning. Every process takes part and every decision is agr
 from __future__ import annotations
 
 import base64
-import json
 import logging
 import os
 import shutil
@@ -28,7 +27,9 @@ from transformer_jax.checkpoints.layout import (
     CHECKPOINT_DIR,
     CORRUPT_DIR,
     INCOMPLETE_MARK,
+    CorruptCheckpointError,
     check_compatible,
+    is_corruption,
     one_line,
     open_manager,
 )
@@ -36,13 +37,9 @@ from transformer_jax.checkpoints.read import read_meta
 from transformer_jax.errors import CheckpointMismatchError, CheckpointReadError
 from transformer_jax.parallel.coordination import agree, barrier, from_chief
 
-__all__ = ["Checkpointer", "CorruptCheckpointError", "is_corruption"]
+__all__ = ["Checkpointer"]
 
 log = logging.getLogger(__name__)
-
-
-class CorruptCheckpointError(ValueError):
-    """A checkpoint's files are missing, short or cannot be decoded."""
 
 
 # --------------------------------------------------------------------------- JSON helpers
@@ -95,29 +92,6 @@ def _abstract(tree, shardings):
 
 # Outcomes of trying one checkpoint, ordered: the processes act on the largest.
 _OK, _CORRUPT, _MISMATCH, _FATAL = range(4)
-# tensorstore status codes and messages of files that are missing, short or undecodable
-_DAMAGE_MARKS = ("DATA_LOSS", "NOT_FOUND", "OUT_OF_RANGE", "Truncated", "truncated",
-                 "Error decoding", "corrupt", "checksum")
-
-
-def is_corruption(err: BaseException | None) -> bool:
-    """Missing, short or undecodable files (not: memory, permissions, other I/O errors).
-
-    Follows the chain of causes: orbax re-raises tensorstore's ``ValueError`` as a plain
-    ``Exception`` while handling it.
-    """
-    seen: set[int] = set()
-    while err is not None and id(err) not in seen:
-        seen.add(id(err))
-        if isinstance(err, CorruptCheckpointError | FileNotFoundError | NotADirectoryError
-                      | json.JSONDecodeError | UnicodeDecodeError):
-            return True
-        if isinstance(err, ValueError) and any(m in str(err) for m in _DAMAGE_MARKS):
-            return True
-        err = err.__cause__ or err.__context__
-    return False
-
-
 def _stop_error(step: int, err, mine: int, outcomes: list[int], directory: str) -> Exception:
     """The error every process raises when a checkpoint fails for a reason other than damage
     (``mine``: this process's outcome, ``outcomes``: every process's)."""

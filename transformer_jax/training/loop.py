@@ -166,6 +166,12 @@ def finish(session: Session) -> dict:
                 session.checkpointer))
     finally:
         session.checkpointer.close()
+        # evaluation pairs whose source or target was cut to data.max_length, per split:
+        # their scores are those of the cut sentences
+        summary["eval_max_length"] = int(config.data.max_length)
+        summary["eval_pairs_cut_to_max_length"] = {
+            split: len(ids) for split, ids in sorted(
+                session.prepared.stats.trimmed_eval_ids.items())}
         summary["wall_seconds"] = time.perf_counter() - session.budget.start
         if session.is_chief:
             reporting.write_json(os.path.join(session.workdir, reporting.SUMMARY_FILE), summary)
