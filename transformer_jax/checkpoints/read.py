@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
 from collections.abc import Mapping
 
 import jax
@@ -20,8 +21,11 @@ from flax import nnx
 
 from transformer_jax.checkpoints.layout import (
     AVERAGED_DIR,
+    CHECKPOINT_DIR,
     check_compatible,
     checkpoint_dir,
+    is_corruption,
+    one_line,
     open_manager,
 )
 from transformer_jax.config import ModelConfig
@@ -124,7 +128,9 @@ def read_run(workdir: str, step: int | None = None, averaged: bool = False) -> d
 
     ``averaged`` reads ``<workdir>/averaged``. The model is built from the run's saved
     ``model`` config and ``model_kind``; callers use what the model answers (``nn.model``),
-    never the kind itself.
+    never the kind itself. Without ``step``, a damaged newest checkpoint (missing, short or
+    undecodable files, as training's resume judges them) gives way to the step before it,
+    with a warning on stderr.
     """
     workdir = os.path.abspath(workdir)
     if not os.path.isdir(workdir):
@@ -136,6 +142,25 @@ def read_run(workdir: str, step: int | None = None, averaged: bool = False) -> d
             f"no averaged checkpoint in {workdir}; write one with python -m "
             f"transformer_jax.training.average --workdir {workdir}"
         )
+    if step is not None or averaged or not os.path.isdir(os.path.join(workdir, CHECKPOINT_DIR)):
+        return _read_step(workdir, step, averaged)
+    manager = open_manager(checkpoint_dir(workdir), create=False)
+    try:
+        steps = sorted(manager.all_steps(), reverse=True)
+    finally:
+        manager.close()
+    for newer, older in zip(steps, [*steps[1:], None], strict=True):
+        try:
+            return _read_step(workdir, newer, False)
+        except Exception as err:
+            if older is None or not is_corruption(err):
+                raise
+            print(f"warning: checkpoint step {newer} in {workdir} is damaged ({one_line(err)}); "
+                  f"using step {older}.", file=sys.stderr, flush=True)
+    return _read_step(workdir, None, False)  # no steps: the usual "no checkpoint" error
+
+
+def _read_step(workdir: str, step: int | None, averaged: bool) -> dict:
     meta = read_meta(os.path.join(workdir, AVERAGED_DIR) if averaged else workdir, step)
     saved = meta.get("config") or {}
     if not saved.get("model"):
