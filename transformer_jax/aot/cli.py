@@ -92,12 +92,20 @@ def load_config(path: str, overrides: Sequence[str] = ()):
             old = section[leaf]
         except (KeyError, AttributeError, TypeError):
             raise AotError(f"unknown config key {key!r} in override {item!r}.") from None
-        section[leaf] = _parse_value(text, old)
+        if old is None:  # a typed placeholder (e.g. model.num_encoder_layers): its type
+            kind = section.get_ref(leaf).get_type() if hasattr(section, "get_ref") else None
+            old = kind() if kind in (bool, int, float) else None
+        try:
+            section[leaf] = _parse_value(text, old)
+        except TypeError as err:
+            raise AotError(f"cannot set {key} to {text!r}: {err}") from None
     return config
 
 
 def _parse_value(text: str, old):
-    """``text`` as the type of the value it replaces."""
+    """``text`` as the type of the value it replaces ("none" clears an optional value)."""
+    if text.lower() in ("none", "null"):
+        return None
     if isinstance(old, bool):
         if text.lower() not in ("true", "false", "1", "0"):
             raise AotError(f"expected true or false, got {text!r}.")
