@@ -5,6 +5,8 @@ params-only checkpoint into ``<workdir>/averaged`` (the command line is
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from collections.abc import Mapping
 from typing import Any
 
@@ -19,25 +21,38 @@ __all__ = ["average_checkpoints", "average_into_workdir", "save_params"]
 
 
 def save_params(directory: str, step: int, params, meta: Mapping) -> None:
-    """Write a params-only checkpoint (replacing an existing one at ``step``)."""
-    manager = open_manager(directory, async_save=False)
+    """Write a params-only checkpoint as the only one in ``directory`` (replacing what was
+    there): written whole into a new sibling directory first, then swapped in by renames, so
+    a crash at any point leaves the previous checkpoint or the new one complete on disk
+    (the previous one, in the middle of the swap, under ``<directory>.previous-*``)."""
+    directory = os.path.abspath(directory)
+    parent, name = os.path.split(directory)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent)
     try:
-        if step in manager.all_steps():
-            manager.delete(step)
-        manager.save(
-            step,
-            args=ocp.args.Composite(
-                params=ocp.args.StandardSave(params), meta=ocp.args.JsonSave(dict(meta))
-            ),
-            force=True,
-        )
-        manager.wait_until_finished()
-    finally:
-        manager.close()
+        manager = open_manager(tmp, async_save=False)
+        try:
+            manager.save(step, args=ocp.args.Composite(
+                params=ocp.args.StandardSave(params), meta=ocp.args.JsonSave(dict(meta))),
+                force=True)
+            manager.wait_until_finished()
+        finally:
+            manager.close()
+        old = None
+        if os.path.exists(directory):
+            old = tempfile.mkdtemp(prefix=f"{name}.previous-", dir=parent)
+            os.replace(directory, old)  # onto the empty directory just made
+        os.replace(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def average_checkpoints(workdir: str, last: int = 5) -> tuple[Any, dict]:
-    """Mean of the params of the ``last`` most recent checkpoints of ``workdir``.
+    """Mean of the params of the ``last`` most recent trained checkpoints of ``workdir``
+    (params-only ones, the imported start of a fine-tuning run, are left out).
 
     Returns:
       ``(params, meta)``: averaged params (float32 numpy arrays) and the newest checkpoint's
@@ -51,7 +66,12 @@ def average_checkpoints(workdir: str, last: int = 5) -> tuple[Any, dict]:
     manager.close()
     if not steps:
         raise FileNotFoundError(f"no checkpoints to average in {directory}.")
-    chosen = steps[-last:]
+    # a params_only step holds imported weights (a fine-tuning run's start), not this run's
+    trained = [step for step in steps if not read_meta(directory, step).get("params_only")]
+    if not trained:
+        raise FileNotFoundError(f"no trained checkpoints to average in {directory} (only "
+                                "imported, params-only ones).")
+    chosen = trained[-last:]
     total = dtypes = None
     for step in chosen:
         params = jax.device_get(load_params(directory, step))
