@@ -36,7 +36,7 @@ def test_refused_resume_keeps_the_runs_config_json(data_dir, reference_copy):
 def test_a_held_work_directory_refuses_a_second_run(data_dir, reference_copy):
     lock_path = os.path.join(reference_copy, ".lock")
     with open(lock_path, "w") as holder:
-        holder.write("4242 otherhost\n")
+        holder.write('{"pid": 4242, "host": "otherhost"}\n')
         holder.flush()
         fcntl.flock(holder.fileno(), fcntl.LOCK_EX)
         before = _snapshot(reference_copy, skip=())

@@ -1,5 +1,6 @@
 """The work directory's lock (``fcntl.flock``): one holder, freed by the OS when it dies."""
 
+import json
 import os
 import signal
 import subprocess
@@ -24,7 +25,7 @@ def test_a_stale_lock_file_never_blocks(tmp_path):
     (tmp_path / LOCK_FILE).write_text("999999 deadhost\n")
     lock = WorkdirLock(str(tmp_path))
     assert lock.acquire() == ""
-    assert (tmp_path / LOCK_FILE).read_text().split()[0] == str(os.getpid())
+    assert json.loads((tmp_path / LOCK_FILE).read_text())["pid"] == os.getpid()
     lock.release()
 
 

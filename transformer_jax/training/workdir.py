@@ -2,7 +2,7 @@
 
 * :func:`make_workdir` creates the directory and checks that it takes a write.
 * :class:`WorkdirLock` is ``fcntl.flock`` on ``<workdir>/.lock``, held for the run's life by
-  process 0 (the file holds ``pid host`` of the holder). A second run on the same directory
+  process 0 (the file holds the holder's pid and host as JSON). A second run on the same directory
   fails at once with a message naming the holder; the operating system drops the lock when
   the holder exits, also on ``kill -9``, so a lock file left behind never blocks.
 * :func:`check_tokenizer` refuses to resume checkpoints with another tokenizer than the one
@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import json
 import os
 import shutil
 import socket
@@ -78,16 +79,15 @@ class WorkdirLock:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             f.seek(0)
-            holder = " ".join(f.read().split()[:2]) or "unknown"
+            who = _holder(f.read())
             f.close()
-            pid, _, host = holder.partition(" ")
-            who = f"process {pid} on {host}" if host else f"process {pid}"
             return (f"the work directory {os.path.dirname(self.path)} is in use by another run "
                     f"({who}, see {self.path}); wait for it to end or stop it, or choose "
                     "another --workdir.")
         f.seek(0)
         f.truncate()
-        f.write(f"{os.getpid()} {socket.gethostname()}\n")
+        json.dump({"pid": os.getpid(), "host": socket.gethostname()}, f)
+        f.write("\n")
         f.flush()
         self._file = f
         return ""
@@ -97,6 +97,15 @@ class WorkdirLock:
         if self._file is not None:
             self._file.close()  # closing the only descriptor drops the flock
             self._file = None
+
+
+def _holder(text: str) -> str:
+    """``process PID on HOST`` from a lock file's JSON (what an unreadable one says)."""
+    try:
+        record = json.loads(text)
+        return f"process {int(record['pid'])} on {record['host']}"
+    except (ValueError, KeyError, TypeError):
+        return f"unknown holder: {' '.join(text.split())[:80]!r}"
 
 
 def file_sha256(path: str) -> str:
