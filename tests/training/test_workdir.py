@@ -44,3 +44,28 @@ def test_the_lock_of_a_killed_holder_is_free(tmp_path):
     lock = WorkdirLock(str(tmp_path))
     assert lock.acquire() == ""
     lock.release()
+
+
+def test_only_the_chief_writes_the_history(tmp_path):
+    from transformer_jax.training.reporting import HISTORY_FILE, History
+
+    other = History(str(tmp_path), 0, enabled=False)  # a process other than 0
+    other.add(1, "train", {"loss": 1.0})
+    assert not (tmp_path / HISTORY_FILE).exists()
+    chief = History(str(tmp_path), 0)
+    chief.add(1, "train", {"loss": 1.0})
+    assert json.loads((tmp_path / HISTORY_FILE).read_text()) == {
+        "step": 1, "split": "train", "loss": 1.0}
+
+
+def test_json_writes_do_not_collide_on_a_repeated_process_id(tmp_path):
+    """In containers every host may have the same pid: a temp name built from it collides
+    with another host's; ``mkstemp`` names do not."""
+    from transformer_jax.training.reporting import write_json
+
+    path = tmp_path / "summary.json"
+    (tmp_path / f"summary.json.tmp-{os.getpid()}").mkdir()  # another host's write in flight
+    write_json(str(path), {"a": 1})
+    assert json.loads(path.read_text()) == {"a": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "summary.json", f"summary.json.tmp-{os.getpid()}"]
