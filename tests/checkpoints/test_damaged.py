@@ -90,3 +90,42 @@ def test_paths_never_make_an_error_damage(message):
     wrapped = Exception("Encountered error while reading array index")
     wrapped.__cause__ = ValueError(message)
     assert not is_corruption(wrapped)
+
+
+def test_a_step_seen_late_is_tried_again_not_set_aside(two_checkpoints, monkeypatch):
+    """A network file system can show another host's fresh files late: a step that looks
+    damaged once is listed and read again before it is moved aside."""
+    workdir, state = two_checkpoints
+    ckpt = Checkpointer(str(workdir))
+    real, calls = ckpt.restore, []
+
+    def late(*args, **kwargs):
+        calls.append(args)
+        if len(calls) == 1:
+            raise FileNotFoundError("params/ocdbt.process_0/manifest.ocdbt")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ckpt, "restore", late)
+    assert int(ckpt.restore_latest(state)["meta"]["step"]) == 2
+    ckpt.close()
+    assert sorted(os.listdir(workdir / "checkpoints")) == ["1", "2"]
+
+
+def test_restore_agreements_use_the_configured_barrier_timeout(two_checkpoints, monkeypatch):
+    import transformer_jax.checkpoints.manager as manager
+
+    workdir, state = two_checkpoints
+    seen = []
+    real_from_chief, real_barrier = manager.from_chief, manager.barrier
+    monkeypatch.setattr(manager, "from_chief", lambda name, fn, timeout_s=None: (
+        seen.append(timeout_s), real_from_chief(name, fn))[1])
+    monkeypatch.setattr(manager, "barrier", lambda name, timeout_s=None: (
+        seen.append(timeout_s), real_barrier(name))[1])
+    for f in glob.glob(str(workdir / "checkpoints" / "2" / "params" / "**" / "*"), recursive=True):
+        if os.path.isfile(f) and "ocdbt" in f:  # damaged: set aside after a barrier
+            with open(f, "r+b") as fh:
+                fh.truncate(os.path.getsize(f) // 2)
+    ckpt = Checkpointer(str(workdir), barrier_timeout=7)
+    assert int(ckpt.restore_latest(state)["meta"]["step"]) == 1
+    ckpt.close()
+    assert seen == [7, 7]

@@ -14,6 +14,7 @@ each with a one-line warning. Every process takes part and every decision is agr
 from __future__ import annotations
 
 import base64
+import contextlib
 import logging
 import os
 import shutil
@@ -36,6 +37,7 @@ from transformer_jax.checkpoints.layout import (
 from transformer_jax.checkpoints.read import read_meta
 from transformer_jax.errors import CheckpointMismatchError, CheckpointReadError
 from transformer_jax.parallel.coordination import agree, barrier, from_chief
+from transformer_jax.parallel.processes import DEFAULT_BARRIER_TIMEOUT_S
 
 __all__ = ["Checkpointer"]
 
@@ -116,10 +118,14 @@ class Checkpointer:
       workdir: the run's work directory (checkpoints go to ``<workdir>/checkpoints``).
       keep: how many recent checkpoints to keep (None keeps all).
       async_save: write in a background thread after copying arrays to host.
+      barrier_timeout: seconds a process waits for the others at restore's agreements
+        (``distributed.barrier_timeout``).
     """
 
-    def __init__(self, workdir: str, *, keep: int | None = None, async_save: bool = True):
+    def __init__(self, workdir: str, *, keep: int | None = None, async_save: bool = True,
+                 barrier_timeout: float = DEFAULT_BARRIER_TIMEOUT_S):
         self.workdir = os.path.abspath(workdir)
+        self.barrier_timeout = float(barrier_timeout)
         self.directory = os.path.join(self.workdir, CHECKPOINT_DIR)
         self._options = {"keep": keep, "async_save": async_save}
         self._manager = open_manager(self.directory, **self._options)
@@ -157,7 +163,8 @@ class Checkpointer:
         error is raised as a one-line ``CheckpointMismatchError``.
         """
         self._remove_incomplete()
-        steps = from_chief("checkpoint-steps", lambda: sorted(self.all_steps(), reverse=True))
+        steps = from_chief("checkpoint-steps", lambda: sorted(self.all_steps(), reverse=True),
+                           timeout_s=self.barrier_timeout)
         failed: list[tuple[int, Exception]] = []
         for step in steps:
             restored, err, mine = self._try_restore(template_state, step, config, shardings)
@@ -172,7 +179,8 @@ class Checkpointer:
             for bad, bad_err in failed:
                 self._set_aside(bad, bad_err, step)
             if failed:
-                barrier("checkpoints-set-aside")  # the chief has moved them: list again
+                # the chief has moved them: list again
+                barrier("checkpoints-set-aside", timeout_s=self.barrier_timeout)
                 self._manager.close()
                 self._manager = open_manager(self.directory, **self._options)
             return restored
@@ -186,7 +194,20 @@ class Checkpointer:
 
     def _try_restore(self, template_state, step, config, shardings):
         """``(restored, None, _OK)`` or ``(None, error, outcome)``; never raises for a bad
-        checkpoint (the outcome is agreed on by every process first)."""
+        checkpoint (the outcome is agreed on by every process first). A step that looks
+        damaged is listed again and tried once more before it is called damaged: a network
+        file system may show another host's fresh files late (attribute cache)."""
+        restored, err, outcome = self._try_restore_once(template_state, step, config,
+                                                        shardings)
+        if outcome == _CORRUPT:
+            with contextlib.suppress(OSError):  # listing revalidates the cached entries
+                for root, _, _ in os.walk(os.path.join(self.directory, str(step))):
+                    os.listdir(root)
+            restored, err, outcome = self._try_restore_once(template_state, step, config,
+                                                            shardings)
+        return restored, err, outcome
+
+    def _try_restore_once(self, template_state, step, config, shardings):
         try:
             meta = read_meta(self.directory, step)
             if config is not None:
