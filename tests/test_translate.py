@@ -155,6 +155,25 @@ def test_cli_missing_workdir_or_step_exit_2(workdir, monkeypatch, capsys, tmp_pa
     assert code == 2 and "step 3" in err and "steps present" in err
 
 
+@pytest.mark.parametrize("alpha", ["nan", "inf", "-inf"])
+def test_cli_non_finite_alpha_exit_2(workdir, monkeypatch, capsys, alpha):
+    code, out, err = run_main(monkeypatch, capsys, ["--workdir", workdir, f"--alpha={alpha}"],
+                              b"one\n")
+    assert code == 2 and out == ""
+    assert err.strip().splitlines() == [
+        f"error: --alpha={float(alpha)} is not a finite number; give a finite length penalty "
+        "such as 0.6."]
+
+
+@pytest.mark.parametrize("beam", [1, 2])
+def test_api_non_finite_alpha_is_refused(workdir, beam):
+    translator = Translator.from_workdir(workdir)
+    with pytest.raises(ValueError, match="alpha=nan is not a finite number"):
+        translator.translate(["one"], beam_size=beam, alpha=float("nan"))
+    with pytest.raises(ValueError, match="alpha=inf is not a finite number"):
+        translator.translate_ids([[5, 1]], beam_size=beam, alpha=float("inf"))
+
+
 def test_read_lines_splits_like_text_files():
     assert cli.read_lines(b"a\r\nb\n\nc") == ["a", "b", "", "c"]
     assert cli.read_lines(b"a\n") == ["a"]

@@ -7,6 +7,8 @@ import time
 
 import pytest
 from helpers import (
+
+pytestmark = pytest.mark.faults  # the fault-injection table in docs/errors.md
     RUN_STEPS,
     assert_bit_identical,
     checkpoint_entries,
