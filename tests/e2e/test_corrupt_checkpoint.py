@@ -7,8 +7,6 @@ import shutil
 
 import pytest
 from helpers import (
-
-pytestmark = pytest.mark.faults  # the fault-injection table in docs/errors.md
     RUN_STEPS,
     assert_bit_identical,
     checkpoint_entries,
@@ -16,6 +14,8 @@ pytestmark = pytest.mark.faults  # the fault-injection table in docs/errors.md
     final_params,
     run_train,
 )
+
+pytestmark = pytest.mark.faults  # the fault-injection table in docs/errors.md
 
 
 def _truncate_params(step_dir):

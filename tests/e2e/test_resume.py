@@ -7,8 +7,6 @@ import time
 
 import pytest
 from helpers import (
-
-pytestmark = pytest.mark.faults  # the fault-injection table in docs/errors.md
     RUN_STEPS,
     assert_bit_identical,
     checkpoint_entries,
@@ -18,6 +16,8 @@ pytestmark = pytest.mark.faults  # the fault-injection table in docs/errors.md
     start_train,
     wait_for,
 )
+
+pytestmark = pytest.mark.faults  # the fault-injection table in docs/errors.md
 
 
 @pytest.mark.parametrize("seed,delay", [(0, 0.0), (1, 0.05), (2, 0.2)])
