@@ -128,6 +128,7 @@ class TransformerLayer(nnx.Module):
         attn = dict(
             d_model=config.d_model,
             num_heads=config.num_heads,
+            num_kv_heads=config.kv_heads,
             use_bias=config.use_bias,
             dropout_rate=config.attention_dropout_rate,
             implementation=config.attention_impl,
@@ -146,15 +147,17 @@ class TransformerLayer(nnx.Module):
         self.feed_forward = FeedForward(config, rngs=rngs)
         self.ff_residual = Residual(config, rngs=rngs)
 
-    def __call__(self, x, *, spec=None, positions=None, encoded=None, cross_spec=None,
-                 cache=None, dropout_rng=None, return_attention: bool = False):
+    def __call__(self, x, *, spec=None, positions=None, position_bias=None, encoded=None,
+                 cross_spec=None, cache=None, dropout_rng=None, return_attention: bool = False):
         """One layer.
 
         Args:
           x: ``[B, T, D]``.
           spec: self-attention ``ops.AttentionSpec`` (causal order, segments, key padding,
             ALiBi slopes); with a cache the cache adds its causal term and slot positions.
-          positions: ``[B, T]`` positions for RoPE.
+          positions: ``[B, T]`` positions for RoPE and ``position_bias``.
+          position_bias: self-attention bias from query and key positions (T5's relative
+            bias; see ``MultiHeadAttention``), or None.
           encoded: ``[B, S, D]`` encoder output (cross-attention layers; may be None when the
             cache holds precomputed cross keys/values).
           cross_spec: cross-attention ``ops.AttentionSpec`` (source padding, segments).
@@ -178,7 +181,7 @@ class TransformerLayer(nnx.Module):
             return fn
 
         self_fn = attend(self.self_attention, spec=spec, positions=positions,
-                         cache=cache.get("self"))
+                         position_bias=position_bias, cache=cache.get("self"))
         x, (new_cache["self"], weights["self"]) = self.self_residual(
             x, self_fn, dropout_rng=fold(dropout_rng, next(sub)))
         if self.has_cross_attention:
