@@ -23,6 +23,7 @@ from transformer_jax.ops import IMPLEMENTATIONS as ATTENTION_IMPLEMENTATIONS
 __all__ = [
     "ACTIVATIONS",
     "DTYPES",
+    "LORA_TARGETS",
     "ModelConfig",
     "POSITIONAL_KINDS",
     "REMAT_POLICIES",
@@ -50,6 +51,9 @@ PRECISIONS = ("default", "high", "highest")
 # of the matmuls with the weights (XLA recomputes the rest: softmax, LayerNorm, activations).
 REMAT_POLICIES = ("none", "full", "dots")
 DTYPES = ("float32", "bfloat16", "float16")
+# Projections a LoRA adapter can target (``ModelConfig.lora_targets``): attention query, key,
+# value and output, and the feed-forward network's two layers.
+LORA_TARGETS = ("query", "key", "value", "out", "wi", "wo")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,6 +122,9 @@ class ModelConfig:
         decoding then keeps a cache of ``local_window_size + 1`` positions (a ring buffer).
       relative_num_buckets, relative_max_distance: the buckets of ``positional="t5_relative"``
         (``ops.relative_position_buckets``; T5: 32 and 128).
+      lora_rank: r > 0 adds LoRA adapters (``nn.lora``) to the ``lora_targets`` projections
+        (comma-separated names from ``LORA_TARGETS``) with scale ``lora_alpha / r``; training
+        then updates the adapters only. 0 = no adapters.
     """
 
     vocab_size: int = 32000
@@ -154,11 +161,28 @@ class ModelConfig:
     local_window_size: int | None = None
     relative_num_buckets: int = 32
     relative_max_distance: int = 128
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+    lora_targets: str = "query,value"
 
     def __post_init__(self):
         self._check_sizes()
         self._check_choices()
         self._check_relative()
+        self._check_lora()
+
+    def _check_lora(self) -> None:
+        """Rank, scale and target names of the LoRA adapters."""
+        if not isinstance(self.lora_rank, int) or isinstance(self.lora_rank, bool) or (
+                self.lora_rank < 0):
+            raise ValueError(f"lora_rank={self.lora_rank!r} must be a non-negative integer "
+                             "(0 = no adapters).")
+        if not isinstance(self.lora_alpha, int | float) or not self.lora_alpha > 0:
+            raise ValueError(f"lora_alpha={self.lora_alpha!r} must be a positive number.")
+        unknown = [t for t in self.lora_target_names if t not in LORA_TARGETS]
+        if unknown or (self.lora_rank and not self.lora_target_names):
+            raise ValueError(f"lora_targets={self.lora_targets!r} must name projections from "
+                             f"{LORA_TARGETS}, separated by commas.")
 
     def _check_relative(self) -> None:
         """The buckets of ``positional="t5_relative"`` and an implementation that takes a bias."""
@@ -310,6 +334,11 @@ class ModelConfig:
     def kv_heads(self) -> int:
         """K, key/value heads of this side's attention (``num_kv_heads`` or ``num_heads``)."""
         return self.num_kv_heads or self.num_heads
+
+    @property
+    def lora_target_names(self) -> tuple[str, ...]:
+        """``lora_targets`` as a tuple of names."""
+        return tuple(t.strip() for t in str(self.lora_targets).split(",") if t.strip())
 
     @property
     def encoder_layers(self) -> int:

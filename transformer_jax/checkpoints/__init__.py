@@ -4,9 +4,11 @@
 * ``read``: ``read_meta``, ``load_params``, ``read_tokenizer``, ``read_run`` (what inference
   and the command lines use);
 * ``manager``: ``Checkpointer`` (save, restore, resume from the newest readable checkpoint);
-* ``average``: checkpoint averaging.
+* ``average``: checkpoint averaging;
+* ``adapters``: LoRA adapters saved alone with the sha256 of their base.
 """
 
+from transformer_jax.checkpoints.adapters import load_adapters, save_adapters
 from transformer_jax.checkpoints.average import (
     average_checkpoints,
     average_into_workdir,
@@ -40,5 +42,7 @@ __all__ = [
     "read_meta",
     "read_run",
     "read_tokenizer",
+    "load_adapters",
+    "save_adapters",
     "save_params",
 ]

@@ -41,6 +41,7 @@ from flax import nnx
 from jax import lax
 
 from transformer_jax import ops
+from transformer_jax.nn.lora import LoRA
 from transformer_jax.nn.partitioning import logical_param
 
 __all__ = ["MultiHeadAttention"]
@@ -65,6 +66,8 @@ class MultiHeadAttention(nnx.Module):
       rope: rotate queries and keys by their positions (``ops.apply_rope``) before attending.
       dtype: compute dtype (inputs and parameters are cast to it); softmax runs in float32.
       param_dtype: dtype of the stored parameters.
+      lora: ``{"rank": r, "alpha": a, "targets": names}`` adds a ``LoRA`` adapter
+        ``<name>_lora`` to each named projection ("query", "key", "value", "out").
       rngs: ``nnx.Rngs`` with a ``params`` stream.
     """
 
@@ -82,6 +85,7 @@ class MultiHeadAttention(nnx.Module):
         rope: bool = False,
         dtype=jnp.float32,
         param_dtype=jnp.float32,
+        lora: dict | None = None,
         rngs: nnx.Rngs,
     ):
         if d_model % num_heads:
@@ -114,6 +118,12 @@ class MultiHeadAttention(nnx.Module):
             self.key_bias = logical_param(jnp.zeros((k, h), self.param_dtype), heads)
             self.value_bias = logical_param(jnp.zeros((k, h), self.param_dtype), heads)
             self.out_bias = logical_param(jnp.zeros((d,), self.param_dtype), ("embed",))
+        sizes = {"query": (d, n * h), "key": (d, k * h), "value": (d, k * h), "out": (n * h, d)}
+        for name in (lora or {}).get("targets", ()):
+            if name in sizes:
+                setattr(self, f"{name}_lora", LoRA(*sizes[name], rank=lora["rank"],
+                                                   alpha=lora["alpha"],
+                                                   param_dtype=self.param_dtype, rngs=rngs))
 
     # ------------------------------------------------------------------ parameters
 
@@ -136,7 +146,23 @@ class MultiHeadAttention(nnx.Module):
         bias = self._param(f"{name}_bias")
         if name == "key":
             bias = ops.inert_key_bias(bias)  # no effect on outputs, so an exact zero gradient
-        return ops.project_qkv(inputs.astype(self.dtype), self._param(name), bias)
+        inputs, kernel = inputs.astype(self.dtype), self._param(name)
+        lora = getattr(self, f"{name}_lora", None)
+        if lora is None:
+            return ops.project_qkv(inputs, kernel, bias)
+        d, n, h = kernel.shape
+        out = lora(inputs, kernel.reshape(d, n * h)).reshape(*inputs.shape[:2], n, h)
+        return out if bias is None else out + bias
+
+    def _output(self, heads) -> jax.Array:
+        """``[B, T, N, H]`` -> ``[B, T, D]`` with the output projection (and its adapter)."""
+        kernel, bias = self._param("out"), self._param("out_bias")
+        lora = getattr(self, "out_lora", None)
+        if lora is None:
+            return ops.project_out(heads, kernel, bias)
+        b, t, n, h = heads.shape
+        out = lora(heads.reshape(b, t, n * h), kernel.reshape(n * h, -1))
+        return out if bias is None else out + bias
 
     # ------------------------------------------------------------------ caches
 
@@ -237,7 +263,7 @@ class MultiHeadAttention(nnx.Module):
             bias = extra if bias is None else bias + extra
         heads, weights = self._attend(query, key, value, mask, bias, spec, dropout_rng,
                                       return_weights, cached=cache is not None)
-        out = ops.project_out(heads, self._param("out"), self._param("out_bias"))  # [B, T, D]
+        out = self._output(heads)  # [B, T, D]
         if incremental and not _is_ring(cache, spec):  # traced overflow: poison, not wrong
             out = jnp.where(cache["index"] + length > cache["key"].shape[2], jnp.nan, out)
         return out, new_cache, weights
