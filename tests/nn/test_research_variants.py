@@ -93,7 +93,7 @@ VARIANTS = {
     "t5_gqa": dict(positional="t5_relative", relative_num_buckets=8, relative_max_distance=12,
                    num_kv_heads=2),
     "t5_window_chunked": dict(positional="t5_relative", relative_num_buckets=8,
-                              relative_max_distance=12, local_window_size=2,
+                              relative_max_distance=12, local_window_size=2, num_kv_heads=2,
                               attention_impl="chunked", attention_chunk_size=4),
 }
 
@@ -108,8 +108,13 @@ def _ids(seed, rows, length):
     return jnp.asarray(np.random.default_rng(seed).integers(3, V, (rows, length)), jnp.int32)
 
 
-@pytest.mark.parametrize("variant", sorted(VARIANTS))
-@pytest.mark.parametrize("kind", ["encoder_decoder", "decoder_only"])
+# every variant in the LM (a prompt wider than the window, then a ring buffer); cross-attention
+# and the encoder's side in the encoder-decoder with grouped heads, with and without T5 + window
+CASES = [("decoder_only", v) for v in sorted(VARIANTS)] + [
+    ("encoder_decoder", "gqa"), ("encoder_decoder", "t5_window_chunked")]
+
+
+@pytest.mark.parametrize("kind, variant", CASES)
 def test_cached_decoding_equals_the_full_pass(kind, variant):
     config = _config(**VARIANTS[variant])
     model = build_model(kind, config, nnx.Rngs(3))
@@ -156,12 +161,9 @@ def test_sliding_window_encoder_is_two_sided():
     assert np.all(moved[[0, 1, 2, 6, 7]] == 0) and np.all(moved[3:6] > 0)
 
 
-def _layer0_weights(kind, q_side, src, tgt):
+def _layer0_weights(model, attention, q_side, src, tgt):
     """Attention weights of layer 0's self-attention by hand: tokens (no absolute positions for
     "t5_relative"), q/k projections, and the stack's table looked up by bucket."""
-    model = build_model(kind, _config(positional="t5_relative", relative_num_buckets=8,
-                                      relative_max_distance=12), nnx.Rngs(6))
-    _, attention = model.with_attention({"inputs": src, "targets": tgt})
     stack = model.encoder if q_side == "encoder" else model.decoder
     ids = src if q_side == "encoder" else jnp.concatenate(
         [jnp.zeros((1, 1), jnp.int32), tgt[:, :-1]], axis=1)
@@ -182,11 +184,15 @@ def _layer0_weights(kind, q_side, src, tgt):
     return np.asarray(attention[name][0, 0]), _softmax(logits, mask)
 
 
-@pytest.mark.parametrize("q_side", ["encoder", "decoder"])
-def test_t5_relative_bias_in_the_stacks(q_side):
+def test_t5_relative_bias_in_the_stacks():
+    model = build_model("encoder_decoder", _config(positional="t5_relative",
+                                                   relative_num_buckets=8,
+                                                   relative_max_distance=12), nnx.Rngs(6))
     src, tgt = _ids(7, 1, 6), _ids(8, 1, 5)
-    got, want = _layer0_weights("encoder_decoder", q_side, src, tgt)
-    np.testing.assert_allclose(got, want, atol=1e-5)
+    _, attention = model.with_attention({"inputs": src, "targets": tgt})
+    for q_side in ("encoder", "decoder"):  # bidirectional, then unidirectional
+        got, want = _layer0_weights(model, attention, q_side, src, tgt)
+        np.testing.assert_allclose(got, want, atol=1e-5)
 
 
 def test_t5_relative_bias_is_one_table_per_stack_and_shift_invariant():
