@@ -5,9 +5,11 @@
   and the command lines use);
 * ``damage``: ``is_corruption`` (damaged files, told apart from other read errors);
 * ``manager``: ``Checkpointer`` (save, restore, resume from the newest readable checkpoint);
-* ``average``: checkpoint averaging.
+* ``average``: checkpoint averaging;
+* ``adapters``: LoRA adapters saved alone with the sha256 of their base.
 """
 
+from transformer_jax.checkpoints.adapters import load_adapters, save_adapters
 from transformer_jax.checkpoints.average import (
     average_checkpoints,
     average_into_workdir,
@@ -43,5 +45,7 @@ __all__ = [
     "read_meta",
     "read_run",
     "read_tokenizer",
+    "load_adapters",
+    "save_adapters",
     "save_params",
 ]
