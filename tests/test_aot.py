@@ -14,7 +14,7 @@ import textwrap
 import jax
 import jax.numpy as jnp
 import pytest
-from helpers import HAS_LIBTPU, REPO, needs_libtpu
+from helpers import HAS_LIBTPU, needs_libtpu
 
 from transformer_jax import aot
 from transformer_jax.training import default_config
@@ -222,17 +222,3 @@ def test_multi_host_slice_meshes_keep_each_process_rows_together():
         assert processes == sorted(processes)  # every process's chips are one block
         assert driver.data_shard() == (0, 64)  # process 0 loads the first 1/64 of the rows
 
-
-def test_override_of_a_key_without_default_gets_its_type():
-    """``model.num_encoder_layers`` defaults to None (a typed placeholder): an override is
-    an int, not the string that made the model build fail with a TypeError."""
-    from transformer_jax.aot.cli import load_config
-    from transformer_jax.aot.programs import AotError
-
-    path = os.path.join(REPO, "configs", "default.py")
-    config = load_config(path, ["--config.model.num_encoder_layers=2"])
-    assert config.model.num_encoder_layers == 2
-    assert load_config(path, ["config.model.num_encoder_layers=none"]).model.num_encoder_layers \
-        is None
-    with pytest.raises(AotError, match="expected a int, got 'two'"):
-        load_config(path, ["--config.model.num_encoder_layers=two"])

@@ -184,7 +184,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str, *, signals: StopFlag,
     try:
         _hold(lock, is_chief, config.distributed.barrier_timeout)
         checkpointer = Checkpointer(workdir, keep=config.keep_checkpoints,
-                                    barrier_timeout=config.distributed.barrier_timeout)
+                                    barrier_timeout_s=config.distributed.barrier_timeout)
         latest = checkpointer.latest_meta()  # fail before touching anything if the run
         if latest is not None:  # cannot continue
             check_tokenizer(workdir, *latest)
