@@ -170,8 +170,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default=os.path.join(REPO, "configs", "multi30k_gpu.py"))
     parser.add_argument("--workdir", default="/tmp/gpu_train_run")
-    parser.add_argument("--data", default=os.path.join(REPO, "..", "shared", "data",
-                                                       "multi30k"))
+    carried = os.path.join(REPO, ".data", "multi30k")  # git-ignored copy carried to a device
+    parser.add_argument("--data", default=carried if os.path.isdir(carried) else os.path.join(
+        REPO, "..", "shared", "data", "multi30k"))
     parser.add_argument("--out", required=True)
     parser.add_argument("--smoke", action="store_true", help="tiny model, CPU, seconds")
     parser.add_argument("--synthetic_steps", type=int, default=50)

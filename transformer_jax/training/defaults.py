@@ -99,7 +99,7 @@ def default_optimizer_config() -> ml_collections.ConfigDict:
     c.label_smoothing = 0.1
     # Positions per chunk of the fused output projection + loss (ops.fused_cross_entropy):
     # only [loss_chunk, V] float32 logits exist at a time; 0 materialises [B, T, V].
-    c.loss_chunk = 0
+    c.loss_chunk = 1024
     return c
 
 
