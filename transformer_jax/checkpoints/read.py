@@ -25,8 +25,7 @@ from transformer_jax.checkpoints.layout import (
     open_manager,
 )
 from transformer_jax.config import ModelConfig
-from transformer_jax.data.pipeline import TOKENIZER_FILE
-from transformer_jax.data.tokenizer import Tokenizer
+from transformer_jax.data.tokenizer import TOKENIZER_FILE, Tokenizer
 from transformer_jax.nn import DEFAULT_MODEL_KIND, abstract_params, build_model
 
 __all__ = ["load_params", "read_meta", "read_run", "read_tokenizer"]
