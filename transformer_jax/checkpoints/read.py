@@ -86,11 +86,15 @@ def load_params(workdir: str, step: int | None = None, *, model_config: Mapping 
     if "model" not in saved:
         raise ValueError(f"checkpoint in {directory} has no model config in its metadata.")
     kind = saved.get("model_kind", DEFAULT_MODEL_KIND)
-    abstract = _host_abstract(abstract_params(kind, saved["model"]))
+    return _restore_params(directory, meta["step"], abstract_params(kind, saved["model"]))
+
+
+def _restore_params(directory: str, step: int, abstract):
+    """The ``params`` item of checkpoint ``step`` in ``directory``, shaped like ``abstract``."""
     manager = open_manager(directory, create=False)
     try:
         restored = manager.restore(
-            meta["step"], args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract))
+            step, args=ocp.args.Composite(params=ocp.args.StandardRestore(_host_abstract(abstract)))
         )
     finally:
         manager.close()
@@ -135,15 +139,19 @@ def read_run(workdir: str, step: int | None = None, averaged: bool = False) -> d
             f"no averaged checkpoint in {workdir}; write one with python -m "
             f"transformer_jax.training.average --workdir {workdir}"
         )
-    meta = read_meta(os.path.join(workdir, AVERAGED_DIR) if averaged else workdir, step)
+    directory = checkpoint_dir(os.path.join(workdir, AVERAGED_DIR) if averaged else workdir)
+    meta = read_meta(directory, step)
     saved = meta.get("config") or {}
     if not saved.get("model"):
         raise ValueError(f"the checkpoint in {workdir} has no model config in its metadata.")
     config = ModelConfig.from_dict(dict(saved["model"]))
     kind = saved.get("model_kind", DEFAULT_MODEL_KIND)
+    # traced once (seconds for a large model): the abstract model gives the params' shapes
+    model = nnx.eval_shape(lambda: build_model(kind, config, nnx.Rngs(0)))
+    abstract = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     return {
-        "model": nnx.eval_shape(lambda: build_model(kind, config, nnx.Rngs(0))),
-        "params": load_params(workdir, meta["step"], averaged=averaged),
+        "model": model,
+        "params": _restore_params(directory, meta["step"], abstract),
         "tokenizer": read_tokenizer(workdir, meta),
         "step": int(meta["step"]),
         "data": saved.get("data") or {},
