@@ -116,15 +116,22 @@ def _batch(rows: int, length: int, vocab: int, seed: int = 0) -> dict[str, np.nd
     return out
 
 
-def ours_train(cfg: ModelConfig, batch: dict, steps: int) -> dict:
+def ours_train(cfg: ModelConfig, batch: dict, steps: int, loss_chunk: int = 0) -> dict:
+    """One update of ours; ``loss_chunk > 0``: the fused loss (``ops.fused_cross_entropy``)."""
     model = Transformer(cfg, rngs=nnx.Rngs(0))
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     tx = optax.adam(1e-4, b1=0.9, b2=0.98, eps=1e-9)
 
     def loss_fn(p, b, rng):
         m = nnx.merge(graphdef, p, rest)
-        logits = m(b, dropout_rng=rng)  # [B, T, V]
         weights = (b["targets"] != 0).astype(jnp.float32)
+        if loss_chunk:
+            kernel, bias = m.output_projection()
+            out = ops.fused_cross_entropy(m.hidden(b, dropout_rng=rng), kernel, b["targets"],
+                                          weights, bias=bias, label_smoothing=0.1,
+                                          chunk=loss_chunk)
+            return out.loss_sum / out.weight_sum
+        logits = m(b, dropout_rng=rng)  # [B, T, V]
         total, count = ops.cross_entropy(logits.astype(jnp.float32), b["targets"], weights, 0.1)
         return total / count
 
@@ -268,11 +275,59 @@ def train_section(size: str, peaks: dict, only: set[str] | None = None) -> list[
     return rows_out
 
 
+DATASHEET_TFLOPS = {"bf16": 989.0, "tf32": 495.0}  # H100/H200 SXM, dense
+
+
 def _with_mfu(row: dict, peaks: dict) -> dict:
     """``row`` with ``mfu``: its model TFLOP/s over the measured peak of its precision (None
-    when that peak was not measured in this run)."""
+    when that peak was not measured in this run), and ``mfu_datasheet`` over the H100/H200
+    SXM datasheet's dense peak (on an H100/H200 only)."""
     peak = peaks.get(f"{row['precision']}_tflops")
-    return {**row, "mfu": row["model_tflops"] / peak if peak else None}
+    kind = jax.devices()[0].device_kind
+    sheet = DATASHEET_TFLOPS.get(row["precision"]) if ("H100" in kind or "H200" in kind) else None
+    return {**row, "mfu": row["model_tflops"] / peak if peak else None,
+            "mfu_datasheet": row["model_tflops"] / sheet if sheet else None}
+
+
+# name: (ModelConfig overrides, optimizer.loss_chunk, rows per update); applied in order, each
+# on top of the previous one, so consecutive rows A/B one lever.
+LEVERS = (
+    ("xla_attention", {}, 0, 1),
+    ("cudnn_attention", {"attention_impl": "jax"}, 0, 1),
+    ("fused_loss", {"attention_impl": "jax"}, 4096, 1),
+    ("remat_dots", {"attention_impl": "jax", "remat": "dots"}, 4096, 1),
+    ("rows_x2", {"attention_impl": "jax"}, 4096, 2),
+)
+
+
+def lever_section(size: str, peaks: dict) -> list[dict]:
+    """bf16 training rows of ours, one MFU lever changed per row (:data:`LEVERS`)."""
+    rows_out = []
+    for name, (overrides, rows, length, steps) in SIZES[size].items():
+        for lever, extra, chunk, factor in LEVERS:
+            batch = _batch(rows * factor, length, VOCAB[size])
+            tokens = int((batch["inputs"] != 0).sum() + (batch["targets"] != 0).sum())
+            cfg = ModelConfig(vocab_size=VOCAB[size], max_len=max(length, 16), dtype="bfloat16",
+                              **{**overrides, **extra})
+            row = {"model": name, "precision": "bf16", "impl": "ours", "lever": lever,
+                   "rows": rows * factor, "length": length, "loss_chunk": chunk,
+                   "tokens_per_step": tokens}
+            try:
+                res = ours_train(cfg, batch, steps, loss_chunk=min(chunk, rows * factor * length))
+            except Exception as err:  # e.g. out of memory or no cuDNN: keep the other rows
+                rows_out.append({**row, "skipped": f"{type(err).__name__}: {err}"[:300]})
+                continue
+            finally:
+                _free_memory()
+            sec = res["seconds_per_step"]
+            flops = model_flops(cfg, rows * factor, length, length)
+            rows_out.append(_with_mfu({
+                **row, "tokens_per_s": tokens / sec, "seconds_per_step": sec,
+                "model_tflops": flops / sec / 1e12,
+                "peak_gib": None if res["peak_bytes"] is None else res["peak_bytes"] / 2**30,
+            }, peaks))
+            print(_fmt(rows_out[-1]), flush=True)
+    return rows_out
 
 
 def isolated_train_section(size: str, peaks: dict, smoke: bool) -> list[dict]:
@@ -360,7 +415,7 @@ def decode_section(size: str) -> dict:
 def _fmt(row: dict) -> str:
     mfu = "-" if row["mfu"] is None else f"{row['mfu']:.1%}"
     mem = "-" if row["peak_gib"] is None else f"{row['peak_gib']:.1f} GiB"
-    return (f"{row['model']:<5} {row['precision']:<5} {row['impl']:<6} "
+    return (f"{row['model']:<5} {row['precision']:<5} {row['impl']:<6} {row.get('lever', ''):<15} "
             f"{row['tokens_per_s']:>10,.0f} tok/s  {row['seconds_per_step'] * 1e3:8.1f} ms  "
             f"MFU {mfu:>6}  peak {mem}")
 
@@ -371,7 +426,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=None, help="JSON file (default bench/results/gpu_*)")
     parser.add_argument("--budget_s", type=float, default=420.0,
                         help="skip sections not started within this many seconds")
-    parser.add_argument("--sections", default="peak,train,attention,decode")
+    parser.add_argument("--sections", default="peak,train,levers,attention,decode")
     parser.add_argument("--train_rows", default="",
                         help="comma-separated model/precision/impl rows of the train section, "
                              "e.g. big/tf32/ours, run in this process (default: every row, "
@@ -393,6 +448,7 @@ def main(argv=None) -> int:
         "peak": lambda: peak_section(args.smoke),
         "train": lambda: (train_section(size, peaks, set(args.train_rows.split(",")))
                           if args.train_rows else isolated_train_section(size, peaks, args.smoke)),
+        "levers": lambda: lever_section(size, peaks),
         "attention": lambda: attention_section(args.smoke),
         "decode": lambda: decode_section(size),
     }

@@ -147,6 +147,22 @@ def test_cli_errors_are_one_line_exit_2(tmp_path, lines, args, message):
     assert message in proc.stderr
 
 
+@pytest.mark.faults
+def test_overrides_are_typed_as_train_py_types_them(tmp_path):
+    # model.num_encoder_layers defaults to None (an int placeholder): "2" must become 2.
+    config = aot.load_config(write_config(tmp_path), [
+        "--config.model.num_encoder_layers=2", "--config.model.dtype=bfloat16",
+        "--config.fit_steps_to_time=true", "--config.optimizer.learning_rate=0.5"])
+    assert config.model.num_encoder_layers == 2
+    assert isinstance(config.model.num_encoder_layers, int)
+    assert config.model.dtype == "bfloat16" and config.fit_steps_to_time is True
+    assert config.optimizer.learning_rate == 0.5
+    with pytest.raises(aot.AotError, match=r"num_encoder_layers=x: invalid literal for int"):
+        aot.load_config(write_config(tmp_path), ["--config.model.num_encoder_layers=x"])
+    with pytest.raises(aot.AotError, match="unknown config key"):
+        aot.load_config(write_config(tmp_path), ["--config.model.no_such_key=1"])
+
+
 def test_missing_libtpu_is_one_clear_error(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(aot.AotError, match=r"needs libtpu.*pip install -e \.\[aot\]"):
@@ -205,3 +221,4 @@ def test_multi_host_slice_meshes_keep_each_process_rows_together():
         processes = [d.process_index for d in mesh_devices]
         assert processes == sorted(processes)  # every process's chips are one block
         assert driver.data_shard() == (0, 64)  # process 0 loads the first 1/64 of the rows
+

@@ -365,6 +365,22 @@ def test_zero_temperature_and_top_k_one_are_greedy():
     assert np.all(gaps[..., -1] - gaps[..., -2] > 1e-3)
 
 
+@pytest.mark.parametrize("top_k, top_p", [(0, 1.0), (3, 1.0), (0, 0.9)])
+def test_sampling_at_a_vanishing_temperature_is_greedy(top_k, top_p):
+    """Dividing before shifting overflowed every allowed logit to inf (all-PAD output)."""
+    fn, cache = _constant_model([9.0, 0.0, 1.0, 2.0], batch=8)
+    out = decoding.sample(cache, fn, jax.random.key(0), batch_size=8, max_len=3,
+                          temperature=1e-38, top_k=top_k, top_p=top_p)
+    np.testing.assert_array_equal(np.asarray(out), [[3, 3, EOS]] * 8)
+
+
+@pytest.mark.parametrize("alpha", [float("nan"), float("inf")])
+def test_beam_search_refuses_a_non_finite_length_penalty(alpha):
+    fn, cache = _constant_model([9.0, 0.0, 1.0, 2.0], batch=2)
+    with pytest.raises(ValueError, match="is not a finite number"):
+        decoding.beam_search(cache, fn, batch_size=2, beam_size=2, max_len=3, alpha=alpha)
+
+
 def test_temperature_keeps_forced_eos():
     logits, fn = _first_order(seed=6)
     cache = {"index": jnp.int32(0), "rows": jnp.zeros((64,))}

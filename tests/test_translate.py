@@ -4,6 +4,7 @@ exit codes."""
 import io
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -154,12 +155,52 @@ def test_cli_missing_workdir_or_step_exit_2(workdir, monkeypatch, capsys, tmp_pa
     assert code == 2 and "step 3" in err and "steps present" in err
 
 
+@pytest.mark.parametrize("alpha", ["nan", "inf", "-inf"])
+def test_cli_non_finite_alpha_exit_2(workdir, monkeypatch, capsys, alpha):
+    code, out, err = run_main(monkeypatch, capsys, ["--workdir", workdir, f"--alpha={alpha}"],
+                              b"one\n")
+    assert code == 2 and out == ""
+    assert err.strip().splitlines() == [
+        f"error: --alpha={float(alpha)} is not a finite number; give a finite length penalty "
+        "such as 0.6."]
+
+
+@pytest.mark.parametrize("beam", [1, 2])
+def test_api_non_finite_alpha_is_refused(workdir, beam):
+    translator = Translator.from_workdir(workdir)
+    with pytest.raises(ValueError, match="alpha=nan is not a finite number"):
+        translator.translate(["one"], beam_size=beam, alpha=float("nan"))
+    with pytest.raises(ValueError, match="alpha=inf is not a finite number"):
+        translator.translate_ids([[5, 1]], beam_size=beam, alpha=float("inf"))
+
+
 def test_read_lines_splits_like_text_files():
     assert cli.read_lines(b"a\r\nb\n\nc") == ["a", "b", "", "c"]
     assert cli.read_lines(b"a\n") == ["a"]
     assert cli.read_lines(b"") == []
     assert cli.read_lines(b"\n\n") == ["", ""]
     assert cli.read_lines("grüße\n".encode()) == ["grüße"]
+
+
+@pytest.mark.faults
+def test_cli_falls_back_from_a_damaged_newest_checkpoint(workdir, monkeypatch, capsys, tmp_path):
+    copy = tmp_path / "run"
+    shutil.copytree(workdir, copy)
+    newest = copy / "checkpoints" / str(2 * TRAINED_CHECKPOINT_EVERY)
+    damaged = [f for f in newest.glob("params/**/*") if f.is_file() and "ocdbt" in str(f)]
+    assert damaged
+    for f in damaged:  # truncated after the fact, as in tests/checkpoints/test_damaged.py
+        f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    code, out, err = run_main(monkeypatch, capsys, ["--workdir", str(copy), "--beam", "1"],
+                              b"seven\n")
+    assert code == 0, err
+    assert out == Translator.from_workdir(workdir, step=TRAINED_CHECKPOINT_EVERY).translate(
+        ["seven"], beam_size=1)[0] + "\n"
+    warnings = [line for line in err.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1
+    assert (f"checkpoint step {2 * TRAINED_CHECKPOINT_EVERY}" in warnings[0]
+            and f"using step {TRAINED_CHECKPOINT_EVERY}" in warnings[0])
+    assert newest.is_dir()  # reading never moves a checkpoint
 
 
 # Run as ``python -m transformer_jax.translate`` would (``__main__``), then list the modules

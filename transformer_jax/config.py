@@ -23,13 +23,14 @@ from transformer_jax.ops import IMPLEMENTATIONS as ATTENTION_IMPLEMENTATIONS
 __all__ = [
     "ACTIVATIONS",
     "DTYPES",
+    "LORA_TARGETS",
     "ModelConfig",
     "POSITIONAL_KINDS",
     "REMAT_POLICIES",
     "count_params",
 ]
 
-POSITIONAL_KINDS = ("sinusoidal", "sinusoidal_split", "learned", "rope", "alibi")
+POSITIONAL_KINDS = ("sinusoidal", "sinusoidal_split", "learned", "rope", "alibi", "t5_relative")
 # Feed-forward activations by name (``ModelConfig.activation``; ``nn.FeedForward`` applies
 # them): "gelu" is the exact (erf) GELU, "gelu_tanh" its tanh approximation, "quick_gelu"
 # ``x * sigmoid(1.702 x)``, "silu" = swish.
@@ -50,6 +51,9 @@ PRECISIONS = ("default", "high", "highest")
 # of the matmuls with the weights (XLA recomputes the rest: softmax, LayerNorm, activations).
 REMAT_POLICIES = ("none", "full", "dots")
 DTYPES = ("float32", "bfloat16", "float16")
+# Projections a LoRA adapter can target (``ModelConfig.lora_targets``): attention query, key,
+# value and output, and the feed-forward network's two layers.
+LORA_TARGETS = ("query", "key", "value", "out", "wi", "wo")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,7 +75,10 @@ class ModelConfig:
       positional: "sinusoidal" (paper: sine and cosine interleaved) | "sinusoidal_split" (the
         same frequencies with all sines in the first half of the features and all cosines in
         the second, as Marian / OPUS-MT models) | "learned" (a [max_len, D] table) | "rope"
-        (rotate q/k in self-attention) | "alibi" (linear distance bias in self-attention).
+        (rotate q/k in self-attention) | "alibi" (linear distance bias in self-attention) |
+        "t5_relative" (T5's bucketed relative position bias in self-attention, one learned
+        ``[relative_num_buckets, N]`` table per stack shared by its layers: bidirectional in
+        the encoder, unidirectional in the decoder).
       pre_norm: False = post-LN as in the paper (LN(x + Sublayer(x))); True = pre-LN
         (x + Sublayer(LN(x))) with a final LayerNorm after the encoder and the decoder stacks.
       share_embeddings: one token table for source and target (paper, section 3.4).
@@ -107,6 +114,17 @@ class ModelConfig:
         "full" stores only each layer's input and recomputes the layer (about one more
         forward pass of compute, activation memory ~ one layer's); "dots" also keeps the
         matmul results with the weights. Numbers are unchanged; cached decoding never remats.
+      num_kv_heads: K, key/value heads of every attention layer (None -> the layer's query
+        heads): grouped-query attention, K = 1 multi-query. K divides ``num_heads`` (and
+        ``num_decoder_heads``); the KV cache shrinks by N / K.
+      local_window_size: sliding-window self-attention (None = full): a query attends at most
+        this many earlier positions and itself (the encoder also as many later positions);
+        decoding then keeps a cache of ``local_window_size + 1`` positions (a ring buffer).
+      relative_num_buckets, relative_max_distance: the buckets of ``positional="t5_relative"``
+        (``ops.relative_position_buckets``; T5: 32 and 128).
+      lora_rank: r > 0 adds LoRA adapters (``nn.lora``) to the ``lora_targets`` projections
+        (comma-separated names from ``LORA_TARGETS``) with scale ``lora_alpha / r``; training
+        then updates the adapters only. 0 = no adapters.
     """
 
     vocab_size: int = 32000
@@ -139,20 +157,57 @@ class ModelConfig:
     num_decoder_heads: int | None = None
     decoder_d_ff: int | None = None
     remat: str = "none"
+    num_kv_heads: int | None = None
+    local_window_size: int | None = None
+    relative_num_buckets: int = 32
+    relative_max_distance: int = 128
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+    lora_targets: str = "query,value"
 
     def __post_init__(self):
         self._check_sizes()
         self._check_choices()
+        self._check_relative()
+        self._check_lora()
+
+    def _check_lora(self) -> None:
+        """Rank, scale and target names of the LoRA adapters."""
+        if not isinstance(self.lora_rank, int) or isinstance(self.lora_rank, bool) or (
+                self.lora_rank < 0):
+            raise ValueError(f"lora_rank={self.lora_rank!r} must be a non-negative integer "
+                             "(0 = no adapters).")
+        if not isinstance(self.lora_alpha, int | float) or not self.lora_alpha > 0:
+            raise ValueError(f"lora_alpha={self.lora_alpha!r} must be a positive number.")
+        unknown = [t for t in self.lora_target_names if t not in LORA_TARGETS]
+        if unknown or (self.lora_rank and not self.lora_target_names):
+            raise ValueError(f"lora_targets={self.lora_targets!r} must name projections from "
+                             f"{LORA_TARGETS}, separated by commas.")
+
+    def _check_relative(self) -> None:
+        """The buckets of ``positional="t5_relative"`` and an implementation that takes a bias."""
+        if self.positional != "t5_relative":
+            return
+        if (
+                self.relative_num_buckets < 4
+                or self.relative_max_distance <= self.relative_num_buckets // 4):
+            raise ValueError(
+                f"positional='t5_relative' needs relative_num_buckets >= 4 and "
+                f"relative_max_distance > relative_num_buckets / 4; got "
+                f"{self.relative_num_buckets} and {self.relative_max_distance} (T5: 32 and 128).")
+        if self.attention_impl == "splash":
+            raise ValueError("attention_impl='splash' takes no bias, so no T5 relative bias; use "
+                             "attention_impl='xla', 'chunked' or 'jax'.")
 
     def _check_sizes(self) -> None:
         """Counts, sizes, rates and the divisibility of d_model by the head counts."""
         positive = ["vocab_size", "d_model", "num_heads", "num_layers", "d_ff", "max_len",
-                    "attention_chunk_size"]
+                    "attention_chunk_size", "relative_num_buckets", "relative_max_distance"]
         for name in positive:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"{name}={value!r} must be a positive integer.")
-        for name in ("num_decoder_heads", "decoder_d_ff"):
+        for name in ("num_decoder_heads", "decoder_d_ff", "num_kv_heads", "local_window_size"):
             value = getattr(self, name)
             if value is not None and (
                 not isinstance(value, int) or isinstance(value, bool) or value <= 0
@@ -163,6 +218,12 @@ class ModelConfig:
                 f"d_model={self.d_model} is not divisible by num_decoder_heads="
                 f"{self.num_decoder_heads}; choose a head count that divides d_model."
             )
+        for heads in (self.num_heads, self.num_decoder_heads):
+            if self.num_kv_heads is not None and heads is not None and heads % self.num_kv_heads:
+                raise ValueError(
+                    f"num_kv_heads={self.num_kv_heads} does not divide the {heads} query heads; "
+                    "choose a key/value head count that divides num_heads and num_decoder_heads."
+                )
         for name in ("num_encoder_layers", "num_decoder_layers"):
             value = getattr(self, name)
             if value is not None and (
@@ -270,6 +331,16 @@ class ModelConfig:
         return self.d_model // self.num_heads
 
     @property
+    def kv_heads(self) -> int:
+        """K, key/value heads of this side's attention (``num_kv_heads`` or ``num_heads``)."""
+        return self.num_kv_heads or self.num_heads
+
+    @property
+    def lora_target_names(self) -> tuple[str, ...]:
+        """``lora_targets`` as a tuple of names."""
+        return tuple(t.strip() for t in str(self.lora_targets).split(",") if t.strip())
+
+    @property
     def encoder_layers(self) -> int:
         """Number of encoder layers (``num_encoder_layers`` or ``num_layers``)."""
         return self.num_layers if self.num_encoder_layers is None else self.num_encoder_layers
@@ -373,37 +444,48 @@ class ModelConfig:
         return cls(**kwargs)
 
 
+def _attention_params(d: int, n: int, k: int, bias: bool) -> int:
+    """Query and output ``D x D``, key and value ``D x K*H`` (+ biases) with H = D / N."""
+    kv = k * (d // n)
+    return 2 * d * d + 2 * d * kv + ((2 * d + 2 * kv) if bias else 0)
+
+
 def count_params(config: ModelConfig, *, decoder_only: bool = False) -> int:
     """Number of parameters of ``nn.Transformer(config)`` (or ``nn.DecoderOnlyLM``), by formula.
 
     Counts: token embeddings (one table when shared, else source + target; one for a
     decoder-only LM), a learned [max_len, D] position table per stack when
-    ``positional == "learned"``, per attention block 4 D*D weights (+ 4 D biases), per
-    feed-forward 2 D*F (+ F + D biases), 2 D per LayerNorm (2 per encoder layer, 3 per decoder
-    layer, 2 per decoder-only layer, + one final LayerNorm per stack when ``pre_norm``), and the
-    untied output layer D*V (+ V bias, unless ``final_logits_bias``), and V for
-    ``final_logits_bias``.
+    ``positional == "learned"`` (a ``[relative_num_buckets, N]`` table for "t5_relative"),
+    per attention block 2 D*D + 2 D*K*H weights (+ 2 D + 2 K*H biases; 4 D*D without
+    grouped-query heads), per feed-forward 2 D*F (+ F + D biases), 2 D per LayerNorm (2 per
+    encoder layer, 3 per decoder layer, 2 per decoder-only layer, + one final LayerNorm per
+    stack when ``pre_norm``), and the untied output layer D*V (+ V bias, unless
+    ``final_logits_bias``), and V for ``final_logits_bias``.
     """
     d, f, v = config.d_model, config.d_ff, config.vocab_size
     bias = config.use_bias
-    attention = 4 * d * d + (4 * d if bias else 0)
+    dec = config.decoder_side()
+    attention = _attention_params(d, config.num_heads, config.kv_heads, bias)
+    dec_attention = _attention_params(d, dec.num_heads, dec.kv_heads, bias)
     ffn = 2 * d * f + ((f + d) if bias else 0)
     norm = 2 * d
-    position_table = config.max_len * d if config.positional == "learned" else 0
+    table = config.max_len * d if config.positional == "learned" else 0
+    relative = config.positional == "t5_relative"
+    enc_table = table + (config.relative_num_buckets * config.num_heads if relative else 0)
+    dec_table = table + (config.relative_num_buckets * dec.num_heads if relative else 0)
     output = 0 if config.tie_output else d * v + (v if bias else 0)
     if config.final_logits_bias:
         output += v - (v if bias and not config.tie_output else 0)
     final_norm = norm if config.pre_norm else 0
 
-    dec_f = config.decoder_side().d_ff
-    dec_ffn = 2 * d * dec_f + ((dec_f + d) if bias else 0)
-    decoder_layer_cross = 2 * attention + dec_ffn + 3 * norm
+    dec_ffn = 2 * d * dec.d_ff + ((dec.d_ff + d) if bias else 0)
     if decoder_only:
-        layer = attention + dec_ffn + 2 * norm
-        return v * d + position_table + config.decoder_layers * layer + final_norm + output
+        layer = dec_attention + dec_ffn + 2 * norm
+        return v * d + dec_table + config.decoder_layers * layer + final_norm + output
 
     encoder_layer = attention + ffn + 2 * norm
+    decoder_layer_cross = 2 * dec_attention + dec_ffn + 3 * norm
     embeddings = v * d if config.share_embeddings else 2 * v * d
-    encoder = position_table + config.encoder_layers * encoder_layer + final_norm
-    decoder = position_table + config.decoder_layers * decoder_layer_cross + final_norm
+    encoder = enc_table + config.encoder_layers * encoder_layer + final_norm
+    decoder = dec_table + config.decoder_layers * decoder_layer_cross + final_norm
     return embeddings + encoder + decoder + output

@@ -33,6 +33,7 @@ Conventions shared by all searches:
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -44,6 +45,7 @@ __all__ = [
     "NEG_INF",
     "BeamState",
     "beam_search",
+    "check_alpha",
     "expand_for_beam",
     "gather_beams",
     "greedy_search",
@@ -67,6 +69,16 @@ def length_penalty(length, alpha: float, convention: str = "gnmt") -> jax.Array:
         return length**alpha
     return ((5.0 + length) / 6.0) ** alpha
 
+
+
+def check_alpha(alpha) -> None:
+    """A length penalty must be a finite number (NaN or inf scores make the winner arbitrary);
+    traced values are not checked."""
+    if isinstance(alpha, jax.core.Tracer):
+        return
+    if not math.isfinite(float(alpha)):
+        raise ValueError(f"the length penalty alpha={float(alpha)} is not a finite number; "
+                         "give a finite alpha such as 0.6.")
 
 
 def _max_lengths(max_lengths, batch_size: int, max_len: int) -> jax.Array:
@@ -189,8 +201,13 @@ def greedy_search(cache, tokens_to_logits: TokensToLogits, *, batch_size: int, m
 
 
 def _filter_logits(logits, temperature: float, top_k: int, top_p: float) -> jax.Array:
-    """Temperature, top-k and nucleus (top-p) filtering of ``logits [B, V]``."""
-    # Masked entries are -inf and stay -inf whatever the temperature; so is what we filter.
+    """Temperature, top-k and nucleus (top-p) filtering of ``logits [B, V]`` (masked already).
+
+    The best allowed logit is shifted to 0 before the division, so no temperature overflows
+    it: at a tiny temperature every other token goes to -inf and the argmax remains. Masked
+    entries are -inf and stay -inf whatever the temperature; so is what we filter.
+    """
+    logits = logits - jnp.max(logits, axis=-1, keepdims=True)  # best allowed: 0
     logits = logits / temperature
     vocab = logits.shape[-1]
     if 0 < top_k < vocab:
@@ -385,6 +402,7 @@ def beam_search(cache, tokens_to_logits: TokensToLogits, *, batch_size: int, bea
     """
     if beam_size < 1:
         raise ValueError(f"beam_size must be >= 1; got {beam_size}.")
+    check_alpha(alpha)
     if convention not in CONVENTIONS:
         raise ValueError(f"convention={convention!r} is unknown; use one of {CONVENTIONS}.")
     hf = convention == "huggingface"

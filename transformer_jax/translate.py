@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import sys
 from collections.abc import Iterator
@@ -198,6 +199,10 @@ def main(argv: list[str] | None = None) -> int:
     if min(args.beam, args.batch_size, args.chunk_size) < 1:
         print(f"error: --beam={args.beam}, --batch_size={args.batch_size} and "
               f"--chunk_size={args.chunk_size} must be >= 1.", file=sys.stderr)
+        return 2
+    if args.alpha is not None and not math.isfinite(args.alpha):
+        print(f"error: --alpha={args.alpha} is not a finite number; give a finite length "
+              "penalty such as 0.6.", file=sys.stderr)
         return 2
     try:
         chunks, refs, total = _open_input(args)

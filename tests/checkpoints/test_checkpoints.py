@@ -4,6 +4,7 @@ import contextlib
 import io
 import json
 import os
+import shutil
 
 import jax
 import numpy as np
@@ -11,7 +12,7 @@ import orbax.checkpoint as ocp
 import pytest
 from helpers import tiny_train_config
 
-from transformer_jax.checkpoints import average_checkpoints, load_params
+from transformer_jax.checkpoints import AVERAGED_DIR, average_checkpoints, load_params, save_params
 from transformer_jax.errors import CheckpointMismatchError
 from transformer_jax.training import train_and_evaluate
 from transformer_jax.training.average import main as average_main
@@ -131,3 +132,36 @@ def test_average_of_last_checkpoints_is_their_mean(runs):
         assert np.array_equal(written[name], got[name]), name
     differs = any(not np.allclose(expected[k], saved[-1][k]) for k in expected)
     assert differs  # averaging several distinct checkpoints is not the newest one
+
+
+def test_average_leaves_out_params_only_steps(runs, tmp_path):
+    """The imported start of a fine-tuning run (params_only) is not mixed into the mean."""
+    workdir = str(tmp_path / "run")
+    shutil.copytree(runs["straight"], workdir)
+    meta_file = os.path.join(workdir, "checkpoints", "5", "meta", "metadata")
+    with open(meta_file) as f:
+        meta = json.load(f)
+    meta["params_only"] = True
+    with open(meta_file, "w") as f:
+        json.dump(meta, f)
+    _, meta = average_checkpoints(workdir, last=3)
+    assert meta["averaged_steps"] == [3, 4, 6]
+
+
+def test_a_failed_save_keeps_the_previous_averaged_checkpoint(runs, tmp_path, monkeypatch):
+    workdir = str(tmp_path / "run")
+    shutil.copytree(runs["straight"], workdir)
+    assert average_main(["--workdir", workdir, "--last", "2"]) == 0
+    before = _flat(load_params(workdir, averaged=True))
+    params, meta = average_checkpoints(workdir, last=3)
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ocp.CheckpointManager, "save", crash)
+    with pytest.raises(OSError, match="disk full"):
+        save_params(os.path.join(workdir, AVERAGED_DIR), meta["step"], params, meta)
+    after = _flat(load_params(workdir, averaged=True))
+    assert after.keys() == before.keys()
+    assert all(np.array_equal(after[k], before[k]) for k in before)
+    assert set(os.listdir(workdir)) == {*os.listdir(runs["straight"]), AVERAGED_DIR}  # no temp

@@ -10,10 +10,11 @@ import jax.numpy as jnp
 import optax
 import pytest
 
-from transformer_jax.checkpoints import Checkpointer, CorruptCheckpointError
-from transformer_jax.checkpoints.manager import is_corruption
+from transformer_jax.checkpoints import Checkpointer, CorruptCheckpointError, is_corruption, manager
 from transformer_jax.errors import CheckpointMismatchError, CheckpointReadError
 from transformer_jax.training.step import create_train_state
+
+pytestmark = pytest.mark.faults
 
 
 @pytest.fixture
@@ -76,3 +77,73 @@ def test_corruption_is_told_apart():
     assert not is_corruption(MemoryError())
     assert not is_corruption(OSError(errno.EIO, "Input/output error"))
     assert not is_corruption(ValueError("shape (8, 8) does not match (4, 4)"))
+
+
+@pytest.mark.parametrize("error", [
+    ValueError('UNAVAILABLE: Error reading local file "/runs/checksum_sweep/checkpoints/2/'
+               'params/d/1f": Input/output error'),
+    ValueError('PERMISSION_DENIED: Error opening "/runs/corrupt-test/checkpoints/2/params"'),
+    ValueError("Error reading /mnt/truncated_runs/checkpoints/2/params/d/1f: "
+               "Input/output error"),
+    PermissionError(13, "Permission denied", "/runs/corrupt/checkpoints/2/meta"),
+    OSError(5, "Input/output error", "/runs/checksum/truncated/checkpoints/2"),
+])
+def test_a_damage_word_in_a_path_is_not_damage(error):
+    assert not is_corruption(error)
+    wrapped = Exception("Encountered error while reading array index")  # as orbax re-raises
+    wrapped.__context__ = error
+    assert not is_corruption(wrapped)
+
+
+def test_storage_errors_under_a_damage_word_path_leave_the_checkpoint(two_checkpoints,
+                                                                      monkeypatch):
+    workdir, state = two_checkpoints
+    ckpt = Checkpointer(str(workdir))
+
+    def fail(*args, **kwargs):
+        raise ValueError(f'UNAVAILABLE: Error reading "{workdir}/corrupt/checksum": timed out')
+
+    monkeypatch.setattr(ckpt, "restore", fail)
+    with pytest.raises(CheckpointReadError, match="it is not damaged, so it was left in place"):
+        ckpt.restore_latest(state)
+    ckpt.close()
+    assert sorted(os.listdir(workdir / "checkpoints")) == ["1", "2"]
+
+
+def test_a_step_not_visible_yet_is_listed_again_not_set_aside(two_checkpoints, monkeypatch):
+    workdir, state = two_checkpoints
+    ckpt = Checkpointer(str(workdir))
+    real_restore, calls = ckpt.restore, []
+
+    def late_file_system(template, step, **kwargs):  # step 2 shows up on the second look
+        calls.append(step)
+        if calls == [2]:
+            raise FileNotFoundError(f"{workdir}/checkpoints/2/params/manifest.ocdbt")
+        return real_restore(template, step, **kwargs)
+
+    monkeypatch.setattr(ckpt, "restore", late_file_system)
+    assert int(ckpt.restore_latest(state)["meta"]["step"]) == 2
+    ckpt.close()
+    assert calls == [2, 2]
+    assert sorted(os.listdir(workdir / "checkpoints")) == ["1", "2"]
+    assert not os.path.exists(workdir / "corrupt_checkpoints")
+
+
+@pytest.mark.parametrize("given, config, expected", [
+    (None, {"distributed": {"barrier_timeout": 7}}, 7.0),
+    (5, {"distributed": {"barrier_timeout": 7}}, 5.0),
+])
+def test_restore_barriers_honour_barrier_timeout(two_checkpoints, monkeypatch, given, config,
+                                                 expected):
+    workdir, state = two_checkpoints
+    for f in (workdir / "checkpoints" / "2" / "params").rglob("*"):
+        if f.is_file() and "ocdbt" in str(f):  # damaged: restore sets it aside at a barrier
+            f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    waited = []
+    monkeypatch.setattr(manager, "from_chief",
+                        lambda name, fn, timeout_s: waited.append(timeout_s) or fn())
+    monkeypatch.setattr(manager, "barrier", lambda name, timeout_s: waited.append(timeout_s))
+    ckpt = Checkpointer(str(workdir), barrier_timeout_s=given)
+    assert int(ckpt.restore_latest(state, config=config)["meta"]["step"]) == 1
+    ckpt.close()
+    assert waited == [expected, expected]

@@ -109,7 +109,7 @@ def test_workers_die_with_their_parent_even_under_kill_9(numbers_workdir, prepar
         assert parent.stdout.readline().strip() == "ready"
         workers = [p for p in children(parent.pid) if "resource_tracker" not in
                    open(f"/proc/{p}/cmdline").read()]
-        assert len(workers) == 2, workers
+        assert workers  # started on demand: one or two by now
         parent.send_signal(signal.SIGKILL)  # no cleanup in the parent at all
         parent.wait(timeout=30)
         deadline = time.monotonic() + 20

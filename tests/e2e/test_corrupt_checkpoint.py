@@ -15,6 +15,8 @@ from helpers import (
     run_train,
 )
 
+pytestmark = pytest.mark.faults  # the fault-injection table in docs/errors.md
+
 
 def _truncate_params(step_dir):
     files = [f for f in glob.glob(os.path.join(step_dir, "params", "**", "*"), recursive=True)
@@ -77,3 +79,22 @@ def test_no_readable_checkpoint_is_a_one_line_error(data_dir, reference_copy):
                            f"{RUN_STEPS}: ")
     assert line.endswith("move the damaged step directories away or use a fresh --workdir.")
     assert sorted(os.listdir(workdir)) == before  # nothing moved or deleted
+
+
+@pytest.mark.parametrize("damage", [_truncate_params, _delete_params_data],
+                         ids=["truncated", "deleted"])
+def test_translate_falls_back_from_a_damaged_newest_checkpoint(damage, reference_copy, capsys):
+    """Inference judges damage as training's resume does: the step before, with a warning; a
+    step asked for by number is never replaced."""
+    from transformer_jax.inference import Translator
+
+    damage(os.path.join(reference_copy, "checkpoints", str(RUN_STEPS)))
+    capsys.readouterr()
+    translator = Translator.from_workdir(reference_copy)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert translator.step == RUN_STEPS - 2
+    assert len(err) == 1 and err[0].startswith(
+        f"warning: checkpoint step {RUN_STEPS} in {reference_copy} is damaged (")
+    assert err[0].endswith(f"using step {RUN_STEPS - 2}.")
+    with pytest.raises(Exception):  # noqa: B017, PT011 - whatever orbax raises, not a fallback
+        Translator.from_workdir(reference_copy, step=RUN_STEPS)

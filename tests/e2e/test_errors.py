@@ -103,9 +103,10 @@ def test_d_model_not_divisible_by_heads(tmp_path, data_dir):
 
 
 def _snapshot(root):
+    """Every file but the lock file (where each run records itself as the holder)."""
     return sorted((os.path.relpath(os.path.join(d, f), root),
                    os.stat(os.path.join(d, f)).st_size, os.stat(os.path.join(d, f)).st_mtime_ns)
-                  for d, _, files in os.walk(root) for f in files)
+                  for d, _, files in os.walk(root) for f in files if f != ".lock")
 
 
 def test_checkpoint_config_mismatch(data_dir, reference_copy):
@@ -186,6 +187,16 @@ def test_translate_invalid_utf8_input(reference):
     ("--config.checkpoint_every_steps=0",
      "error: checkpoint_every_steps=0 is not allowed; a checkpoint is always written at the "
      "end, so set checkpoint_every_steps to num_train_steps to save only there."),
+    ("--config.model.pad_id=5",
+     "error: model.pad_id=5 is not supported for training: the data pipeline and the tokenizer "
+     "pad with id 0; set model.pad_id=0."),
+    ("--config.seed=4294967296",
+     "error: seed=4294967296 must be below 2**32 (4294967296); choose a seed in [0, 2**32)."),
+    ("--config.eval_length_penalty=nan",
+     "error: eval_length_penalty=nan is not a finite number; give a finite value."),
+    ("--config.optimizer.weight_decay=0.1",
+     "error: optimizer.weight_decay=0.1 has no effect with optimizer.name='adam'; use "
+     "optimizer.name='adamw' for weight decay or set optimizer.weight_decay=0."),
 ])
 def test_config_values_are_refused_before_anything_is_written(flag, message, tmp_path):
     workdir, data_dir = str(tmp_path / "run"), str(tmp_path / "data")

@@ -17,6 +17,8 @@ from helpers import (
     wait_for,
 )
 
+pytestmark = pytest.mark.faults  # the fault-injection table in docs/errors.md
+
 
 @pytest.mark.parametrize("seed,delay", [(0, 0.0), (1, 0.05), (2, 0.2)])
 def test_kill9_then_resume_is_bit_identical(seed, delay, data_dir, reference, tmp_path):

@@ -126,11 +126,16 @@ def test_skipped_long_pairs_are_counted_and_reported(tmp_path):
     summary.json, so a user of their own corpus learns to raise max_length."""
     workdir = str(tmp_path / "run")
     proc = _train("--workdir", workdir, "--config.model.num_layers=1", *TINY,
-                  "--config.data.max_length=20")
+                  "--config.data.max_length=20", "--config.data.test_split=test")
     assert proc.returncode == 0, proc.stderr[-3000:]
     with open(os.path.join(workdir, "summary.json")) as f:
-        dropped = json.load(f)["train_pairs_dropped"]
+        summary = json.load(f)
+    dropped = summary["train_pairs_dropped"]
     assert dropped > 0
+    # the evaluation scores long sources cut to max_length: summary.json says so, per split
+    cut = summary["eval_pairs_cut_to_max_length"]
+    assert summary["eval_max_length"] == 20
+    assert set(cut) == {"validation", "test"} and all(0 < n <= 16 for n in cut.values())
     assert (f"{dropped} distinct training pairs read so far were skipped as longer than "
             "max_length") in proc.stderr
     assert "(data.max_length=20); raise data.max_length to train on them." in proc.stderr
@@ -203,10 +208,12 @@ def test_fit_steps_to_time_ends_the_schedule_in_time_and_resume_keeps_the_count(
     assert resumed["step"] == fitted or resumed["stopped_by_time_limit"]
 
 
-def test_fit_steps_to_time_needs_a_time_limit(tmp_path):
-    proc = _train("--workdir", str(tmp_path / "w"), *TINY, "--config.fit_steps_to_time=true")
+@pytest.mark.parametrize("minutes", ["0", "inf"])
+def test_fit_steps_to_time_needs_a_time_limit(tmp_path, minutes):
+    proc = _train("--workdir", str(tmp_path / "w"), *TINY, "--config.fit_steps_to_time=true",
+                  f"--config.max_train_minutes={minutes}")
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines()[-1] == (
-        "error: fit_steps_to_time=True fits the schedule to max_train_minutes, which is 0; "
-        "set max_train_minutes or fit_steps_to_time=False.")
+    assert proc.stderr.strip().splitlines() == [
+        f"error: fit_steps_to_time=True fits the schedule to max_train_minutes, which is "
+        f"{minutes}; set a finite max_train_minutes > 0 or fit_steps_to_time=False."]
     assert not os.path.exists(tmp_path / "w")

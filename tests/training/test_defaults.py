@@ -102,10 +102,28 @@ def test_wmt14_configs_follow_the_paper(name, d_model, heads, d_ff, dropout, ste
     ({"model": {"d_model": 30, "num_heads": 4}}, r"model config: d_model=30 is not divisible"),
     ({"model": {"dtype": "float16"}}, r"model config: dtype='float16' needs loss scaling"),
     ({"distributed": {"coordinator_address": "host"}}, r"needs a port"),
+    ({"model": {"pad_id": 3}}, r"model.pad_id=3 is not supported for training"),
+    ({"seed": 2**32}, r"seed=4294967296 must be below 2\*\*32"),
+    ({"seed": -1}, r"seed=-1 must be an integer >= 0"),
+    ({"max_train_minutes": float("inf"), "fit_steps_to_time": True},
+     r"max_train_minutes, which is inf; set a finite max_train_minutes"),
+    ({"optimizer": {"learning_rate": float("nan")}},
+     r"optimizer.learning_rate=nan is not a finite number"),
+    ({"data": {"subword_sampling_alpha": float("-inf")}},
+     r"data.subword_sampling_alpha=-inf is not a finite number"),
+    ({"eval_length_penalty": float("inf")}, r"eval_length_penalty=inf is not a finite number"),
+    ({"max_train_minutes": float("nan")}, r"max_train_minutes=nan is not a finite number"),
+    ({"optimizer": {"weight_decay": 0.01}}, r"use optimizer.name='adamw' for weight decay"),
 ])
 def test_validate_config_checks_every_section(overrides, match):
     with pytest.raises(ConfigError, match=match):
         validate_config(overrides)
+
+
+def test_validate_config_accepts_edge_values():
+    """The largest seed, an unlimited time limit and adamw's decay are fine."""
+    validate_config({"seed": 2**32 - 1, "max_train_minutes": float("inf")})
+    validate_config({"optimizer": {"name": "adamw", "weight_decay": 0.01}})
 
 
 def test_validate_config_accepts_the_defaults_and_fills_them_in():

@@ -61,3 +61,22 @@ def test_the_default_hooks_are_the_trainers_concerns(session):
     names = [type(hook).__name__ for hook in default_hooks(vote=None)]
     assert names == ["WarnDropped", "FitToTime", "SaveCheckpoint", "Evaluate"]
     session.checkpointer.close()
+
+
+def test_a_signal_after_the_last_update_is_handled(tmp_path, monkeypatch):
+    """A SIGTERM during the final evaluation (after the last stop vote) meets the run's
+    handler, not the default one that would kill this process alone on a pod."""
+    import signal
+
+    import transformer_jax.training.evaluate as evaluate_lib
+    from transformer_jax.training import train_and_evaluate
+
+    def final_evaluation(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return {}
+
+    monkeypatch.setattr(evaluate_lib, "final_evaluation", final_evaluation)
+    summary = train_and_evaluate(tiny_train_config(num_train_steps=2), str(tmp_path / "run"))
+    assert summary["late_signal"] == signal.SIGTERM and not summary["interrupted"]
+    with open(tmp_path / "run" / "summary.json") as f:
+        assert json.load(f)["step"] == 2

@@ -11,6 +11,8 @@ import sys
 from collections.abc import Sequence
 
 import jax
+from absl import flags
+from ml_collections import config_flags
 
 from transformer_jax.aot.programs import AotError
 from transformer_jax.aot.targets import EXPORT_PLATFORMS, GIB, run
@@ -82,32 +84,34 @@ def load_config(path: str, overrides: Sequence[str] = ()):
     except Exception as err:  # a broken config file: say where, do not dump a traceback
         raise AotError(f"config file {path} could not be loaded: "
                        f"{type(err).__name__}: {err}") from None
+    return _apply_overrides(config, overrides)
+
+
+def _apply_overrides(config, overrides: Sequence[str]):
+    """``--config.a.b=value`` overrides parsed as train.py parses them (ml_collections'
+    config flags: typed by the field, ``int | None`` placeholders included)."""
+    argv = ["aot"]
     for item in overrides:
         key, _, text = item.partition("=")
-        *parents, leaf = key.removeprefix("--").removeprefix("config.").split(".")
+        path = key.removeprefix("--").removeprefix("config.")
+        argv.append(f"--config.{path}={text}")
+        *parents, leaf = path.split(".")
         section = config
         try:
             for name in parents:
                 section = section[name]
-            old = section[leaf]
+            section[leaf]  # noqa: B018 - the key must exist
         except (KeyError, AttributeError, TypeError):
             raise AotError(f"unknown config key {key!r} in override {item!r}.") from None
-        section[leaf] = _parse_value(text, old)
-    return config
-
-
-def _parse_value(text: str, old):
-    """``text`` as the type of the value it replaces."""
-    if isinstance(old, bool):
-        if text.lower() not in ("true", "false", "1", "0"):
-            raise AotError(f"expected true or false, got {text!r}.")
-        return text.lower() in ("true", "1")
-    if isinstance(old, int | float) and not isinstance(old, bool):
-        try:
-            return type(old)(text) if isinstance(old, float) else int(text)
-        except ValueError:
-            raise AotError(f"expected a {type(old).__name__}, got {text!r}.") from None
-    return text
+    values = flags.FlagValues()
+    try:
+        holder = config_flags.DEFINE_config_dict("config", config, flag_values=values,
+                                                 sys_argv=argv, lock_config=True)
+        values(argv)
+    except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as err:
+        raise AotError(f"cannot apply the --config overrides ({' '.join(str(err).split())});"
+                       " check the names and values.") from None
+    return holder.value
 
 
 def _parser() -> argparse.ArgumentParser:

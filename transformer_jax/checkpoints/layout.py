@@ -44,7 +44,8 @@ ARCHITECTURE_KEYS = (
     "vocab_size", "d_model", "num_heads", "num_layers", "num_encoder_layers",
     "num_decoder_layers", "d_ff", "max_len", "positional", "pre_norm", "share_embeddings",
     "tie_output", "use_bias", "param_dtype", "activation", "scale_embedding",
-    "final_logits_bias", "num_decoder_heads", "decoder_d_ff",
+    "final_logits_bias", "num_decoder_heads", "decoder_d_ff", "num_kv_heads",
+    "relative_num_buckets",
 )
 # Optimizer fields that change the optimizer-state structure.
 OPTIMIZER_KEYS = ("name", "grad_accum_steps")
@@ -62,6 +63,8 @@ def _resolved_model(model: Mapping) -> dict:
     for side in ("num_encoder_layers", "num_decoder_layers"):
         if model.get(side) is None:
             model[side] = model.get("num_layers")
+    if model.get("num_kv_heads") is None:
+        model["num_kv_heads"] = model.get("num_heads")
     return model
 
 

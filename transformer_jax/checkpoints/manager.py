@@ -14,7 +14,7 @@ each with a one-line warning. Every process takes part and every decision is agr
 from __future__ import annotations
 
 import base64
-import json
+import contextlib
 import logging
 import os
 import shutil
@@ -24,6 +24,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from transformer_jax.checkpoints.damage import CorruptCheckpointError, is_corruption
 from transformer_jax.checkpoints.layout import (
     CHECKPOINT_DIR,
     CORRUPT_DIR,
@@ -35,14 +36,11 @@ from transformer_jax.checkpoints.layout import (
 from transformer_jax.checkpoints.read import read_meta
 from transformer_jax.errors import CheckpointMismatchError, CheckpointReadError
 from transformer_jax.parallel.coordination import agree, barrier, from_chief
+from transformer_jax.parallel.processes import DEFAULT_BARRIER_TIMEOUT_S
 
-__all__ = ["Checkpointer", "CorruptCheckpointError", "is_corruption"]
+__all__ = ["Checkpointer"]
 
 log = logging.getLogger(__name__)
-
-
-class CorruptCheckpointError(ValueError):
-    """A checkpoint's files are missing, short or cannot be decoded."""
 
 
 # --------------------------------------------------------------------------- JSON helpers
@@ -95,27 +93,6 @@ def _abstract(tree, shardings):
 
 # Outcomes of trying one checkpoint, ordered: the processes act on the largest.
 _OK, _CORRUPT, _MISMATCH, _FATAL = range(4)
-# tensorstore status codes and messages of files that are missing, short or undecodable
-_DAMAGE_MARKS = ("DATA_LOSS", "NOT_FOUND", "OUT_OF_RANGE", "Truncated", "truncated",
-                 "Error decoding", "corrupt", "checksum")
-
-
-def is_corruption(err: BaseException | None) -> bool:
-    """Missing, short or undecodable files (not: memory, permissions, other I/O errors).
-
-    Follows the chain of causes: orbax re-raises tensorstore's ``ValueError`` as a plain
-    ``Exception`` while handling it.
-    """
-    seen: set[int] = set()
-    while err is not None and id(err) not in seen:
-        seen.add(id(err))
-        if isinstance(err, CorruptCheckpointError | FileNotFoundError | NotADirectoryError
-                      | json.JSONDecodeError | UnicodeDecodeError):
-            return True
-        if isinstance(err, ValueError) and any(m in str(err) for m in _DAMAGE_MARKS):
-            return True
-        err = err.__cause__ or err.__context__
-    return False
 
 
 def _stop_error(step: int, err, mine: int, outcomes: list[int], directory: str) -> Exception:
@@ -142,10 +119,15 @@ class Checkpointer:
       workdir: the run's work directory (checkpoints go to ``<workdir>/checkpoints``).
       keep: how many recent checkpoints to keep (None keeps all).
       async_save: write in a background thread after copying arrays to host.
+      barrier_timeout_s: how long a process waits for the others at restore's barriers
+        (default: the ``distributed.barrier_timeout`` of the config given to
+        :meth:`restore_latest`, else ``DEFAULT_BARRIER_TIMEOUT_S``).
     """
 
-    def __init__(self, workdir: str, *, keep: int | None = None, async_save: bool = True):
+    def __init__(self, workdir: str, *, keep: int | None = None, async_save: bool = True,
+                 barrier_timeout_s: float | None = None):
         self.workdir = os.path.abspath(workdir)
+        self._barrier_timeout_s = barrier_timeout_s
         self.directory = os.path.join(self.workdir, CHECKPOINT_DIR)
         self._options = {"keep": keep, "async_save": async_save}
         self._manager = open_manager(self.directory, **self._options)
@@ -183,7 +165,9 @@ class Checkpointer:
         error is raised as a one-line ``CheckpointMismatchError``.
         """
         self._remove_incomplete()
-        steps = from_chief("checkpoint-steps", lambda: sorted(self.all_steps(), reverse=True))
+        timeout_s = self._timeout_s(config)
+        steps = from_chief("checkpoint-steps", lambda: sorted(self.all_steps(), reverse=True),
+                           timeout_s=timeout_s)
         failed: list[tuple[int, Exception]] = []
         for step in steps:
             restored, err, mine = self._try_restore(template_state, step, config, shardings)
@@ -198,7 +182,8 @@ class Checkpointer:
             for bad, bad_err in failed:
                 self._set_aside(bad, bad_err, step)
             if failed:
-                barrier("checkpoints-set-aside")  # the chief has moved them: list again
+                # the chief has moved them: list again
+                barrier("checkpoints-set-aside", timeout_s=timeout_s)
                 self._manager.close()
                 self._manager = open_manager(self.directory, **self._options)
             return restored
@@ -210,9 +195,32 @@ class Checkpointer:
             )
         return None
 
+    def _timeout_s(self, config: Mapping | None) -> float:
+        """The barrier timeout: the constructor's, the config's, or the default."""
+        if self._barrier_timeout_s is not None:
+            return float(self._barrier_timeout_s)
+        timeout = ((config or {}).get("distributed") or {}).get("barrier_timeout")
+        return float(timeout) if timeout else DEFAULT_BARRIER_TIMEOUT_S
+
     def _try_restore(self, template_state, step, config, shardings):
         """``(restored, None, _OK)`` or ``(None, error, outcome)``; never raises for a bad
-        checkpoint (the outcome is agreed on by every process first)."""
+        checkpoint (the outcome is agreed on by every process first).
+
+        A step that looks damaged is listed again and tried once more first: a network file
+        system may not show this process a step that another process wrote a moment ago.
+        """
+        outcome = self._try_restore_once(template_state, step, config, shardings)
+        if outcome[2] != _CORRUPT:
+            return outcome
+        log.info("checkpoint step %d looks damaged (%s); listing %s again and retrying once",
+                 step, one_line(outcome[1]), self.directory)
+        for path in (self.directory, os.path.join(self.directory, str(step))):
+            with contextlib.suppress(OSError):  # listing refreshes the file system's view
+                os.listdir(path)
+        self._manager.reload()
+        return self._try_restore_once(template_state, step, config, shardings)
+
+    def _try_restore_once(self, template_state, step, config, shardings):
         try:
             meta = read_meta(self.directory, step)
             if config is not None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
 from collections.abc import Mapping
 
 import jax
@@ -18,10 +19,12 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from transformer_jax.checkpoints.damage import is_corruption
 from transformer_jax.checkpoints.layout import (
     AVERAGED_DIR,
     check_compatible,
     checkpoint_dir,
+    one_line,
     open_manager,
 )
 from transformer_jax.config import ModelConfig
@@ -122,12 +125,55 @@ def read_tokenizer(workdir: str, meta: Mapping) -> Tokenizer:
     return Tokenizer(proto)
 
 
+def _read_step(path: str, step: int | None) -> tuple[dict, object, object]:
+    """``(meta, abstract model, params)`` of checkpoint ``step`` (default newest) in ``path``.
+
+    The model is traced once (seconds for a large model) and gives the params' shapes."""
+    directory = checkpoint_dir(path)
+    meta = read_meta(directory, step)
+    saved = meta.get("config") or {}
+    if not saved.get("model"):
+        raise ValueError(f"the checkpoint in {directory} has no model config in its metadata.")
+    config = ModelConfig.from_dict(dict(saved["model"]))
+    kind = saved.get("model_kind", DEFAULT_MODEL_KIND)
+    model = nnx.eval_shape(lambda: build_model(kind, config, nnx.Rngs(0)))
+    abstract = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    return meta, model, _restore_params(directory, meta["step"], abstract)
+
+
+def _readable_step(workdir: str, step: int | None, averaged: bool) -> tuple[dict, object, object]:
+    """``(meta, abstract model, params)`` of checkpoint ``step``, or of the newest readable
+    one (see :func:`read_run`)."""
+    path = os.path.join(workdir, AVERAGED_DIR) if averaged else workdir
+    if step is not None:
+        return _read_step(path, step)
+    steps: list = []
+    if os.path.isdir(checkpoint_dir(path)):
+        manager = open_manager(checkpoint_dir(path), create=False)
+        try:
+            steps = sorted(manager.all_steps(), reverse=True)
+        finally:
+            manager.close()
+    for number, candidate in enumerate(steps or [None]):  # None: read_meta says why
+        try:
+            return _read_step(path, candidate)
+        except Exception as err:
+            if not is_corruption(err) or number + 1 >= len(steps):
+                raise
+            print(f"warning: checkpoint step {candidate} in {checkpoint_dir(path)} cannot be "
+                  f"read ({one_line(err)}); using step {steps[number + 1]}.",
+                  file=sys.stderr, flush=True)
+    raise AssertionError("unreachable: the last step's error is raised")
+
+
 def read_run(workdir: str, step: int | None = None, averaged: bool = False) -> dict:
     """Model (abstract), params, tokenizer and step of a training work directory.
 
-    ``averaged`` reads ``<workdir>/averaged``. The model is built from the run's saved
-    ``model`` config and ``model_kind``; callers use what the model answers (``nn.model``),
-    never the kind itself.
+    ``averaged`` reads ``<workdir>/averaged``. Without ``step``, a damaged newest checkpoint
+    (files missing, short or undecodable) is skipped for the newest readable one, with a
+    one-line warning on stderr; any other error is raised. The model is built from the run's
+    saved ``model`` config and ``model_kind``; callers use what the model answers
+    (``nn.model``), never the kind itself.
     """
     workdir = os.path.abspath(workdir)
     if not os.path.isdir(workdir):
@@ -139,19 +185,11 @@ def read_run(workdir: str, step: int | None = None, averaged: bool = False) -> d
             f"no averaged checkpoint in {workdir}; write one with python -m "
             f"transformer_jax.training.average --workdir {workdir}"
         )
-    directory = checkpoint_dir(os.path.join(workdir, AVERAGED_DIR) if averaged else workdir)
-    meta = read_meta(directory, step)
-    saved = meta.get("config") or {}
-    if not saved.get("model"):
-        raise ValueError(f"the checkpoint in {workdir} has no model config in its metadata.")
-    config = ModelConfig.from_dict(dict(saved["model"]))
-    kind = saved.get("model_kind", DEFAULT_MODEL_KIND)
-    # traced once (seconds for a large model): the abstract model gives the params' shapes
-    model = nnx.eval_shape(lambda: build_model(kind, config, nnx.Rngs(0)))
-    abstract = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    meta, model, params = _readable_step(workdir, step, averaged)
+    saved = meta["config"]
     return {
         "model": model,
-        "params": _restore_params(directory, meta["step"], abstract),
+        "params": params,
         "tokenizer": read_tokenizer(workdir, meta),
         "step": int(meta["step"]),
         "data": saved.get("data") or {},

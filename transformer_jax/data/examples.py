@@ -22,6 +22,8 @@ import numpy as np
 
 from transformer_jax.data.tokenizer import EOS_ID
 
+_GROUP_PAIRS = 256  # chunks started ahead are read and sent to the workers this many at once
+
 __all__ = ["CachedIds", "CachedReader", "Chunk", "OnlineReader", "layout_rows"]
 
 
@@ -42,6 +44,12 @@ def _ratio_keep(source_lengths: np.ndarray, target_lengths: np.ndarray, ratio: f
         return np.ones(len(source_lengths), bool)
     a, b = np.maximum(source_lengths - 1, 1), np.maximum(target_lengths - 1, 1)
     return np.maximum(a, b) <= ratio * np.minimum(a, b)
+
+
+def _keys(positions: np.ndarray) -> list[int]:
+    """Subword-sampling draw keys: source ``2p``, target ``2p + 1`` of global position ``p``."""
+    p = positions.tolist()
+    return [2 * q for q in p] + [2 * q + 1 for q in p]
 
 
 def _record_dropped(stats, indices) -> None:
@@ -85,31 +93,64 @@ class CachedReader(CachedIds):
         return Chunk(start, index.tolist(), lens[0].tolist(), lens[1].tolist(), keep.tolist())
 
 
+@dataclasses.dataclass
+class _Job:
+    """A chunk being tokenized: its example indices and, once there, ids or a pool handle."""
+
+    positions: np.ndarray
+    indices: list[int]
+    ids: list | None = None
+    part: object = None  # workers.TokenizerPool handle, once sent
+
+
 class OnlineReader:
     """Examples read as text and tokenized now; with a ``workers.TokenizerPool`` the sampled
-    segmentation runs in worker processes, and each stream's next chunk is started ahead."""
+    segmentation runs in worker processes, and each stream's next chunk is started ahead
+    (chunks are read and sent to the workers in groups: one read and one task per group)."""
 
     def __init__(self, spec, source, tokenizer, pool=None):
         self.spec, self.source, self.tokenizer = spec, source, tokenizer
         self.pool = pool if spec.subword_sampling else None
-        self._pending: dict[tuple[int, int, int], tuple] = {}  # started chunks
+        self._pending: dict[tuple[int, int, int], _Job] = {}  # started chunks
+        self._unsent: list[_Job] = []  # started, text not read yet
 
-    def _start(self, row: int, start: int, count: int) -> tuple:
-        """(positions, example indices, ids or a pool future of them) of a chunk."""
+    def _start(self, row: int, start: int, count: int) -> _Job:
         spec = self.spec
         stop = min(row + (start + count) * spec.batch_size, spec.end)
         positions = np.arange(row + start * spec.batch_size, stop, spec.batch_size)
-        indices = spec.order(positions).tolist()
-        pairs = self.source.__getitems__(indices) if indices else []
-        texts = [s for s, _ in pairs] + [t for _, t in pairs]
-        if not spec.subword_sampling:
-            return positions, indices, self.tokenizer.encode(texts)
-        alpha, nbest_size = spec.subword_sampling  # a new draw per side, example and epoch
-        keys = [2 * p for p in positions.tolist()] + [2 * p + 1 for p in positions.tolist()]
+        job = _Job(positions, spec.order(positions).tolist())
         if self.pool is not None:
-            return positions, indices, self.pool.submit(texts, keys, alpha, nbest_size, spec.seed)
-        return positions, indices, self.tokenizer.encode_sampled(
-            texts, keys, alpha=alpha, nbest_size=nbest_size, seed=spec.seed)
+            self._unsent.append(job)
+            if sum(len(j.indices) for j in self._unsent) >= _GROUP_PAIRS:
+                self.flush()
+            return job
+        texts = self._texts(job.indices)
+        if not spec.subword_sampling:
+            job.ids = self.tokenizer.encode(texts)
+        else:
+            alpha, nbest_size = spec.subword_sampling
+            job.ids = self.tokenizer.encode_sampled(texts, _keys(job.positions), alpha=alpha,
+                                                    nbest_size=nbest_size, seed=spec.seed)
+        return job
+
+    def _texts(self, indices: list[int]) -> list[str]:
+        pairs = self.source.__getitems__(indices) if indices else []
+        return [s for s, _ in pairs] + [t for _, t in pairs]
+
+    def flush(self) -> None:
+        """Reads the text of the chunks started and sends it to the workers."""
+        jobs, self._unsent = self._unsent, []
+        if not jobs:
+            return
+        pairs = self.source.__getitems__([i for j in jobs for i in j.indices])
+        alpha, nbest_size = self.spec.subword_sampling  # a new draw per side, example, epoch
+        at = 0
+        for job in jobs:
+            mine = pairs[at : at + len(job.indices)]
+            at += len(job.indices)
+            job.part = self.pool.submit([s for s, _ in mine] + [t for _, t in mine],
+                                        _keys(job.positions), alpha, nbest_size, self.spec.seed)
+        self.pool.flush()
 
     def expect(self, row: int, start: int, count: int) -> None:
         """Starts the chunk in the workers now, so it is ready when read (pool only)."""
@@ -120,17 +161,17 @@ class OnlineReader:
 
     def forget(self) -> None:
         """Drops the chunks started ahead (the streams moved: ``set_state``)."""
-        for _, _, work in self._pending.values():
-            work.cancel()
         self._pending.clear()
+        self._unsent.clear()
 
     def read(self, row: int, start: int, count: int) -> Chunk:
         job = self._pending.pop((row, start, count), None) or self._start(row, start, count)
         self.expect(row, start + count, count)  # this stream's next chunk
-        _, indices, ids = job
         if self.pool is not None:
-            ids = self.pool.result(ids)
-        m = len(indices)
+            if job.part is None:
+                self.flush()
+            job.ids = self.pool.result(job.part)
+        ids, indices, m = job.ids, job.indices, len(job.indices)
         refs = [(np.asarray(ids[i] + [EOS_ID], np.int32), np.asarray(ids[m + i] + [EOS_ID],
                                                                         np.int32))
                 for i in range(m)]

@@ -81,7 +81,8 @@ class PipelineStats:
 
 @dataclasses.dataclass
 class Prepared:
-    """Everything the pipelines need: config, prepared TFDS data and the tokenizer."""
+    """Everything the pipelines need: config, prepared TFDS data, the tokenizer and the
+    splits' token ids (``token_ids(split)``, cached on disk beside the data)."""
 
     config: ml_collections.ConfigDict  # the data.* config (a copy)
     data_dir: str  # where the TFDS array_record data lives
@@ -250,11 +251,15 @@ def train_iterator(
         ended (rows that end earlier are all padding).
       split: defaults to ``data.train_split``.
 
+    Token ids come from the split's cache (``Prepared.token_ids``); with subword sampling the
+    text is segmented as it is read, in ``data.num_workers`` worker processes (0: in this
+    one). Neither changes any batch.
+
     Returns:
       An iterator of dicts of int32 ``[R, max_length]`` arrays (keys ``BATCH_KEYS``) with
       ``get_state()`` (global, JSON-serialisable, the same on every process; a collective
       when there are several processes), ``set_state(state)`` (a state saved under any
-      process count), ``local_state()`` and ``close()``.
+      process and worker count), ``local_state()`` and ``close()``.
     """
     cfg = prepared.config
     process_index, process_count = _resolve_process(process_index, process_count)

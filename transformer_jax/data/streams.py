@@ -9,8 +9,9 @@ own stream, and only from it::
          token_cache.py), or with data.subword_sampling_alpha > 0 tokenized now (a
          segmentation drawn per example, side and epoch, keyed by the global position);
          pairs longer than max_length are skipped (and counted)
-      -> packed: windows of ``bins`` rows filled first-fit; a window closes at the first
-         example that fits none of its rows, and its rows are emitted in order
+      -> packed: windows of ``bins`` rows filled first-fit; at the first example that fits
+         none of its rows the window is packed again largest-first with it (once); a
+         window closes at the first example that fits none, and its rows are emitted in order
          padded: one example per row
 
 Which process reads a row changes nothing about the row, so the sequence of global batches
@@ -43,6 +44,7 @@ __all__ = ["BATCH_KEYS", "RowStream", "StreamSpec", "TrainBatches", "allgather_s
            "merge_states"]
 
 STATE_FORMAT = "row_streams/1"
+PACKER = "first_fit/largest_first_once"  # how windows are packed (part of a state's identity)
 _READ_CHUNK = 32  # examples read and tokenized at once per row
 BATCH_KEYS = (
     "inputs", "targets", "inputs_segmentation", "targets_segmentation",
@@ -76,11 +78,30 @@ class StreamSpec:
     def identity(self) -> dict:
         """The settings a saved state is only valid for."""
         return {"batch_size": self.batch_size, "seed": self.seed, "max_length": self.max_length,
-                "packing": self.packing, "bins": self.bins,
+                "packing": self.packing, "bins": self.bins, "packer": PACKER,
                 "subword_sampling": list(self.subword_sampling) if self.subword_sampling else None}
 
 
 _MAX_SKIPPED = 10_000  # consecutive dropped pairs that stop training with an error
+
+
+def _largest_first(items: list[tuple], nbins: int, length: int):
+    """First fit decreasing (by source + target length; ties in stream order) of
+    ``(ref, source length, target length)`` items: (rows of refs, used source, used target),
+    or None when they do not all fit in ``nbins`` rows of ``length``."""
+    bins: list[list] = [[] for _ in range(nbins)]
+    used_source, used_target = [0] * nbins, [0] * nbins
+    for t in sorted(range(len(items)), key=lambda t: (-items[t][1] - items[t][2], t)):
+        ref, a, b = items[t]
+        for i in range(nbins):
+            if used_source[i] + a <= length and used_target[i] + b <= length:
+                bins[i].append(ref)
+                used_source[i] += a
+                used_target[i] += b
+                break
+        else:
+            return None
+    return bins, used_source, used_target
 
 
 class RowStream:
@@ -109,13 +130,17 @@ class RowStream:
         return chunk
 
     def _pack_window(self) -> None:
-        """First fit of the examples from ``window_start`` into ``bins`` rows; the window
-        closes at the first example that fits none of them (plain ints: no numpy per example)."""
+        """First fit of the examples from ``window_start`` into ``bins`` rows. At the first
+        example that fits none, the window's examples and it are packed again, largest
+        first (once per window); the window closes if that fails too, and this example
+        starts the next one. Plain ints: no numpy per example."""
         spec = self.spec
         length, nbins, packing = spec.max_length, spec.bins, spec.packing
         bins: list[list] = [[] for _ in range(nbins)]
         used_source, used_target = [0] * nbins, [0] * nbins
+        items: list[tuple] = []  # (ref, source length, target length) in stream order
         k, skipped, limit = self.window_start, 0, max(len(spec.source), _MAX_SKIPPED)
+        repacked = not packing or nbins == 1
         chunk = self._chunk_at(k)
         while True:
             j = k - chunk.start
@@ -134,16 +159,21 @@ class RowStream:
                 k += 1
                 continue
             skipped = 0
-            a, b = chunk.source_lengths[j], chunk.target_lengths[j]
+            item = (chunk.refs[j], chunk.source_lengths[j], chunk.target_lengths[j])
             for i in range(nbins):
-                if used_source[i] + a <= length and used_target[i] + b <= length and (
-                        packing or not bins[i]):
-                    bins[i].append(chunk.refs[j])
-                    used_source[i] += a
-                    used_target[i] += b
+                if used_source[i] + item[1] <= length and used_target[i] + item[2] <= length \
+                        and (packing or not bins[i]):
+                    bins[i].append(item[0])
+                    used_source[i] += item[1]
+                    used_target[i] += item[2]
                     break
             else:
-                break  # closes the window; this example starts the next one
+                packed = None if repacked else _largest_first([*items, item], nbins, length)
+                if packed is None:
+                    break  # closes the window; this example starts the next one
+                bins, used_source, used_target = packed
+                repacked = True
+            items.append(item)
             k += 1
         self._window = [b for b in bins if b]
         self._window_end = k
@@ -226,6 +256,7 @@ class TrainBatches:
         if getattr(self.spec.reader, "pool", None) is not None:
             for stream in self._streams:  # all chunks this batch needs, in the workers at once
                 stream.start_reading()
+            self.spec.reader.flush()
         rows = [s.next_row() for s in self._streams]
         if all(r is None for r in rows):
             return None

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import atexit
 import concurrent.futures
+import dataclasses
 import hashlib
 import multiprocessing
 import os
@@ -29,6 +30,7 @@ from transformer_jax.data.validation import DataError
 __all__ = ["TokenizerPool", "shared_pool"]
 
 _PARENT_POLL_S = 0.2
+_GROUP_TEXTS = 512  # texts per worker task (16 chunks of 32 pairs)
 _worker_tokenizer: Tokenizer | None = None
 
 
@@ -55,6 +57,28 @@ def _encode_sampled(texts, keys, alpha, nbest_size, seed):
         return "error", f"data worker process {os.getpid()} failed: {message}"
 
 
+class _Group:
+    """Submissions sent to the workers as one task."""
+
+    def __init__(self, settings: tuple):
+        self.settings, self.texts, self.keys, self.future = settings, [], [], None
+
+    def add(self, texts: list, keys: list) -> _Part:
+        part = _Part(self, len(self.texts), len(texts))
+        self.texts += texts
+        self.keys += keys
+        return part
+
+
+@dataclasses.dataclass
+class _Part:
+    """One submission's texts within a group."""
+
+    group: _Group
+    offset: int
+    count: int
+
+
 class TokenizerPool:
     """``num_workers`` processes segmenting text with one tokenizer (see the module doc)."""
 
@@ -62,19 +86,40 @@ class TokenizerPool:
         if num_workers < 1:
             raise ValueError(f"num_workers={num_workers} must be >= 1 for a pool.")
         self.num_workers, self.broken = num_workers, False
+        self._group: _Group | None = None  # submissions not sent yet
         self._executor = concurrent.futures.ProcessPoolExecutor(
             num_workers, mp_context=multiprocessing.get_context("spawn"),
             initializer=_init_worker, initargs=(tokenizer.model_proto,))
 
-    def submit(self, texts, keys, alpha: float, nbest_size: int, seed: int):
-        """A future of ``Tokenizer.encode_sampled(texts, keys, ...)``; see :meth:`result`."""
-        return self._executor.submit(_encode_sampled, list(texts), list(keys), alpha,
-                                     nbest_size, seed)
+    def submit(self, texts, keys, alpha: float, nbest_size: int, seed: int) -> _Part:
+        """A handle on ``Tokenizer.encode_sampled(texts, keys, ...)``, for :meth:`result`.
 
-    def result(self, future) -> list[list[int]]:
+        Submissions are sent to the workers in groups of at least ``_GROUP_TEXTS`` texts (or
+        at :meth:`flush`): one task per group keeps the per-task cost off the main process.
+        """
+        settings = (alpha, nbest_size, seed)
+        if self._group is not None and self._group.settings != settings:
+            self.flush()
+        if self._group is None:
+            self._group = _Group(settings)
+        part = self._group.add(list(texts), list(keys))
+        if len(self._group.texts) >= _GROUP_TEXTS:
+            self.flush()
+        return part
+
+    def flush(self) -> None:
+        """Sends the submissions not yet sent."""
+        group, self._group = self._group, None
+        if group is not None:
+            group.future = self._executor.submit(_encode_sampled, group.texts, group.keys,
+                                                 *group.settings)
+
+    def result(self, part: _Part) -> list[list[int]]:
         """The ids of a :meth:`submit`; a worker's failure raises one DataError line."""
+        if part.group.future is None:
+            self.flush()
         try:
-            status, value = future.result()
+            status, value = part.group.future.result()
         except BrokenProcessPool:
             self.broken = True
             _forget_broken()
@@ -82,7 +127,7 @@ class TokenizerPool:
                             "set data.num_workers=0 to tokenize in the main process.") from None
         if status == "error":
             raise DataError(value)
-        return value
+        return value[part.offset : part.offset + part.count]
 
     def encode_sampled(self, texts, keys, alpha: float, nbest_size: int, seed: int):
         return self.result(self.submit(texts, keys, alpha, nbest_size, seed))

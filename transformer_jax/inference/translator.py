@@ -252,6 +252,7 @@ class Translator:
         (``alpha`` None: ``self.length_penalty``; ``min_length``: shortest output, EOS
         included)."""
         alpha = self.length_penalty if alpha is None else alpha
+        decoding.check_alpha(alpha)
         n = len(rows)
         longest = max((len(r) for r in rows), default=0)
         if not 0 < longest <= self.max_source_length:
@@ -282,6 +283,7 @@ class Translator:
         """
         if beam_size < 1 or batch_size < 1:
             raise ValueError(f"beam_size={beam_size} and batch_size={batch_size} must be >= 1.")
+        decoding.check_alpha(self.length_penalty if alpha is None else alpha)
         ids, cut = self.encode(sentences)
         self._warn_cut(cut)
         outputs = [""] * len(ids)

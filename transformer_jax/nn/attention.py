@@ -1,24 +1,30 @@
 """Multi-head attention as an NNX module over ``transformer_jax.ops``, with an explicit KV cache.
 
-Parameters have the layout of ``ops.multi_head_attention``: ``query``/``key``/``value``
-``[D, N, H]``, ``out`` ``[N, H, D]``, biases ``[N, H]`` and ``[D]``; ``params_dict()`` returns
-them as a plain dict that the pure function accepts.
+Parameters have the layout of ``ops.multi_head_attention``: ``query`` ``[D, N, H]``,
+``key``/``value`` ``[D, K, H]`` (K key/value heads dividing the N query heads: grouped-query
+attention, K = 1 multi-query; K = N by default), ``out`` ``[N, H, D]``, biases ``[N, H]``,
+``[K, H]`` and ``[D]``; ``params_dict()`` returns them as a plain dict that the pure function
+accepts.
 
-Two kinds of cache pytree:
+Three kinds of cache pytree (K heads each, so grouped-query attention shrinks them by N / K):
 
-* incremental self-attention (``init_cache``): ``{"key": [B, N, L, H], "value": [B, N, L, H],
+* incremental self-attention (``init_cache``): ``{"key": [B, K, L, H], "value": [B, K, L, H],
   "index": int32 scalar}``. A call with T new tokens writes their keys/values at
   ``[index, index + T)``, lets query ``i`` attend cached positions ``j <= index + i`` and
   returns the cache with ``index + T``. Writing past ``L`` raises ValueError when ``index`` is
   a concrete number; under ``jax.jit`` (traced index) the outputs of an overflowing call are
   NaN instead of silently attending overwritten keys.
+* a sliding-window ring buffer (``init_cache(..., window=w)`` with ``max_len > w + 1``): the
+  same dict with ``L = w + 1`` slots; position ``p`` lives in slot ``p % (w + 1)``. A call
+  attends the slots still inside its window and its own T new keys, then keeps the newest
+  ``w + 1`` keys. It never overflows: memory is that of the window, whatever the length.
 * precomputed keys/values (``precompute_kv``, e.g. cross-attention over the encoder output):
-  ``{"key": [B, N, H, S], "value": [B, N, S, H]}`` (keys stored transposed) without
+  ``{"key": [B, K, H, S], "value": [B, K, S, H]}`` (keys stored transposed) without
   ``"index"``; used as is and returned unchanged, so each decoding step skips re-projecting
   the encoder output.
 
-Caches are heads-first (``[B, N, L, H]``, the layout of the score and weighted-value matmuls,
-whose batch axes are B and N), so no decoding step copies a cache into another layout. The
+Caches are heads-first (``[B, K, L, H]``, the layout of the score and weighted-value matmuls,
+whose batch axes are B and the heads), so no decoding step copies a cache into another layout. The
 precomputed keys go one step further, ``[B, N, H, S]`` (the right operand of ``q k^T`` as the
 matmul reads it), behind an optimisation barrier that keeps XLA from moving the transposes
 back into the decoding loop (docs/cpu_speed.md, section 3, has the measurements).
@@ -27,6 +33,7 @@ back into the decoding loop (docs/cpu_speed.md, section 3, has the measurements)
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -34,6 +41,7 @@ from flax import nnx
 from jax import lax
 
 from transformer_jax import ops
+from transformer_jax.nn.lora import LoRA
 from transformer_jax.nn.partitioning import logical_param
 
 __all__ = ["MultiHeadAttention"]
@@ -48,6 +56,7 @@ class MultiHeadAttention(nnx.Module):
     Args:
       d_model: D, width of the inputs and outputs.
       num_heads: N; the head dim is H = D / N.
+      num_kv_heads: K, key/value heads (None = N); K must divide N.
       use_bias: add ``*_bias`` parameters to the four projections.
       dropout_rate: dropout on the attention weights (active when a ``dropout_rng`` is given).
       implementation: ``ops.dot_product_attention`` implementation ("xla", "chunked", "jax",
@@ -57,6 +66,8 @@ class MultiHeadAttention(nnx.Module):
       rope: rotate queries and keys by their positions (``ops.apply_rope``) before attending.
       dtype: compute dtype (inputs and parameters are cast to it); softmax runs in float32.
       param_dtype: dtype of the stored parameters.
+      lora: ``{"rank": r, "alpha": a, "targets": names}`` adds a ``LoRA`` adapter
+        ``<name>_lora`` to each named projection ("query", "key", "value", "out").
       rngs: ``nnx.Rngs`` with a ``params`` stream.
     """
 
@@ -65,6 +76,7 @@ class MultiHeadAttention(nnx.Module):
         d_model: int,
         num_heads: int,
         *,
+        num_kv_heads: int | None = None,
         use_bias: bool = True,
         dropout_rate: float = 0.0,
         implementation: str = "xla",
@@ -73,6 +85,7 @@ class MultiHeadAttention(nnx.Module):
         rope: bool = False,
         dtype=jnp.float32,
         param_dtype=jnp.float32,
+        lora: dict | None = None,
         rngs: nnx.Rngs,
     ):
         if d_model % num_heads:
@@ -80,25 +93,37 @@ class MultiHeadAttention(nnx.Module):
                 f"d_model={d_model} is not divisible by num_heads={num_heads}; choose num_heads "
                 "that divides d_model."
             )
-        self.d_model, self.num_heads = d_model, num_heads
+        num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+        if num_kv_heads < 1 or num_heads % num_kv_heads:
+            raise ValueError(
+                f"num_kv_heads={num_kv_heads} must be a positive divisor of num_heads="
+                f"{num_heads}; choose one that divides it (1 = multi-query attention)."
+            )
+        self.d_model, self.num_heads, self.num_kv_heads = d_model, num_heads, num_kv_heads
         self.head_dim = d_model // num_heads
         self.use_bias, self.dropout_rate = use_bias, dropout_rate
         self.implementation, self.rope = implementation, rope
         self.chunk_size = chunk_size
         self.precision = None if precision == "default" else precision
         self.dtype, self.param_dtype = jnp.dtype(dtype), jnp.dtype(param_dtype)
-        n, h, d = num_heads, self.head_dim, d_model
+        n, k, h, d = num_heads, num_kv_heads, self.head_dim, d_model
         qkv, heads = ("embed", "heads", "kv"), ("heads", "kv")  # logical axes, nn.partitioning
         self.query = logical_param(_qkv_init(rngs.params(), (d, n, h), self.param_dtype), qkv)
-        self.key = logical_param(_qkv_init(rngs.params(), (d, n, h), self.param_dtype), qkv)
-        self.value = logical_param(_qkv_init(rngs.params(), (d, n, h), self.param_dtype), qkv)
+        self.key = logical_param(_qkv_init(rngs.params(), (d, k, h), self.param_dtype), qkv)
+        self.value = logical_param(_qkv_init(rngs.params(), (d, k, h), self.param_dtype), qkv)
         self.out = logical_param(
             _out_init(rngs.params(), (n, h, d), self.param_dtype), ("heads", "kv", "embed"))
         if use_bias:
             self.query_bias = logical_param(jnp.zeros((n, h), self.param_dtype), heads)
-            self.key_bias = logical_param(jnp.zeros((n, h), self.param_dtype), heads)
-            self.value_bias = logical_param(jnp.zeros((n, h), self.param_dtype), heads)
+            self.key_bias = logical_param(jnp.zeros((k, h), self.param_dtype), heads)
+            self.value_bias = logical_param(jnp.zeros((k, h), self.param_dtype), heads)
             self.out_bias = logical_param(jnp.zeros((d,), self.param_dtype), ("embed",))
+        sizes = {"query": (d, n * h), "key": (d, k * h), "value": (d, k * h), "out": (n * h, d)}
+        for name in (lora or {}).get("targets", ()):
+            if name in sizes:
+                setattr(self, f"{name}_lora", LoRA(*sizes[name], rank=lora["rank"],
+                                                   alpha=lora["alpha"],
+                                                   param_dtype=self.param_dtype, rngs=rngs))
 
     # ------------------------------------------------------------------ parameters
 
@@ -116,22 +141,46 @@ class MultiHeadAttention(nnx.Module):
         return getattr(self, name)[...].astype(self.dtype)
 
     def _project(self, inputs, name: str) -> jax.Array:
-        """``[B, T, D]`` -> ``[B, T, N, H]`` with the ``name`` projection."""
+        """``[B, T, D]`` -> ``[B, T, N, H]`` with the ``name`` projection (K heads for keys and
+        values)."""
         bias = self._param(f"{name}_bias")
         if name == "key":
             bias = ops.inert_key_bias(bias)  # no effect on outputs, so an exact zero gradient
-        return ops.project_qkv(inputs.astype(self.dtype), self._param(name), bias)
+        inputs, kernel = inputs.astype(self.dtype), self._param(name)
+        lora = getattr(self, f"{name}_lora", None)
+        if lora is None:
+            return ops.project_qkv(inputs, kernel, bias)
+        d, n, h = kernel.shape
+        out = lora(inputs, kernel.reshape(d, n * h)).reshape(*inputs.shape[:2], n, h)
+        return out if bias is None else out + bias
+
+    def _output(self, heads) -> jax.Array:
+        """``[B, T, N, H]`` -> ``[B, T, D]`` with the output projection (and its adapter)."""
+        kernel, bias = self._param("out"), self._param("out_bias")
+        lora = getattr(self, "out_lora", None)
+        if lora is None:
+            return ops.project_out(heads, kernel, bias)
+        b, t, n, h = heads.shape
+        out = lora(heads.reshape(b, t, n * h), kernel.reshape(n * h, -1))
+        return out if bias is None else out + bias
 
     # ------------------------------------------------------------------ caches
 
-    def init_cache(self, batch: int, max_len: int, dtype=None) -> dict[str, jax.Array]:
+    def init_cache(self, batch: int, max_len: int, dtype=None, *,
+                   window: int | None = None) -> dict[str, jax.Array]:
         """Empty self-attention cache for ``max_len`` positions.
 
+        With a sliding ``window`` (each query sees ``window`` earlier positions and itself)
+        and ``max_len > window + 1``, a ring buffer of ``window + 1`` slots instead (see the
+        module docstring); calls must then pass a spec with ``window=(window, 0)``.
+
         Returns:
-          ``{"key": [B, N, L, H], "value": [B, N, L, H], "index": int32 scalar 0}`` with
-          ``dtype`` (default: the compute dtype).
+          ``{"key": [B, K, L, H], "value": [B, K, L, H], "index": int32 scalar 0}`` with
+          ``dtype`` (default: the compute dtype); L = ``min(max_len, window + 1)``.
         """
-        shape = (batch, self.num_heads, max_len, self.head_dim)
+        if window is not None:
+            max_len = min(max_len, window + 1)
+        shape = (batch, self.num_kv_heads, max_len, self.head_dim)
         dtype = self.dtype if dtype is None else dtype
         return {
             "key": jnp.zeros(shape, dtype),
@@ -140,14 +189,14 @@ class MultiHeadAttention(nnx.Module):
         }
 
     def precompute_kv(self, inputs_kv) -> dict[str, jax.Array]:
-        """Projects ``inputs_kv`` ``[B, S, D]`` once: ``{"key": [B, N, H, S], "value":
-        [B, N, S, H]}`` (see the module docstring for the layout).
+        """Projects ``inputs_kv`` ``[B, S, D]`` once: ``{"key": [B, K, H, S], "value":
+        [B, K, S, H]}`` (see the module docstring for the layout).
 
         Pass the result as ``cache=`` to reuse it (cross-attention during decoding). Keys are
         not rotated (RoPE is meant for self-attention).
         """
-        key = jnp.transpose(self._project(inputs_kv, "key"), (0, 2, 3, 1))  # [B, N, H, S]
-        value = _swap_heads(self._project(inputs_kv, "value"))  # [B, N, S, H]
+        key = jnp.transpose(self._project(inputs_kv, "key"), (0, 2, 3, 1))  # [B, K, H, S]
+        value = _swap_heads(self._project(inputs_kv, "value"))  # [B, K, S, H]
         return lax.optimization_barrier({"key": key, "value": value})
 
     # ------------------------------------------------------------------ forward
@@ -162,6 +211,7 @@ class MultiHeadAttention(nnx.Module):
         spec=None,
         positions=None,
         kv_positions=None,
+        position_bias: Callable | None = None,
         cache=None,
         dropout_rng=None,
         return_weights: bool = False,
@@ -174,12 +224,15 @@ class MultiHeadAttention(nnx.Module):
           mask: bool broadcastable to ``[B, N, T, S]`` (True = attend). With an incremental
             cache, S is the cache length L and the cache validity mask is added here.
           bias: float broadcastable to ``[B, N, T, S]`` (e.g. ``ops.alibi_bias``).
-          spec: ``ops.AttentionSpec`` (causal, segments, key padding, ALiBi slopes) — what the
-            model stacks pass, so "chunked" never sees a ``[T, S]`` array. With an
+          spec: ``ops.AttentionSpec`` (causal, window, segments, key padding, ALiBi slopes) —
+            what the model stacks pass, so "chunked" never sees a ``[T, S]`` array. With an
             incremental cache its causal term and positions are set by the cache.
-          positions: ``[B, T]`` query positions for RoPE (default ``arange(T)``, or
-            ``index + arange(T)`` with an incremental cache).
-          kv_positions: ``[B, S]`` key positions for RoPE (default ``positions``).
+          positions: ``[B, T]`` query positions for RoPE and ``position_bias`` (default
+            ``arange(T)``, or ``index + arange(T)`` with an incremental cache).
+          kv_positions: ``[B, S]`` key positions (default ``positions``).
+          position_bias: ``f(q_positions [b, T], k_positions [b, S]) -> [b, N, T, S]`` bias
+            from the positions of the queries and keys as attended (cache slots included),
+            e.g. T5's relative bias; added to ``bias``.
           cache: None, an incremental cache from ``init_cache`` or a precomputed
             ``{"key", "value"}`` from ``precompute_kv`` (see the module docstring).
           dropout_rng: PRNG key for attention-weight dropout (None = no dropout).
@@ -195,7 +248,7 @@ class MultiHeadAttention(nnx.Module):
             )
         batch, length = inputs_q.shape[:2]
         incremental = cache is not None and "index" in cache
-        if positions is None and self.rope:
+        if positions is None and (self.rope or position_bias is not None):
             start = cache["index"] if incremental else 0
             positions = jnp.broadcast_to(start + jnp.arange(length), (batch, length))
         query = self._project(inputs_q, "query")  # [B, T, N, H]
@@ -204,8 +257,23 @@ class MultiHeadAttention(nnx.Module):
         key, value, spec, new_cache = self._keys_values(
             inputs_q if inputs_kv is None else jnp.asarray(inputs_kv), cache, spec,
             positions if kv_positions is None else kv_positions)
+        if position_bias is not None:
+            q_pos, k_pos = _attended_positions(spec, positions, kv_positions, key.shape[1])
+            extra = position_bias(q_pos, k_pos)  # [b, N, T, S]
+            bias = extra if bias is None else bias + extra
+        heads, weights = self._attend(query, key, value, mask, bias, spec, dropout_rng,
+                                      return_weights, cached=cache is not None)
+        out = self._output(heads)  # [B, T, D]
+        if incremental and not _is_ring(cache, spec):  # traced overflow: poison, not wrong
+            out = jnp.where(cache["index"] + length > cache["key"].shape[2], jnp.nan, out)
+        return out, new_cache, weights
+
+    def _attend(self, query, key, value, mask, bias, spec, dropout_rng, return_weights, *,
+                cached: bool):
+        """``ops.dot_product_attention`` with this module's settings: ``(heads [B, T, N, H],
+        weights [B, N, T, S] or None)``."""
         impl = self.implementation
-        if return_weights or (impl == "splash" and cache is not None):
+        if return_weights or (impl == "splash" and cached):
             impl = "xla"  # splash: no weights; a decode step's few queries gain nothing
         result = ops.dot_product_attention(
             query,
@@ -221,61 +289,113 @@ class MultiHeadAttention(nnx.Module):
             precision=self.precision,
             return_weights=return_weights,
         )
-        heads, weights = result if return_weights else (result, None)  # [B, T, N, H]
-        out = ops.project_out(heads, self._param("out"), self._param("out_bias"))  # [B, T, D]
-        if incremental:  # traced overflow (see _update_cache): poison instead of wrong numbers
-            out = jnp.where(cache["index"] + length > cache["key"].shape[2], jnp.nan, out)
-        return out, new_cache, weights
+        return result if return_weights else (result, None)
 
     def _keys_values(self, inputs_kv, cache, spec, kv_positions):
-        """``(key [B, S, N, H], value [B, S, N, H], spec, new_cache)`` for one call: from a
+        """``(key [B, S, K, H], value [B, S, K, H], spec, new_cache)`` for one call: from a
         precomputed cache as is, else projected from ``inputs_kv`` (rotated for RoPE) and, with
         an incremental cache, written into it."""
         if cache is not None and "index" not in cache:  # precomputed keys/values
-            key = jnp.transpose(cache["key"], (0, 3, 1, 2))  # [B, S, N, H]
+            key = jnp.transpose(cache["key"], (0, 3, 1, 2))  # [B, S, K, H]
             return key, _swap_heads(cache["value"]), spec, cache
-        key = self._project(inputs_kv, "key")  # [B, S, N, H]
-        value = self._project(inputs_kv, "value")  # [B, S, N, H]
+        key = self._project(inputs_kv, "key")  # [B, S, K, H]
+        value = self._project(inputs_kv, "value")  # [B, S, K, H]
         if self.rope:
             key = ops.apply_rope(key, kv_positions)
         if cache is None:
             return key, value, spec, None
-        return self._update_cache(cache, key, value, spec)
+        _check_cache(cache, key)
+        if _is_ring(cache, spec):
+            return _update_ring(cache, key, value, spec)
+        return _update_cache(cache, key, value, spec)
 
-    def _update_cache(self, cache, key, value, spec):
-        """Writes T new keys/values ``[B, T, N, H]`` at ``cache["index"]``; returns the full
-        cache tensors as ``[B, L, N, H]`` views and ``spec`` with the cache's causal term (query
-        i at slot ``index + i`` sees slots ``<= index + i``)."""
-        cached_k, cached_v, index = cache["key"], cache["value"], cache["index"]  # [B, N, L, H]
-        key, value = _swap_heads(key), _swap_heads(value)  # [B, N, T, H]
-        if cached_k.shape[:2] != key.shape[:2] or cached_k.shape[3] != key.shape[3]:
-            raise ValueError(
-                f"cache key {tuple(cached_k.shape)} does not match the new keys "
-                f"{tuple(key.shape)} (both [B, N, L, H]); build the cache with "
-                f"init_cache(batch={key.shape[0]}, ...)."
-            )
-        length, max_len = key.shape[2], cached_k.shape[2]
-        if length > max_len:
-            raise ValueError(f"{length} new tokens do not fit a cache of length {max_len}.")
-        if not isinstance(index, jax.core.Tracer) and int(index) + length > max_len:
-            raise ValueError(
-                f"writing {length} token(s) at position {int(index)} overflows the KV cache of "
-                f"length {max_len}; build the cache with a larger max_len."
-            )
-        start = (0, 0, index, 0)
-        cached_k = lax.dynamic_update_slice(cached_k, key.astype(cached_k.dtype), start)
-        cached_v = lax.dynamic_update_slice(cached_v, value.astype(cached_v.dtype), start)
-        spec = dataclasses.replace(
-            spec or ops.AttentionSpec(),
-            causal=True,
-            q_positions=(index + jnp.arange(length, dtype=jnp.int32))[None],  # [1, T]
-            k_positions=jnp.arange(max_len, dtype=jnp.int32)[None],  # [1, L]
+
+def _check_cache(cache, key) -> None:
+    """The cache ``[B, K, L, H]`` fits the new keys ``[B, T, K, H]``."""
+    shape = cache["key"].shape
+    if (shape[0], shape[1], shape[3]) != (key.shape[0], key.shape[2], key.shape[3]):
+        raise ValueError(
+            f"cache key {tuple(shape)} does not match the new keys {tuple(key.shape)} "
+            f"([B, K, L, H] and [B, T, K, H]); build the cache with "
+            f"init_cache(batch={key.shape[0]}, ...) of this module."
         )
-        new_cache = {"key": cached_k, "value": cached_v, "index": index + length}
-        return _swap_heads(cached_k), _swap_heads(cached_v), spec, new_cache
+
+
+def _is_ring(cache, spec) -> bool:
+    """A sliding-window ring buffer: the spec's window is causal-left and the cache holds
+    exactly its ``left + 1`` slots (``init_cache(..., window=left)``)."""
+    window = None if spec is None else spec.window
+    return (cache is not None and "index" in cache and window is not None and window[1] == 0
+            and cache["key"].shape[2] == window[0] + 1)
+
+
+def _update_cache(cache, key, value, spec):
+    """Writes T new keys/values ``[B, T, K, H]`` at ``cache["index"]``; returns the full
+    cache tensors as ``[B, L, K, H]`` views and ``spec`` with the cache's causal term (query
+    i at slot ``index + i`` sees slots ``<= index + i``)."""
+    cached_k, cached_v, index = cache["key"], cache["value"], cache["index"]  # [B, K, L, H]
+    length, max_len = key.shape[1], cached_k.shape[2]
+    if length > max_len:
+        raise ValueError(f"{length} new tokens do not fit a cache of length {max_len}.")
+    if not isinstance(index, jax.core.Tracer) and int(index) + length > max_len:
+        raise ValueError(
+            f"writing {length} token(s) at position {int(index)} overflows the KV cache of "
+            f"length {max_len}; build the cache with a larger max_len."
+        )
+    start = (0, 0, index, 0)
+    cached_k = lax.dynamic_update_slice(cached_k, _swap_heads(key).astype(cached_k.dtype), start)
+    cached_v = lax.dynamic_update_slice(cached_v, _swap_heads(value).astype(cached_v.dtype),
+                                        start)
+    spec = dataclasses.replace(
+        spec or ops.AttentionSpec(),
+        causal=True,
+        q_positions=(index + jnp.arange(length, dtype=jnp.int32))[None],  # [1, T]
+        k_positions=jnp.arange(max_len, dtype=jnp.int32)[None],  # [1, L]
+    )
+    new_cache = {"key": cached_k, "value": cached_v, "index": index + length}
+    return _swap_heads(cached_k), _swap_heads(cached_v), spec, new_cache
+
+
+def _update_ring(cache, key, value, spec):
+    """Sliding-window step over a ring of C slots: the T new queries attend the C slots and
+    their own T keys (``[B, C + T, K, H]``, masked by position: causal, inside the window,
+    slot written); the newest ``min(T, C)`` keys then replace the oldest slots."""
+    cached_k, cached_v, index = cache["key"], cache["value"], cache["index"]  # [B, K, C, H]
+    slots, length = cached_k.shape[2], key.shape[1]
+    if spec.k_valid is not None or spec.q_segments is not None:
+        raise ValueError("A sliding-window cache takes no key padding or segments.")
+    # the position each slot holds: the latest p < index with p % C == slot (< 0: empty)
+    slot_pos = index - 1 - jnp.mod(index - 1 - jnp.arange(slots, dtype=jnp.int32), slots)
+    q_pos = index + jnp.arange(length, dtype=jnp.int32)  # [T]
+    keys = jnp.concatenate([_swap_heads(cached_k), key.astype(cached_k.dtype)], axis=1)
+    values = jnp.concatenate([_swap_heads(cached_v), value.astype(cached_v.dtype)], axis=1)
+    spec = dataclasses.replace(
+        spec, causal=True, q_positions=q_pos[None],
+        k_positions=jnp.concatenate([slot_pos, q_pos])[None],  # [1, C + T]
+        k_valid=jnp.concatenate([slot_pos >= 0, jnp.ones((length,), bool)])[None])
+    kept = min(length, slots)  # the newest keys that stay
+    where = jnp.mod(index + length - kept + jnp.arange(kept), slots)  # [kept] distinct slots
+    new_k = _swap_heads(key[:, length - kept:]).astype(cached_k.dtype)  # [B, K, kept, H]
+    new_v = _swap_heads(value[:, length - kept:]).astype(cached_v.dtype)
+    new_cache = {"key": cached_k.at[:, :, where].set(new_k),
+                 "value": cached_v.at[:, :, where].set(new_v), "index": index + length}
+    return keys, values, spec, new_cache
+
+
+def _attended_positions(spec, positions, kv_positions, num_keys: int):
+    """``(q_positions [b, T], k_positions [b, S])`` of one call: the cache's (in the spec),
+    else the given ones, else indices."""
+    q_pos = None if spec is None else spec.q_positions
+    k_pos = None if spec is None else spec.k_positions
+    q_pos = positions if q_pos is None else q_pos
+    if k_pos is None:
+        k_pos = kv_positions if kv_positions is not None else positions
+    if k_pos is None:
+        k_pos = jnp.arange(num_keys, dtype=jnp.int32)[None]
+    return q_pos, k_pos
 
 
 def _swap_heads(x):
-    """``[B, L, N, H] <-> [B, N, L, H]``: cache layout to the ``ops`` layout and back (XLA folds
+    """``[B, L, K, H] <-> [B, K, L, H]``: cache layout to the ``ops`` layout and back (XLA folds
     the swap into the matmul that reads it)."""
     return jnp.swapaxes(x, 1, 2)

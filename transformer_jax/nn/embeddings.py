@@ -3,11 +3,13 @@
 Positional kinds (``config.positional``): "sinusoidal" adds ``ops.sinusoidal_encoding``
 ("sinusoidal_split": the same with ``split=True``, Marian's layout), "learned" adds rows of a
 ``[max_len, D]`` table; "rope" and "alibi" add nothing here (they act inside self-attention,
-see ``nn.attention`` and ``nn.transformer``).
+see ``nn.attention`` and ``nn.transformer``); "t5_relative" adds nothing here either: each
+stack owns a ``RelativePositionBias`` whose bias enters its self-attention layers.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -19,7 +21,7 @@ from transformer_jax.config import ModelConfig
 from transformer_jax.nn.partitioning import logical_init
 from transformer_jax.ops import dropout
 
-__all__ = ["TokenEmbedding", "InputEmbedding", "OutputProjection"]
+__all__ = ["TokenEmbedding", "InputEmbedding", "OutputProjection", "RelativePositionBias"]
 
 
 class TokenEmbedding(nnx.Module):
@@ -142,3 +144,28 @@ class OutputProjection(nnx.Module):
         if self.dense.bias is not None:
             logits = logits + self.dense.bias[...].astype(jnp.float32)
         return logits
+
+
+class RelativePositionBias(nnx.Module):
+    """T5's relative position bias for one stack: a learned ``[num_buckets, N]`` table shared
+    by all its self-attention layers (``ops.relative_position_bias``).
+
+    Args:
+      config: the model config (``relative_num_buckets``, ``relative_max_distance``, N).
+      bidirectional: True in the encoder, False in a causal decoder.
+      rngs: ``nnx.Rngs`` (``params`` stream).
+    """
+
+    def __init__(self, config: ModelConfig, *, bidirectional: bool, rngs: nnx.Rngs):
+        self.bidirectional = bidirectional
+        self.max_distance = config.relative_max_distance
+        init = jax.nn.initializers.variance_scaling(1.0, "fan_avg", "uniform")  # as T5X
+        shape = (config.relative_num_buckets, config.num_heads)
+        self.table = nnx.Param(init(rngs.params(), shape, config.params_dtype))
+
+    def bias_fn(self):
+        """``f(q_positions [b, T], k_positions [b, S]) -> float32 [b, N, T, S]``, a pure
+        function of the table's current value (safe to close over under ``nnx.remat``)."""
+        return functools.partial(ops.relative_position_bias,
+                                 self.table[...].astype(jnp.float32),
+                                 bidirectional=self.bidirectional, max_distance=self.max_distance)

@@ -20,6 +20,7 @@ from flax import nnx
 
 from transformer_jax.config import ACTIVATIONS, ModelConfig
 from transformer_jax.nn.attention import MultiHeadAttention
+from transformer_jax.nn.lora import make_lora
 from transformer_jax.nn.partitioning import logical_init
 from transformer_jax.ops import dropout
 
@@ -82,12 +83,23 @@ class FeedForward(nnx.Module):
         self.wo = nnx.Linear(config.d_ff, config.d_model,
                              kernel_init=logical_init(_dense_init, ("mlp", "embed")),
                              bias_init=logical_init(zeros, ("embed",)), **kwargs)
+        self.wi_lora = make_lora(config, "wi", config.d_model, config.d_ff, rngs)
+        self.wo_lora = make_lora(config, "wo", config.d_ff, config.d_model, rngs)
 
     def __call__(self, x: jax.Array, *, dropout_rng=None) -> jax.Array:
         """``[B, T, D]`` -> ``[B, T, D]``."""
-        hidden = ACTIVATIONS[self.activation](self.wi(x))  # [B, T, F]
+        hidden = ACTIVATIONS[self.activation](_dense(self.wi, self.wi_lora, x))  # [B, T, F]
         hidden = dropout(hidden, self.dropout_rate, dropout_rng)
-        return self.wo(hidden)  # [B, T, D]
+        return _dense(self.wo, self.wo_lora, hidden)  # [B, T, D]
+
+
+def _dense(linear: nnx.Linear, lora, x) -> jax.Array:
+    """``linear(x)``, through its LoRA adapter when it has one."""
+    if lora is None:
+        return linear(x)
+    x = x.astype(linear.dtype)
+    out = lora(x, linear.kernel[...].astype(linear.dtype))
+    return out if linear.bias is None else out + linear.bias[...].astype(linear.dtype)
 
 
 class Residual(nnx.Module):
@@ -128,6 +140,7 @@ class TransformerLayer(nnx.Module):
         attn = dict(
             d_model=config.d_model,
             num_heads=config.num_heads,
+            num_kv_heads=config.kv_heads,
             use_bias=config.use_bias,
             dropout_rate=config.attention_dropout_rate,
             implementation=config.attention_impl,
@@ -135,6 +148,8 @@ class TransformerLayer(nnx.Module):
             precision=config.attention_precision,
             dtype=config.compute_dtype,
             param_dtype=config.params_dtype,
+            lora=dict(rank=config.lora_rank, alpha=config.lora_alpha,
+                      targets=config.lora_target_names) if config.lora_rank else None,
             rngs=rngs,
         )
         self.has_cross_attention = cross_attention
@@ -146,15 +161,17 @@ class TransformerLayer(nnx.Module):
         self.feed_forward = FeedForward(config, rngs=rngs)
         self.ff_residual = Residual(config, rngs=rngs)
 
-    def __call__(self, x, *, spec=None, positions=None, encoded=None, cross_spec=None,
-                 cache=None, dropout_rng=None, return_attention: bool = False):
+    def __call__(self, x, *, spec=None, positions=None, position_bias=None, encoded=None,
+                 cross_spec=None, cache=None, dropout_rng=None, return_attention: bool = False):
         """One layer.
 
         Args:
           x: ``[B, T, D]``.
           spec: self-attention ``ops.AttentionSpec`` (causal order, segments, key padding,
             ALiBi slopes); with a cache the cache adds its causal term and slot positions.
-          positions: ``[B, T]`` positions for RoPE.
+          positions: ``[B, T]`` positions for RoPE and ``position_bias``.
+          position_bias: self-attention bias from query and key positions (T5's relative
+            bias; see ``MultiHeadAttention``), or None.
           encoded: ``[B, S, D]`` encoder output (cross-attention layers; may be None when the
             cache holds precomputed cross keys/values).
           cross_spec: cross-attention ``ops.AttentionSpec`` (source padding, segments).
@@ -178,7 +195,7 @@ class TransformerLayer(nnx.Module):
             return fn
 
         self_fn = attend(self.self_attention, spec=spec, positions=positions,
-                         cache=cache.get("self"))
+                         position_bias=position_bias, cache=cache.get("self"))
         x, (new_cache["self"], weights["self"]) = self.self_residual(
             x, self_fn, dropout_rng=fold(dropout_rng, next(sub)))
         if self.has_cross_attention:

@@ -12,8 +12,12 @@ Masks and biases are passed as ``ops.AttentionSpec`` — ``[B, T]`` / ``[B, S]``
 * cross-attention: keys masked where ``src == pad`` AND equal segment ids (target vs source).
 
 Positions default to ``arange(length)`` (``cache index + arange(T)`` when decoding with a cache);
-packed rows pass per-segment positions. "rope" rotates q/k in self-attention only and "alibi"
-adds ``ops.alibi_bias`` to self-attention only; cross-attention has no positional term.
+packed rows pass per-segment positions. "rope" rotates q/k in self-attention only, "alibi"
+adds ``ops.alibi_bias`` and "t5_relative" the stack's ``RelativePositionBias`` (bidirectional
+in the encoder, unidirectional in the decoder) to self-attention only; cross-attention has no
+positional term. ``local_window_size = w`` restricts self-attention to a window of positions:
+``(w, w)`` in the encoder, ``(w, 0)`` with the causal order in the decoder, whose decoding
+cache is then a ring buffer of ``w + 1`` positions (``nn.attention``).
 
 Dropout keys (all ``jax.random.fold_in``, so the same ``dropout_rng`` gives the same masks):
 ``Transformer`` uses ``fold_in(rng, 0)`` for the encoder and ``fold_in(rng, 1)`` for the
@@ -29,7 +33,12 @@ from flax import nnx
 
 from transformer_jax import ops
 from transformer_jax.config import ModelConfig
-from transformer_jax.nn.embeddings import InputEmbedding, OutputProjection, TokenEmbedding
+from transformer_jax.nn.embeddings import (
+    InputEmbedding,
+    OutputProjection,
+    RelativePositionBias,
+    TokenEmbedding,
+)
 from transformer_jax.nn.layers import DecoderLayer, EncoderLayer, LayerNorm, fold
 
 __all__ = ["Encoder", "Decoder"]
@@ -75,6 +84,24 @@ def _alibi_slopes(config: ModelConfig):
     return ops.alibi_slopes(config.num_heads) if config.positional == "alibi" else None
 
 
+def _window(config: ModelConfig, *, causal: bool):
+    """The self-attention window ``(left, right)`` of a stack, or None."""
+    w = config.local_window_size
+    return None if w is None else (w, 0 if causal else w)
+
+
+def _relative_bias(config: ModelConfig, *, bidirectional: bool, rngs: nnx.Rngs):
+    """The stack's T5 relative bias table for ``positional="t5_relative"``, else None."""
+    if config.positional != "t5_relative":
+        return None
+    return RelativePositionBias(config, bidirectional=bidirectional, rngs=rngs)
+
+
+def _bias_fn(stack):
+    """The self-attention ``position_bias`` of a stack (None without a relative table)."""
+    return None if stack.relative_bias is None else stack.relative_bias.bias_fn()
+
+
 def _check_segments(q_segments, k_segments, what: str) -> None:
     if (q_segments is None) != (k_segments is None):
         raise ValueError(
@@ -114,6 +141,7 @@ class Encoder(nnx.Module):
         self.layers = nnx.List(
             [EncoderLayer(config, rngs=rngs) for _ in range(config.encoder_layers)]
         )
+        self.relative_bias = _relative_bias(config, bidirectional=True, rngs=rngs)
         if config.pre_norm:
             self.final_norm = LayerNorm(config, rngs=rngs)
 
@@ -140,7 +168,9 @@ class Encoder(nnx.Module):
             k_segments=segments,
             k_valid=src_ids != config.pad_id,  # [B, S]
             alibi_slopes=_alibi_slopes(config),
+            window=_window(config, causal=False),
         )
+        position_bias = _bias_fn(self)
         x = self.embedding(src_ids, positions, dropout_rng=fold(dropout_rng, 0))
         weights = []
         for i, layer in enumerate(self.layers):
@@ -150,6 +180,7 @@ class Encoder(nnx.Module):
                 x,
                 spec=spec,
                 positions=positions,
+                position_bias=position_bias,
                 dropout_rng=fold(dropout_rng, i + 1),
                 return_attention=return_attention,
             )
@@ -186,6 +217,7 @@ class Decoder(nnx.Module):
                 for _ in range(config.decoder_layers)
             ]
         )
+        self.relative_bias = _relative_bias(config, bidirectional=False, rngs=rngs)
         if config.pre_norm:
             self.final_norm = LayerNorm(config, rngs=rngs)
         self.output = OutputProjection(config, tokens, rngs=rngs)
@@ -202,9 +234,10 @@ class Decoder(nnx.Module):
           dtype: dtype of the keys/values (default: the compute dtype).
 
         Returns:
-          ``{"layers": [{"self": {"key": [B,N,L,H], "value": [B,N,L,H], "index": int32 []},
-          "cross": {"key": [B,N,H,S], "value": [B,N,S,H]}}, ...], "src_valid": [B,S] bool}``
-          ("cross" and "src_valid" only when ``encoded`` is given).
+          ``{"layers": [{"self": {"key": [B,K,L,H], "value": [B,K,L,H], "index": int32 []},
+          "cross": {"key": [B,K,H,S], "value": [B,K,S,H]}}, ...], "src_valid": [B,S] bool}``
+          ("cross" and "src_valid" only when ``encoded`` is given); K key/value heads, and
+          L = ``min(max_len, local_window_size + 1)`` with a sliding window (a ring buffer).
         """
         if self.config.positional == "learned" and max_len > self.config.max_len:
             raise ValueError(
@@ -213,7 +246,8 @@ class Decoder(nnx.Module):
             )
         layers = []
         for layer in self.layers:
-            entry = {"self": layer.self_attention.init_cache(batch, max_len, dtype)}
+            entry = {"self": layer.self_attention.init_cache(
+                batch, max_len, dtype, window=self.config.local_window_size)}
             if encoded is not None and self.cross_attention:
                 kv = layer.cross_attention.precompute_kv(encoded)
                 entry["cross"] = jax.tree.map(lambda a: a.astype(dtype or a.dtype), kv)
@@ -270,7 +304,8 @@ class Decoder(nnx.Module):
             index = layer_caches[0]["self"]["index"]
             positions = _positions(self.config, tgt_ids, positions, "tgt_ids", offset=index)
             # the cache adds the causal term and the slot positions itself
-            self_spec = ops.AttentionSpec(alibi_slopes=_alibi_slopes(self.config))
+            self_spec = ops.AttentionSpec(alibi_slopes=_alibi_slopes(self.config),
+                                          window=_window(self.config, causal=True))
             if src_valid is None:
                 src_valid = cache.get("src_valid")
         cross_spec = None
@@ -281,9 +316,11 @@ class Decoder(nnx.Module):
             )
         x = self.embedding(tgt_ids, positions, dropout_rng=fold(dropout_rng, 0))
         new_layers, weights = [], []
+        position_bias = _bias_fn(self)
         for i, layer in enumerate(self.layers):
             x, layer_cache, w = _apply(
-                self.config, layer, x, spec=self_spec, positions=positions, encoded=encoded,
+                self.config, layer, x, spec=self_spec, positions=positions,
+                position_bias=position_bias, encoded=encoded,
                 cross_spec=cross_spec, cache=layer_caches[i],
                 dropout_rng=fold(dropout_rng, i + 1), return_attention=return_attention)
             new_layers.append(layer_cache)
@@ -305,6 +342,7 @@ class Decoder(nnx.Module):
             q_segments=tgt_segments,
             k_segments=tgt_segments,
             alibi_slopes=_alibi_slopes(self.config),
+            window=_window(self.config, causal=True),
         )
         return spec, _positions(self.config, tgt_ids, positions, "tgt_ids")
 

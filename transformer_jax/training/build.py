@@ -27,6 +27,7 @@ from transformer_jax.config import ModelConfig
 from transformer_jax.nn import ModelDef, build_model, split_model
 from transformer_jax.parallel import Strategy, make_strategy
 from transformer_jax.training.defaults import model_config
+from transformer_jax.training.lora import for_adapters
 from transformer_jax.training.optim import make_optimizer
 from transformer_jax.training.step import TrainState, create_train_state, eval_step, train_step
 
@@ -99,15 +100,26 @@ class Run:
                        out_shardings=self.state_shardings)()
 
     def state_from_params(self, params) -> TrainState:
-        """A state at step 0 around given parameters (fine-tuning an imported model)."""
-        return jax.jit(lambda p: create_train_state(p, self.tx),
-                       out_shardings=self.state_shardings)(params)
+        """A state at step 0 around given parameters (fine-tuning an imported model); leaves
+        the given tree lacks (the LoRA adapters of a base trained without them) keep their
+        fresh initial values."""
+        kind, cfg, seed = self.config.model_kind, self.model_config, self.config.seed
+        given = {jax.tree_util.keystr(p): x for p, x in jax.tree_util.tree_leaves_with_path(params)}
+
+        def make(given):
+            fresh = split_model(build_model(kind, cfg, nnx.Rngs(seed)))[1]
+            full = jax.tree_util.tree_map_with_path(
+                lambda p, x: given.get(jax.tree_util.keystr(p), x), fresh)
+            return create_train_state(full, self.tx)
+
+        return jax.jit(make, out_shardings=self.state_shardings)(given)
 
     def with_num_train_steps(self, steps: int) -> Run:
         """This run with a schedule that spans ``steps`` updates (and its step recompiled);
         the optimizer state's structure does not depend on the length."""
         tx, schedule = make_optimizer(self.config.optimizer, d_model=self.model_config.d_model,
                                       num_train_steps=steps)
+        _, tx = for_adapters(self.model_config.lora_rank, self.model_def, tx)
         return dataclasses.replace(
             self, tx=tx, schedule=schedule, num_train_steps=steps,
             train_step=_compile_train_step(self, tx, schedule))
@@ -151,6 +163,7 @@ def build_run(config: ml_collections.ConfigDict, *, vocab_size: int | None = Non
     steps = int(config.num_train_steps)
     tx, schedule = make_optimizer(config.optimizer, d_model=model_cfg.d_model,
                                   num_train_steps=steps)
+    model_def, tx = for_adapters(model_cfg.lora_rank, model_def, tx)
     abstract_state = jax.eval_shape(lambda p: create_train_state(p, tx), params)
     eval_fn = functools.partial(eval_step, model_def=model_def,
                                 label_smoothing=float(config.optimizer.label_smoothing),

@@ -12,7 +12,7 @@ Top-level keys:
                           train.py started (set-up included), checkpoint, and finish as at
                           num_train_steps (final evaluation, averaging); the learning-rate
                           schedule still spans num_train_steps (see fit_steps_to_time).
-                          0: no time limit
+                          0 (or inf): no time limit
   fit_steps_to_time       True (needs max_train_minutes > 0): at the end of the warm-up,
                           time the updates so far and lower num_train_steps to the updates
                           that fit in the time left, so the learning-rate schedule anneals
@@ -51,6 +51,7 @@ Top-level keys:
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 
 import ml_collections
@@ -78,6 +79,7 @@ __all__ = [
 ]
 
 EVAL_METRICS = ("bleu", "chrf", "exact_match")
+SEED_LIMIT = 2**32  # seeds are unsigned 32-bit (the data order and jax.random.key)
 
 
 def default_optimizer_config() -> ml_collections.ConfigDict:
@@ -202,6 +204,9 @@ def _check_schedule_keys(merged: dict) -> None:
               "checkpoint_every_steps", "eval_beam_size")
     _positive(merged, "seed", "eval_batch_size", "eval_every_steps", "eval_num_sentences",
               "average_last", allow_zero=True)
+    if merged["seed"] >= SEED_LIMIT:
+        raise ConfigError(f"seed={merged['seed']} must be below 2**32 ({SEED_LIMIT}); choose a "
+                          "seed in [0, 2**32).")
     parse_metrics(merged["eval_metrics"])
     minutes = merged["max_train_minutes"]
     if isinstance(minutes, bool) or not isinstance(minutes, int | float) or not minutes >= 0:
@@ -210,14 +215,27 @@ def _check_schedule_keys(merged: dict) -> None:
     if not isinstance(merged["fit_steps_to_time"], bool):
         raise ConfigError(f"fit_steps_to_time={merged['fit_steps_to_time']!r} must be True "
                           "or False.")
-    if merged["fit_steps_to_time"] and not minutes > 0:
-        raise ConfigError("fit_steps_to_time=True fits the schedule to max_train_minutes, "
-                          "which is 0; set max_train_minutes or fit_steps_to_time=False.")
+    if merged["fit_steps_to_time"] and not 0 < minutes < math.inf:
+        raise ConfigError(f"fit_steps_to_time=True fits the schedule to max_train_minutes, "
+                          f"which is {minutes:g}; set a finite max_train_minutes > 0 or "
+                          "fit_steps_to_time=False.")
     if merged["average_last"] > merged["keep_checkpoints"]:
         raise ConfigError(
             f"average_last={merged['average_last']} needs keep_checkpoints >= "
             f"{merged['average_last']} (got {merged['keep_checkpoints']})."
         )
+
+
+def _check_finite(section: dict, prefix: str = "") -> None:
+    """No NaN anywhere in the config, and no infinity except max_train_minutes (no limit)."""
+    for key, value in section.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            _check_finite(value, f"{name}.")
+        elif isinstance(value, float) and not math.isfinite(value):
+            if name == "max_train_minutes" and value == math.inf:
+                continue
+            raise ConfigError(f"{name}={value} is not a finite number; give a finite value.")
 
 
 def _check_scale_keys(merged: dict) -> None:
@@ -255,6 +273,10 @@ def _check_optimizer(merged: dict, d_model: int) -> None:
     if not (isinstance(chunk, int) and not isinstance(chunk, bool) and chunk >= 0):
         raise ConfigError(f"optimizer.loss_chunk={chunk!r} must be 0 (loss from the full "
                           "logits) or a positive number of positions per chunk (e.g. 1024).")
+    if opt["name"] == "adam" and opt["weight_decay"]:
+        raise ConfigError(f"optimizer.weight_decay={opt['weight_decay']} has no effect with "
+                          "optimizer.name='adam'; use optimizer.name='adamw' for weight decay "
+                          "or set optimizer.weight_decay=0.")
     if not (isinstance(opt["grad_accum_steps"], int) and opt["grad_accum_steps"] >= 1):
         raise ConfigError(f"optimizer.grad_accum_steps={opt['grad_accum_steps']!r} must be >= 1.")
     try:  # the optimizer's own checks (warm-up vs. steps, clipping), before any disk write
@@ -273,6 +295,9 @@ def _check_model_and_data(merged: dict) -> ModelConfig:
     except (ValueError, TypeError) as err:
         raise ConfigError(" ".join(str(err).split())) from None
     model = model_config(merged)
+    if model.pad_id != 0:
+        raise ConfigError(f"model.pad_id={model.pad_id} is not supported for training: the data "
+                          "pipeline and the tokenizer pad with id 0; set model.pad_id=0.")
     if model.max_len < data["max_length"]:
         raise ConfigError(
             f"model.max_len={model.max_len} is shorter than data.max_length="
@@ -306,6 +331,7 @@ def validate_config(config) -> ml_collections.ConfigDict:
       ConfigError: one sentence naming the key and what to change.
     """
     merged = _merge(default_config().to_dict(), _to_dict(config))
+    _check_finite(merged)
     _check_schedule_keys(merged)
     _check_scale_keys(merged)
     model = _check_model_and_data(merged)

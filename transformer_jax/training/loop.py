@@ -61,10 +61,14 @@ def train_and_evaluate(config, workdir: str) -> dict:
     wall_start = time.perf_counter()
     config = validate_config(config)  # every key, before anything touches the disk
     initialize(config.distributed)  # a multi-process job connects (no-op for one process)
-    with StopFlag() as signals:
-        session = setup(config, workdir, signals=signals, wall_start=wall_start)
-        train(session)
-    return finish(session)
+    with StopFlag() as signals:  # also through finish: a late SIGTERM must not kill one
+        session = setup(config, workdir, signals=signals, wall_start=wall_start)  # process
+        try:
+            train(session)
+        except BaseException:
+            session.release()  # the work directory's lock
+            raise
+        return finish(session)
 
 
 def train(session: Session, hooks: Sequence[Hook] | None = None) -> None:
@@ -162,6 +166,18 @@ def finish(session: Session) -> dict:
                 session.checkpointer))
     finally:
         session.checkpointer.close()
+        # evaluation pairs whose source or target was cut to data.max_length, per split:
+        # their scores are those of the cut sentences
+        summary["eval_max_length"] = int(config.data.max_length)
+        summary["eval_pairs_cut_to_max_length"] = {
+            split: len(ids) for split, ids in sorted(
+                session.prepared.stats.trimmed_eval_ids.items())}
+        if session.signals.signum is not None and not p.interrupted:
+            # after the last stop vote (final evaluation, averaging): every process finishes
+            # alike; the last checkpoint is written already
+            log.warning("signal %d arrived after the last update; finished the run first",
+                        session.signals.signum)
+            summary["late_signal"] = int(session.signals.signum)
         summary["wall_seconds"] = time.perf_counter() - session.budget.start
         if session.is_chief:
             reporting.write_json(os.path.join(session.workdir, reporting.SUMMARY_FILE), summary)
@@ -170,4 +186,5 @@ def finish(session: Session) -> dict:
                     session.history, os.path.join(session.workdir, reporting.CURVE_FILE),
                     session.metric_names)
         session.writer.close()
+        session.release()  # the work directory's lock
     return summary

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import tempfile
 from collections.abc import Mapping
 
 __all__ = [
@@ -26,10 +27,18 @@ CURVE_FILE = "learning_curve.png"
 TENSORBOARD_DIR = "tensorboard"
 
 
+def _temp_beside(path: str):
+    """A new file next to ``path`` with a unique name (``mkstemp``: process ids repeat across
+    the hosts of a pod); returns ``(file object, its path)``."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.tmp-",
+                               dir=os.path.dirname(os.path.abspath(path)))
+    return os.fdopen(fd, "w", encoding="utf-8"), tmp
+
+
 def write_json(path: str, payload: Mapping) -> None:
     """Atomically write ``payload`` as indented JSON."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
+    f, tmp = _temp_beside(path)
+    with f:
         json.dump(payload, f, indent=2, sort_keys=True, default=_json_default)
         f.write("\n")
     os.replace(tmp, path)
@@ -45,10 +54,12 @@ class History:
     """Append-only ``history.jsonl``: one line ``{"step", "split", metrics...}`` per log point.
 
     On resume the lines after the restored step are dropped, so the curve matches the state.
+    Only an ``enabled`` history (process 0's) writes the file.
     """
 
-    def __init__(self, workdir: str, resume_step: int | None):
+    def __init__(self, workdir: str, resume_step: int | None, *, enabled: bool = True):
         self.path = os.path.join(workdir, HISTORY_FILE)
+        self.enabled = enabled
         self.rows: list[dict] = []
         if resume_step is not None and os.path.isfile(self.path):
             with open(self.path, encoding="utf-8") as f:
@@ -61,8 +72,10 @@ class History:
         self._rewrite()
 
     def _rewrite(self) -> None:
-        tmp = f"{self.path}.tmp-{os.getpid()}"
-        with open(tmp, "w", encoding="utf-8") as f:
+        if not self.enabled:
+            return
+        f, tmp = _temp_beside(self.path)
+        with f:
             for row in self.rows:
                 f.write(json.dumps(row) + "\n")
         os.replace(tmp, self.path)
@@ -70,6 +83,8 @@ class History:
     def add(self, step: int, split: str, metrics: Mapping[str, float]) -> None:
         row = {"step": int(step), "split": split, **{k: float(v) for k, v in metrics.items()}}
         self.rows.append(row)
+        if not self.enabled:
+            return
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
 

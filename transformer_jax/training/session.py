@@ -6,15 +6,15 @@ writers) and the :class:`Progress` that the loop and its hooks advance. Nothing 
 elsewhere, so the loop (``training.loop``) and the hooks (``training.hooks``) read one object.
 
 Order of set-up: the strategy checks the batch sizes (before anything is written), the work
-directory and the data are prepared (the tokenizer's size becomes ``model.vocab_size``), the
-run is built, and the state is restored from the newest readable checkpoint, or initialised.
+directory is created and locked (``training.workdir``: one run at a time), a resume checks
+the tokenizer against its checkpoint's, the data are prepared (the tokenizer's size becomes
+``model.vocab_size``), the run is built, the state is restored from the newest readable
+checkpoint, or initialised, and only then ``config.json`` records the run.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import hashlib
 import logging
 import os
 import shutil
@@ -28,13 +28,19 @@ import transformer_jax.training.reporting as reporting
 from transformer_jax import data as data_lib
 from transformer_jax.checkpoints import Checkpointer, check_compatible, load_params
 from transformer_jax.errors import WorkdirError
-from transformer_jax.parallel import Strategy, chief_first, make_strategy
+from transformer_jax.parallel import Strategy, chief_first, from_chief, make_strategy
 from transformer_jax.runtime import StopFlag
 from transformer_jax.training.budget import Throughput, TimeBudget
 from transformer_jax.training.build import Run, build_run
 from transformer_jax.training.defaults import parse_metrics
 from transformer_jax.training.evaluate import Evaluator
 from transformer_jax.training.step import TrainState
+from transformer_jax.training.workdir import (
+    WorkdirLock,
+    check_tokenizer,
+    file_sha256,
+    make_workdir,
+)
 
 __all__ = ["Progress", "Session", "RunBatches", "setup"]
 
@@ -97,6 +103,7 @@ class Session:
       metric_names: decoding metrics of the evaluations.
       is_chief: this is process 0.
       progress: the state of the loop.
+      lock: the work directory's lock (process 0 holds it until :meth:`release`).
     """
 
     config: ml_collections.ConfigDict
@@ -115,10 +122,15 @@ class Session:
     metric_names: tuple[str, ...]
     is_chief: bool
     progress: Progress
+    lock: WorkdirLock
 
     @property
     def strategy(self) -> Strategy:
         return self.run.strategy
+
+    def release(self) -> None:
+        """Let another run use the work directory (idempotent)."""
+        self.lock.release()
 
 
 class RunBatches:
@@ -166,31 +178,50 @@ def setup(config: ml_collections.ConfigDict, workdir: str, *, signals: StopFlag,
     strategy.check_batch_size(config.batch_size)  # before anything is written
     eval_batch_size = config.eval_batch_size or config.batch_size
     strategy.check_batch_size(eval_batch_size)
-    prepared = _prepare_data(config, workdir)
-    run = build_run(config, vocab_size=prepared.vocab_size, strategy=strategy)
-    checkpointer = Checkpointer(workdir, keep=config.keep_checkpoints)
-    latest = checkpointer.latest_meta()  # fail before touching anything if the run
-    if latest is not None:  # cannot continue
-        check_compatible(latest[1].get("config", {}), run.config.to_dict(), workdir)
     is_chief = jax.process_index() == 0
-    if is_chief:
-        reporting.write_json(os.path.join(workdir, reporting.CONFIG_FILE), run.config.to_dict())
-    train_it = RunBatches(prepared, run)
-    # A params-only checkpoint (a model imported by interop.marian) starts a fine-tuning run.
-    init_params_step = latest[0] if latest and latest[1].get("params_only") else None
-    run, progress = _start(run, checkpointer, train_it, workdir, init_params_step)
+    created = make_workdir(workdir)
+    lock = WorkdirLock(workdir)
+    try:
+        _hold(lock, is_chief, config.distributed.barrier_timeout)
+        checkpointer = Checkpointer(workdir, keep=config.keep_checkpoints,
+                                    barrier_timeout_s=config.distributed.barrier_timeout)
+        latest = checkpointer.latest_meta()  # fail before touching anything if the run
+        if latest is not None:  # cannot continue
+            check_tokenizer(workdir, *latest)
+        prepared = _prepare_data(config, workdir, created)
+        run = build_run(config, vocab_size=prepared.vocab_size, strategy=strategy)
+        if latest is not None:
+            check_compatible(latest[1].get("config", {}), run.config.to_dict(), workdir)
+        train_it = RunBatches(prepared, run)
+        # A params-only checkpoint (a model imported by interop.marian) starts a fine-tuning run.
+        init_params_step = latest[0] if latest and latest[1].get("params_only") else None
+        run, progress = _start(run, checkpointer, train_it, workdir, init_params_step)
+        if is_chief:  # the run's record, once the restore and the data state were accepted
+            reporting.write_json(os.path.join(workdir, reporting.CONFIG_FILE),
+                                 run.config.to_dict())
+    except BaseException:
+        lock.release()
+        raise
     metric_names = parse_metrics(config.eval_metrics)
     return Session(
         config=run.config, workdir=workdir, run=run, prepared=prepared, train_it=train_it,
         checkpointer=checkpointer,
         evaluator=Evaluator.for_run(run, prepared, batch_size=eval_batch_size,
                                     metric_names=metric_names),
-        history=reporting.History(workdir, progress.resumed_step),
+        history=reporting.History(workdir, progress.resumed_step, enabled=is_chief),
         writer=reporting.MetricWriter(workdir, enabled=is_chief),
         throughput=Throughput(),
         budget=TimeBudget(float(config.max_train_minutes), wall_start),
         signals=signals, tokenizer_ref=_tokenizer_ref(prepared), metric_names=metric_names,
-        is_chief=is_chief, progress=progress)
+        is_chief=is_chief, progress=progress, lock=lock)
+
+
+def _hold(lock: WorkdirLock, is_chief: bool, timeout_s: float) -> None:
+    """Process 0 takes the work directory's lock; every process fails alike if it cannot."""
+    refused = from_chief("workdir-lock", lambda: lock.acquire() if is_chief else "",
+                         timeout_s=timeout_s)
+    if refused:
+        raise WorkdirError(refused)
 
 
 def _start(run: Run, checkpointer: Checkpointer, train_it: RunBatches, workdir: str,
@@ -227,10 +258,9 @@ def _start(run: Run, checkpointer: Checkpointer, train_it: RunBatches, workdir: 
     return run, progress
 
 
-def _prepare_data(config, workdir: str):
-    """The work directory (created and checked) and the prepared data, process 0 first; a
-    failure leaves no half-prepared work directory behind."""
-    created = _make_workdir(workdir)
+def _prepare_data(config, workdir: str, created: bool):
+    """The prepared data, process 0 first; a failure leaves no half-prepared work directory
+    behind (one this run ``created`` is removed)."""
     try:
         return chief_first(lambda: data_lib.prepare(config.data, workdir), "prepare",
                            timeout_s=config.distributed.barrier_timeout)
@@ -240,33 +270,9 @@ def _prepare_data(config, workdir: str):
         raise
 
 
-def _make_workdir(workdir: str) -> bool:
-    """Create ``workdir`` and check that it takes a write; returns whether it was created."""
-    created = not os.path.isdir(workdir)
-    probe = os.path.join(workdir, f".write_check_{os.getpid()}")
-    try:
-        os.makedirs(workdir, exist_ok=True)
-        with open(probe, "wb") as f:
-            f.write(b"\0" * 4096)
-            f.flush()
-            os.fsync(f.fileno())
-        os.remove(probe)
-    except OSError as err:
-        with contextlib.suppress(OSError):
-            os.remove(probe)
-        if created:
-            shutil.rmtree(workdir, ignore_errors=True)
-        raise WorkdirError(
-            f"cannot write to the work directory {workdir} ({err.strerror or err}); choose a "
-            "--workdir on a writable file system with free space."
-        ) from None
-    return created
-
-
 def _tokenizer_ref(prepared) -> dict:
-    with open(prepared.tokenizer_path, "rb") as f:
-        digest = hashlib.sha256(f.read()).hexdigest()
-    return {"path": os.path.abspath(prepared.tokenizer_path), "sha256": digest}
+    return {"path": os.path.abspath(prepared.tokenizer_path),
+            "sha256": file_sha256(prepared.tokenizer_path)}
 
 
 def _local_int(x) -> int:
