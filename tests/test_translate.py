@@ -201,3 +201,32 @@ def test_cli_falls_back_from_a_damaged_newest_checkpoint(workdir, monkeypatch, c
     assert (f"checkpoint step {2 * TRAINED_CHECKPOINT_EVERY}" in warnings[0]
             and f"using step {TRAINED_CHECKPOINT_EVERY}" in warnings[0])
     assert newest.is_dir()  # reading never moves a checkpoint
+
+
+# Run as ``python -m transformer_jax.translate`` would (``__main__``), then list the modules
+# the process imported. The training pipeline's libraries take seconds to import.
+_IMPORTS_PROBE = """
+import runpy, sys
+sys.argv = ["translate", *sys.argv[1:]]
+try:
+    runpy.run_module("transformer_jax.translate", run_name="__main__")
+except SystemExit as stop:
+    code = stop.code
+roots = sorted({name.split(".")[0] for name in sys.modules})
+print("exit", code, "modules", " ".join(roots), file=sys.stderr)
+"""
+TRAINING_ONLY = ("grain", "tensorflow_datasets", "tensorflow", "sacremoses", "sacrebleu")
+
+
+def test_cli_process_imports_no_training_pipeline(workdir):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", TRANSFORMER_JAX_MALLOC="default")
+    proc = subprocess.run(
+        [sys.executable, "-c", _IMPORTS_PROBE, "--workdir", workdir, "--beam", "1",
+         "--compile_cache", "none"],
+        input=b"seven\n", capture_output=True, env=env, timeout=300, check=False)
+    last = proc.stderr.decode().strip().splitlines()[-1]
+    assert last.startswith("exit 0 modules "), proc.stderr.decode()
+    assert proc.stdout.decode().count("\n") == 1  # the model translated the line
+    imported = set(last.split()[3:])
+    assert {"jax", "sentencepiece"} <= imported  # the probe sees what the command used
+    assert imported.isdisjoint(TRAINING_ONLY), sorted(imported.intersection(TRAINING_ONLY))

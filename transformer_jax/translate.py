@@ -42,7 +42,7 @@ import absl.logging
 
 from transformer_jax.data.validation import DataError
 from transformer_jax.errors import CheckpointMismatchError
-from transformer_jax.inference import Translator, corpus_scores
+from transformer_jax.inference import Translator
 
 __all__ = ["iter_chunks", "main", "read_lines"]
 
@@ -227,6 +227,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 1
     if refs is not None:
+        from transformer_jax.metrics import corpus_scores  # sacrebleu: only when scoring
+
         scores = corpus_scores(outputs, refs)
         parts = "  ".join(f"{name} {scores.get(name, 0.0):.4f}"
                           for name in ("bleu", "chrf", "exact_match"))

@@ -28,8 +28,7 @@ from transformer_jax.checkpoints.layout import (
     open_manager,
 )
 from transformer_jax.config import ModelConfig
-from transformer_jax.data.pipeline import TOKENIZER_FILE
-from transformer_jax.data.tokenizer import Tokenizer
+from transformer_jax.data.tokenizer import TOKENIZER_FILE, Tokenizer
 from transformer_jax.nn import DEFAULT_MODEL_KIND, abstract_params, build_model
 
 __all__ = ["load_params", "read_meta", "read_run", "read_tokenizer"]
@@ -90,11 +89,15 @@ def load_params(workdir: str, step: int | None = None, *, model_config: Mapping 
     if "model" not in saved:
         raise ValueError(f"checkpoint in {directory} has no model config in its metadata.")
     kind = saved.get("model_kind", DEFAULT_MODEL_KIND)
-    abstract = _host_abstract(abstract_params(kind, saved["model"]))
+    return _restore_params(directory, meta["step"], abstract_params(kind, saved["model"]))
+
+
+def _restore_params(directory: str, step: int, abstract):
+    """The ``params`` item of checkpoint ``step`` in ``directory``, shaped like ``abstract``."""
     manager = open_manager(directory, create=False)
     try:
         restored = manager.restore(
-            meta["step"], args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract))
+            step, args=ocp.args.Composite(params=ocp.args.StandardRestore(_host_abstract(abstract)))
         )
     finally:
         manager.close()
@@ -122,12 +125,28 @@ def read_tokenizer(workdir: str, meta: Mapping) -> Tokenizer:
     return Tokenizer(proto)
 
 
-def _readable_step(workdir: str, step: int | None, averaged: bool) -> tuple[dict, object]:
-    """``(meta, params)`` of checkpoint ``step``, or of the newest readable one (see
-    :func:`read_run`)."""
+def _read_step(path: str, step: int | None) -> tuple[dict, object, object]:
+    """``(meta, abstract model, params)`` of checkpoint ``step`` (default newest) in ``path``.
+
+    The model is traced once (seconds for a large model) and gives the params' shapes."""
+    directory = checkpoint_dir(path)
+    meta = read_meta(directory, step)
+    saved = meta.get("config") or {}
+    if not saved.get("model"):
+        raise ValueError(f"the checkpoint in {directory} has no model config in its metadata.")
+    config = ModelConfig.from_dict(dict(saved["model"]))
+    kind = saved.get("model_kind", DEFAULT_MODEL_KIND)
+    model = nnx.eval_shape(lambda: build_model(kind, config, nnx.Rngs(0)))
+    abstract = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    return meta, model, _restore_params(directory, meta["step"], abstract)
+
+
+def _readable_step(workdir: str, step: int | None, averaged: bool) -> tuple[dict, object, object]:
+    """``(meta, abstract model, params)`` of checkpoint ``step``, or of the newest readable
+    one (see :func:`read_run`)."""
     path = os.path.join(workdir, AVERAGED_DIR) if averaged else workdir
     if step is not None:
-        return read_meta(path, step), load_params(workdir, step, averaged=averaged)
+        return _read_step(path, step)
     steps: list = []
     if os.path.isdir(checkpoint_dir(path)):
         manager = open_manager(checkpoint_dir(path), create=False)
@@ -137,8 +156,7 @@ def _readable_step(workdir: str, step: int | None, averaged: bool) -> tuple[dict
             manager.close()
     for number, candidate in enumerate(steps or [None]):  # None: read_meta says why
         try:
-            return (read_meta(path, candidate),
-                    load_params(workdir, candidate, averaged=averaged))
+            return _read_step(path, candidate)
         except Exception as err:
             if not is_corruption(err) or number + 1 >= len(steps):
                 raise
@@ -167,14 +185,10 @@ def read_run(workdir: str, step: int | None = None, averaged: bool = False) -> d
             f"no averaged checkpoint in {workdir}; write one with python -m "
             f"transformer_jax.training.average --workdir {workdir}"
         )
-    meta, params = _readable_step(workdir, step, averaged)
-    saved = meta.get("config") or {}
-    if not saved.get("model"):
-        raise ValueError(f"the checkpoint in {workdir} has no model config in its metadata.")
-    config = ModelConfig.from_dict(dict(saved["model"]))
-    kind = saved.get("model_kind", DEFAULT_MODEL_KIND)
+    meta, model, params = _readable_step(workdir, step, averaged)
+    saved = meta["config"]
     return {
-        "model": nnx.eval_shape(lambda: build_model(kind, config, nnx.Rngs(0))),
+        "model": model,
         "params": params,
         "tokenizer": read_tokenizer(workdir, meta),
         "step": int(meta["step"]),

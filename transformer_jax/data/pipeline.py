@@ -44,7 +44,7 @@ import transformer_jax.data.token_cache as token_cache
 import transformer_jax.data.workers as workers
 from transformer_jax.data.config import check_data_config
 from transformer_jax.data.streams import BATCH_KEYS
-from transformer_jax.data.tokenizer import Tokenizer
+from transformer_jax.data.tokenizer import TOKENIZER_FILE, Tokenizer
 from transformer_jax.data.validation import DataError
 
 __all__ = [
@@ -58,8 +58,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-TOKENIZER_FILE = os.path.join("tokenizer", "spm.model")
 
 
 @dataclasses.dataclass

@@ -25,8 +25,6 @@ import functools
 import unicodedata
 from collections.abc import Callable, Mapping
 
-from sacremoses import MosesPunctNormalizer
-
 from transformer_jax.data.numbers import source_normalizer
 
 __all__ = ["UNICODE_FORMS", "Preprocessor", "source_transform"]
@@ -35,7 +33,9 @@ UNICODE_FORMS = ("", "NFC", "NFKC", "NFD", "NFKD")
 
 
 @functools.lru_cache(maxsize=8)
-def _punct_normalizer(lang: str) -> MosesPunctNormalizer:
+def _punct_normalizer(lang: str):
+    from sacremoses import MosesPunctNormalizer  # ~1 s to import: only runs that use it
+
     return MosesPunctNormalizer(lang=lang or "en")
 
 

@@ -26,9 +26,10 @@ import sentencepiece as spm
 
 from transformer_jax.data.validation import DataError
 
-__all__ = ["PAD_ID", "EOS_ID", "UNK_ID", "Tokenizer"]
+__all__ = ["PAD_ID", "EOS_ID", "UNK_ID", "TOKENIZER_FILE", "Tokenizer"]
 
 PAD_ID, EOS_ID, UNK_ID = 0, 1, 2
+TOKENIZER_FILE = os.path.join("tokenizer", "spm.model")  # in a work directory
 _TRAIN_THREADS = 16  # fixed (not os.cpu_count()): the thread split changes the learned model.
 _TOO_HIGH = re.compile(r"Vocabulary size too high \((\d+)\).*?<= (\d+)")
 

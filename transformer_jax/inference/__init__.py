@@ -24,6 +24,11 @@ Compiled building blocks: ``make_translate_fn`` (greedy / beam search) and
 maps), ``generator`` (Generator), ``load``.
 """
 
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
 from transformer_jax.inference.generator import Generator, make_generate_fn
 from transformer_jax.inference.load import load
 from transformer_jax.inference.translator import (
@@ -32,7 +37,13 @@ from transformer_jax.inference.translator import (
     attention_maps,
     make_translate_fn,
 )
-from transformer_jax.metrics import bleu, chrf, corpus_scores
+
+if TYPE_CHECKING:
+    from transformer_jax.metrics import bleu, chrf, corpus_scores
+
+# sacrebleu is imported on first use of a score (PEP 562): translating needs none
+_LAZY = {"bleu": "transformer_jax.metrics", "chrf": "transformer_jax.metrics",
+         "corpus_scores": "transformer_jax.metrics"}
 
 __all__ = [
     "EXTRA_LENGTH",
@@ -46,3 +57,15 @@ __all__ = [
     "make_generate_fn",
     "make_translate_fn",
 ]
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_LAZY[name]), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
