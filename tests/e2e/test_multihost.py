@@ -13,7 +13,8 @@ from multihost_helpers import Job, compare_params, run_single
 
 STEPS = 3
 # Subword sampling on: the segmentation drawn for a pair must not depend on which process reads it.
-SAMPLING = ["--config.data.subword_sampling_alpha=0.5", "--config.data.subword_sampling_nbest=4"]
+SAMPLING = ["--config.data.subword_sampling_alpha=0.5", "--config.data.subword_sampling_nbest=4",
+            "--config.data.tokenizer_model_type=unigram"]  # sampling needs n-best lists
 TIMEOUT_S = 300  # generous: the CI machine is shared; a healthy 2-process run takes ~40 s
 
 

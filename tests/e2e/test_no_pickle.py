@@ -5,6 +5,7 @@ import json
 import os
 import struct
 
+import numpy as np
 import sentencepiece as spm
 
 PICKLE_HEADERS = tuple(bytes([0x80, proto]) for proto in range(2, 6))  # protocol 2..5
@@ -48,6 +49,10 @@ def _format(path: str, data: bytes) -> str:
     if name.endswith(".model"):
         spm.SentencePieceProcessor(model_file=path)  # raises on anything else
         return "sentencepiece"
+    if name.endswith(".npy"):
+        array = np.load(path, allow_pickle=False)  # raises on an object (pickled) array
+        assert array.dtype != object
+        return "npy"
     if name.endswith(".jsonl") and all(_is_json(ln) for ln in data.splitlines() if ln.strip()):
         return "jsonl"
     if _is_json(data):

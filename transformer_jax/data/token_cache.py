@@ -21,14 +21,15 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import json
 import logging
 import os
 import re
-import tempfile
 
 import numpy as np
 
+from transformer_jax.data.files import write_atomically
 from transformer_jax.data.tokenizer import EOS_ID
 
 __all__ = ["CACHE_FORMAT", "TokenIds", "cache_key", "load_or_build"]
@@ -106,18 +107,10 @@ def _tokenize(source, tokenizer, max_length: int) -> TokenIds:
     return TokenIds(ids, ends - stored, lengths, max_length)
 
 
-def _save_array(path: str, array: np.ndarray) -> None:
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-", suffix=".npy")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, array, allow_pickle=False)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+def _npy_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    return buffer.getvalue()
 
 
 def _save(stem: str, token_ids: TokenIds, key: dict) -> None:
@@ -125,11 +118,8 @@ def _save(stem: str, token_ids: TokenIds, key: dict) -> None:
     if os.path.exists(stem + ".json"):
         os.remove(stem + ".json")  # invalid until every array is in place
     for name in _ARRAYS:
-        _save_array(f"{stem}.{name}.npy", getattr(token_ids, name))
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(stem), prefix=".tmp-", suffix=".json")
-    with os.fdopen(fd, "w") as f:
-        json.dump(key, f, indent=1, sort_keys=True)
-    os.replace(tmp, stem + ".json")
+        write_atomically(f"{stem}.{name}.npy", _npy_bytes(getattr(token_ids, name)))
+    write_atomically(stem + ".json", json.dumps(key, indent=1, sort_keys=True).encode())
 
 
 def _load(stem: str, max_length: int) -> TokenIds:

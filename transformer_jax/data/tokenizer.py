@@ -18,12 +18,12 @@ import functools
 import io
 import os
 import re
-import tempfile
 from collections.abc import Iterable, Sequence
 
 import numpy as np
 import sentencepiece as spm
 
+from transformer_jax.data.files import write_atomically
 from transformer_jax.data.validation import DataError
 
 __all__ = ["PAD_ID", "EOS_ID", "UNK_ID", "TOKENIZER_FILE", "Tokenizer"]
@@ -32,22 +32,6 @@ PAD_ID, EOS_ID, UNK_ID = 0, 1, 2
 TOKENIZER_FILE = os.path.join("tokenizer", "spm.model")  # in a work directory
 _TRAIN_THREADS = 16  # fixed (not os.cpu_count()): the thread split changes the learned model.
 _TOO_HIGH = re.compile(r"Vocabulary size too high \((\d+)\).*?<= (\d+)")
-
-
-def _atomic_write(path: str, data: bytes) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".model")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 class Tokenizer:
@@ -132,7 +116,7 @@ class Tokenizer:
 
     def save(self, path: str) -> None:
         """Writes the model bytes to ``path`` atomically."""
-        _atomic_write(path, self._proto)
+        write_atomically(path, self._proto)
 
     @functools.cached_property
     def _log_probs(self) -> np.ndarray:
