@@ -44,7 +44,7 @@ import sys
 import threading
 import time
 
-from benchlib import machine_info
+from benchlib import machine_info, write_json
 
 GIB = 2.0**30
 DEFAULT_LENGTHS = "1024,2048,4096,8192,16384"
@@ -215,9 +215,7 @@ def run_model_bench(args) -> int:
         "rows": rows,
         "table": table,
     }
-    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-    with open(args.json, "w") as f:
-        json.dump(result, f, indent=2)
+    write_json(args.json, result)
     print(f"wrote {args.json}")
     return 0
 
@@ -305,9 +303,7 @@ def run_window_bench(args) -> int:
         "rows": rows,
         "table": table,
     }
-    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-    with open(args.json, "w") as f:
-        json.dump(result, f, indent=2)
+    write_json(args.json, result)
     print(f"wrote {args.json}")
     return 0
 
@@ -422,9 +418,7 @@ def main(argv=None) -> int:
         "table": table,
     }
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+        write_json(args.json, result)
         print(f"wrote {args.json}")
     return 0
 

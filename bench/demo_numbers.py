@@ -28,7 +28,7 @@ import sys
 import time
 
 import numpy as np
-from benchlib import machine_info
+from benchlib import machine_info, write_json
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -161,9 +161,7 @@ def main(argv=None) -> int:
                        for label, s in scores["by_magnitude"].items())
         print(f"{name:12s} {by}; {len(scores['failures'])} failures "
               f"({scores['seconds']:.0f} s)", flush=True)
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(result, f, indent=1)
+        write_json(args.json, result)
     return 0
 
 

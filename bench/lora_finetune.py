@@ -19,13 +19,12 @@ batch 16 x 32 + 32 tokens); ``--smoke`` uses a tiny one for a few seconds.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
 import time
 
 import jax
 import numpy as np
+from benchlib import write_json
 
 from transformer_jax.nn.adapters import adapter_params
 from transformer_jax.training import build_run, default_config, validate_config
@@ -93,11 +92,9 @@ def main() -> None:
               f"{r['opt_state_bytes'] / 2**20:.1f} MiB | {r['step_peak_bytes'] / 2**20:.0f} MiB | "
               f"{1000 * r['step_s_median']:.0f} ms |")
     if args.json:
-        os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump({"model": dict(zip(("d_model", "heads", "layers", "d_ff", "vocab", "batch",
-                                          "length"), size, strict=True)),
-                       "targets": args.targets, "rows": rows}, f, indent=2)
+        write_json(args.json, {"model": dict(zip(("d_model", "heads", "layers", "d_ff", "vocab",
+                                                  "batch", "length"), size, strict=True)),
+                               "targets": args.targets, "rows": rows})
 
 
 if __name__ == "__main__":

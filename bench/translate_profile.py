@@ -18,11 +18,12 @@ subtracted and the rest divided by the steps. Search minus model is what the sea
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
 import time
+
+from benchlib import write_json
 
 
 def build(workdir: str, batch: int, tokens: int, beam: int):
@@ -118,8 +119,7 @@ def main() -> int:
     result = {"command": "python bench/translate_profile.py " + " ".join(sys.argv[1:]),
               "ms": rows, "load_avg_1m": os.getloadavg()[0]}
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
+        write_json(args.json, result)
     return 0
 
 
