@@ -180,9 +180,12 @@ def jax_engine(root: str, threads: int, quantize: str | None):
                 os.path.join(root, "jax_workdir"), max_decode_length=tokens,
                 extra_length=tokens, **kwargs)
         ours = [inverse[np.asarray(r)].tolist() for r in rows]
-        out = translators[tokens].translate_ids(ours, beam_size=beam, alpha=1.0,
-                                                batch_size=batch, min_length=tokens)
-        return order[out].tolist()
+        out = []  # batches of ``batch`` sentences in the given order, as the other engines
+        for start in range(0, len(ours), batch):
+            out += order[translators[tokens].translate_ids(
+                ours[start : start + batch], beam_size=beam, alpha=1.0, batch_size=batch,
+                min_length=tokens)].tolist()
+        return out
 
     return decode
 
