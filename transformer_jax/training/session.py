@@ -42,7 +42,7 @@ from transformer_jax.training.workdir import (
     make_workdir,
 )
 
-__all__ = ["Progress", "Session", "RunBatches", "setup"]
+__all__ = ["Failure", "Progress", "Session", "RunBatches", "setup"]
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +85,36 @@ class Progress:
 
 
 @dataclasses.dataclass
+class Failure:
+    """This process's first error where the other processes cannot see it (its training
+    data, process 0's metric writes), kept until every process has agreed to stop
+    (``training.loop``: the stop vote, then every process raises). With one process nothing
+    is kept: the error is raised where it happens, as it is.
+
+    Attributes:
+      error: the error (None: none so far).
+      update: the update it happened in.
+    """
+
+    error: Exception | None = None
+    update: int = 0
+
+    def record(self, error: Exception, update: int) -> bool:
+        """Keep ``error`` (the first one) for the stop vote; False with one process (raise it)."""
+        if jax.process_count() == 1:
+            return False
+        if self.error is None:
+            self.error, self.update = error, update
+            log.error("process %d of %d failed at update %d (%s); stopping every process",
+                      jax.process_index(), jax.process_count(), update, self.message())
+        return True
+
+    def message(self) -> str:
+        """The error as one line: its type and text."""
+        return f"{type(self.error).__name__}: {' '.join(str(self.error).split())}"
+
+
+@dataclasses.dataclass
 class Session:
     """A training run: what :func:`setup` built and its :class:`Progress`.
 
@@ -104,6 +134,7 @@ class Session:
       is_chief: this is process 0.
       progress: the state of the loop.
       lock: the work directory's lock (process 0 holds it until :meth:`release`).
+      failure: this process's error that the other processes must hear of first.
     """
 
     config: ml_collections.ConfigDict
@@ -123,6 +154,7 @@ class Session:
     is_chief: bool
     progress: Progress
     lock: WorkdirLock
+    failure: Failure = dataclasses.field(default_factory=Failure)
 
     @property
     def strategy(self) -> Strategy:
@@ -131,6 +163,20 @@ class Session:
     def release(self) -> None:
         """Let another run use the work directory (idempotent)."""
         self.lock.release()
+
+    def log_metrics(self, tag: str, metrics: dict) -> None:
+        """Process 0 adds ``metrics`` of the current update to the history and TensorBoard;
+        an error there (a full disk) is this process's :class:`Failure`, raised once every
+        process agreed to stop (with one process: at once)."""
+        if not self.is_chief:
+            return
+        step = self.progress.step
+        try:
+            self.history.add(step, tag, metrics)
+            self.writer.scalars(step, tag, metrics)
+        except Exception as err:
+            if not self.failure.record(err, step):
+                raise
 
 
 class RunBatches:
