@@ -106,7 +106,8 @@ def test_one_process_raises_a_data_error_where_it_happens(session):
     session.train_it = FailingBatches(session.train_it, fail_at=3)
     with pytest.raises(ValueError, match="record 17 cannot be decoded") as info:
         train(session, hooks=[SaveCheckpoint()])
-    assert [entry.name for entry in info.traceback][-3:] == ["train", "__call__", "__next__"]
+    frames = [entry.name for entry in info.traceback]
+    assert frames[-1] == "__next__" and "raise_failure" not in frames, frames
     assert session.progress.step == 2 and session.failure.error is None
     session.checkpointer.close()
 
@@ -120,6 +121,7 @@ def test_one_process_raises_a_failed_history_write_at_once(session, monkeypatch)
     monkeypatch.setattr(session.history, "add", full_disk)
     with pytest.raises(OSError, match="No space left on device") as info:
         train(session, hooks=[SaveCheckpoint()])
-    assert [entry.name for entry in info.traceback][-2:] == ["log_metrics", "full_disk"]
+    frames = [entry.name for entry in info.traceback]
+    assert frames[-1] == "full_disk" and "raise_failure" not in frames, frames
     assert session.progress.step == 1 and session.failure.error is None
     session.checkpointer.close()

@@ -233,7 +233,8 @@ def finish(session: Session) -> dict:
                 lambda split, n, **kw: evaluate(session, split, n, **kw),
                 session.checkpointer))
     finally:
-        session.checkpointer.close()
+        # an error below is this process's Failure (several processes), so that all stop alike
+        session.failure.attempt(session.checkpointer.close, p.step)
         # evaluation pairs whose source or target was cut to data.max_length, per split:
         # their scores are those of the cut sentences
         summary["eval_max_length"] = int(config.data.max_length)
@@ -248,22 +249,13 @@ def finish(session: Session) -> dict:
             summary["late_signal"] = int(session.signals.signum)
         summary["wall_seconds"] = time.perf_counter() - session.budget.start
         if session.is_chief:
-            _write_summary(session, summary)
-        session.writer.close()
+            session.failure.attempt(lambda: reporting.write_json(
+                os.path.join(session.workdir, reporting.SUMMARY_FILE), summary), p.step)
+            with contextlib.suppress(Exception):  # a plot must never fail a finished run
+                reporting.plot_learning_curve(
+                    session.history, os.path.join(session.workdir, reporting.CURVE_FILE),
+                    session.metric_names)
+        session.failure.attempt(session.writer.close, p.step)
         session.release()  # the work directory's lock
     stop_if_failed(session)  # process 0's writes since the last update: all stop alike
     return summary
-
-
-def _write_summary(session: Session, summary: dict) -> None:
-    """``summary.json`` and the learning curve (process 0); a failed summary write is a
-    ``Failure`` like a failed metric write."""
-    try:
-        reporting.write_json(os.path.join(session.workdir, reporting.SUMMARY_FILE), summary)
-    except Exception as err:
-        if not session.failure.record(err, session.progress.step):
-            raise
-    with contextlib.suppress(Exception):  # a plot must never fail a finished run
-        reporting.plot_learning_curve(
-            session.history, os.path.join(session.workdir, reporting.CURVE_FILE),
-            session.metric_names)

@@ -19,6 +19,7 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -109,6 +110,14 @@ class Failure:
                       jax.process_index(), jax.process_count(), update, self.message())
         return True
 
+    def attempt(self, fn: Callable[[], Any], update: int) -> None:
+        """``fn()``; its error is recorded (several processes) or raised (one process)."""
+        try:
+            fn()
+        except Exception as err:
+            if not self.record(err, update):
+                raise
+
     def message(self) -> str:
         """The error as one line: its type and text."""
         return f"{type(self.error).__name__}: {' '.join(str(self.error).split())}"
@@ -168,15 +177,12 @@ class Session:
         """Process 0 adds ``metrics`` of the current update to the history and TensorBoard;
         an error there (a full disk) is this process's :class:`Failure`, raised once every
         process agreed to stop (with one process: at once)."""
-        if not self.is_chief:
-            return
-        step = self.progress.step
-        try:
-            self.history.add(step, tag, metrics)
-            self.writer.scalars(step, tag, metrics)
-        except Exception as err:
-            if not self.failure.record(err, step):
-                raise
+        if self.is_chief:
+            self.failure.attempt(lambda: self._write_metrics(tag, metrics), self.progress.step)
+
+    def _write_metrics(self, tag: str, metrics: dict) -> None:
+        self.history.add(self.progress.step, tag, metrics)
+        self.writer.scalars(self.progress.step, tag, metrics)
 
 
 class RunBatches:
@@ -242,9 +248,9 @@ def setup(config: ml_collections.ConfigDict, workdir: str, *, signals: StopFlag,
         # A params-only checkpoint (a model imported by interop.marian) starts a fine-tuning run.
         init_params_step = latest[0] if latest and latest[1].get("params_only") else None
         run, progress = _start(run, checkpointer, train_it, workdir, init_params_step)
-        if is_chief:  # the run's record, once the restore and the data state were accepted
-            reporting.write_json(os.path.join(workdir, reporting.CONFIG_FILE),
-                                 run.config.to_dict())
+        history, writer = chief_first(  # once the restore and the data state were accepted
+            lambda: _open_records(workdir, run.config, progress.resumed_step, is_chief),
+            "records", timeout_s=config.distributed.barrier_timeout)
     except BaseException:
         lock.release()
         raise
@@ -254,12 +260,20 @@ def setup(config: ml_collections.ConfigDict, workdir: str, *, signals: StopFlag,
         checkpointer=checkpointer,
         evaluator=Evaluator.for_run(run, prepared, batch_size=eval_batch_size,
                                     metric_names=metric_names),
-        history=reporting.History(workdir, progress.resumed_step, enabled=is_chief),
-        writer=reporting.MetricWriter(workdir, enabled=is_chief),
+        history=history, writer=writer,
         throughput=Throughput(),
         budget=TimeBudget(float(config.max_train_minutes), wall_start),
         signals=signals, tokenizer_ref=_tokenizer_ref(prepared), metric_names=metric_names,
         is_chief=is_chief, progress=progress, lock=lock)
+
+
+def _open_records(workdir: str, config, resumed_step: int, is_chief: bool):
+    """The run's record (``config.json``), metric history and TensorBoard writer; process 0
+    writes them (``chief_first``: its error, a full disk, reaches every process)."""
+    if is_chief:
+        reporting.write_json(os.path.join(workdir, reporting.CONFIG_FILE), config.to_dict())
+    return (reporting.History(workdir, resumed_step, enabled=is_chief),
+            reporting.MetricWriter(workdir, enabled=is_chief))
 
 
 def _hold(lock: WorkdirLock, is_chief: bool, timeout_s: float) -> None:
