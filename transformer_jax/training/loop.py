@@ -149,9 +149,9 @@ class Feed:
 def after_update(session: Session, hooks: Sequence[Hook], bar, vote: StopVote,
                  reason: int) -> None:
     """Log the training metrics when due (their cadence, the first update, a stop) or when
-    a due hook needs them; then run the due hooks in order. Before that wait for the
-    devices, this update's vote is read too: a process that failed stops every process
-    before the update is logged, saved or evaluated."""
+    a due hook needs them; then run the due hooks in order. Where that waits for the devices
+    anyway, this update's stop vote is read first: when a process failed, every process
+    stops before the update is logged, saved or evaluated."""
     p, config = session.progress, session.config
     stopping = bool(reason)
     due = [hook for hook in hooks if hook.due(session, stopping)]
