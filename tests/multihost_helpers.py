@@ -37,9 +37,12 @@ def free_port() -> int:
 
 
 def command(workdir, *args: str, process_id: int | None = None, num_processes: int = 1,
-            port: int = 0) -> list[str]:
-    cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--config",
-           os.path.join(ROOT, "configs", "default.py"), "--workdir", str(workdir), *TINY, *args]
+            port: int = 0, script: tuple[str, ...] = ()) -> list[str]:
+    """``train.py`` (or ``script``: a program and its first arguments that take train.py's
+    flags) with the tiny config, ``args`` and the ranks of one process."""
+    program = list(script) or [os.path.join(ROOT, "train.py")]
+    cmd = [sys.executable, *program, "--config", os.path.join(ROOT, "configs", "default.py"),
+           "--workdir", str(workdir), *TINY, *args]
     if process_id is not None:
         cmd += [f"--config.distributed.coordinator_address=127.0.0.1:{port}",
                 f"--config.distributed.num_processes={num_processes}",
@@ -57,9 +60,10 @@ class Job:
     """``num_processes`` train.py processes; always killed (their own process groups) on exit."""
 
     def __init__(self, workdir, *args: str, num_processes: int = 2, devices: int = 2,
-                 via_environment: bool = False):
+                 via_environment: bool = False, script: tuple[str, ...] = ()):
         """``via_environment``: ranks in ``JAX_COORDINATOR_ADDRESS`` / ``JAX_NUM_PROCESSES``
-        / ``JAX_PROCESS_ID`` (as a launcher sets them) instead of ``--config.distributed.*``."""
+        / ``JAX_PROCESS_ID`` (as a launcher sets them) instead of ``--config.distributed.*``;
+        ``script``: run instead of train.py (see :func:`command`)."""
         self.workdir = str(workdir)
         os.makedirs(self.workdir, exist_ok=True)
         port = free_port()
@@ -70,10 +74,10 @@ class Job:
             if via_environment:
                 env.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
                            JAX_NUM_PROCESSES=str(num_processes), JAX_PROCESS_ID=str(i))
-                cmd = command(workdir, *args)
+                cmd = command(workdir, *args, script=script)
             else:
                 cmd = command(workdir, *args, process_id=i, num_processes=num_processes,
-                              port=port)
+                              port=port, script=script)
             with open(self.logs[i], "w") as log:
                 self.procs.append(subprocess.Popen(
                     cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,

@@ -11,6 +11,7 @@ __all__ = [
     "CheckpointReadError",
     "ConfigError",
     "DistributedError",
+    "ProcessFailedError",
     "TrainingDivergedError",
     "WorkdirError",
 ]
@@ -30,6 +31,11 @@ class CheckpointReadError(RuntimeError):
 
 class DistributedError(RuntimeError):
     """Another process failed, or did not arrive in time, at a point where all must agree."""
+
+
+class ProcessFailedError(DistributedError):
+    """Another process of the job failed (unreadable data, a failed write) and every process
+    stopped with it; the message names that process and its error."""
 
 
 class TrainingDivergedError(RuntimeError):

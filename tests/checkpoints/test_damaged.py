@@ -142,7 +142,8 @@ def test_restore_barriers_honour_barrier_timeout(two_checkpoints, monkeypatch, g
     waited = []
     monkeypatch.setattr(manager, "from_chief",
                         lambda name, fn, timeout_s: waited.append(timeout_s) or fn())
-    monkeypatch.setattr(manager, "barrier", lambda name, timeout_s: waited.append(timeout_s))
+    monkeypatch.setattr(manager, "chief_first",
+                        lambda fn, name, timeout_s: waited.append(timeout_s) or fn())
     ckpt = Checkpointer(str(workdir), barrier_timeout_s=given)
     assert int(ckpt.restore_latest(state, config=config)["meta"]["step"]) == 1
     ckpt.close()

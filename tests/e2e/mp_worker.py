@@ -8,7 +8,8 @@ tensor 4, so the tensor axis spans the processes and both load every row) the pr
 train a tiny Transformer for MP_STEPS steps on a fixed global batch (each feeds its half of the
 rows), save one orbax checkpoint collectively into WORKDIR/MODE, and process 0 writes the
 losses to WORKDIR/MODE/losses.json. Before that they check, across the two processes, the
-refusal of an interleaved mesh, ``chief_first``'s error passing and ``StopVote``.
+refusal of an interleaved mesh, ``chief_first``'s error passing, ``StopVote`` and
+``first_failure``.
 """
 
 import json
@@ -32,6 +33,7 @@ def main(process_id: int, port: int, workdir: str, modes: str) -> None:
     check_interleaved_mesh_is_refused()
     check_chief_failure_reaches_everyone(process_id)
     check_stop_vote(process_id)
+    check_first_failure(process_id)
     for mode in modes.split(","):
         train(process_id, os.path.join(workdir, mode), mode)
 
@@ -96,6 +98,19 @@ def check_stop_vote(process_id: int) -> None:
     assert votes.agree_min(-5 if process_id == 0 else 9) == -5
     assert votes.vote(0) == 3  # process 1's flag of the vote before reaches process 0 too
     assert votes.agree_min(4200 - process_id) == 4199
+    assert votes.vote(5 if process_id == 0 else 0) == 0
+    assert votes.current() == 5  # this vote's answer, read now; the next vote repeats it
+    assert votes.vote(0) == 5 and votes.current() == 0
+
+
+def check_first_failure(process_id: int) -> None:
+    """After a failure vote every process learns the lowest failed process and its message."""
+    from transformer_jax.parallel import first_failure
+
+    assert first_failure(None) is None
+    assert first_failure("at update 3: OSError: disk full" if process_id else None) == (
+        1, "at update 3: OSError: disk full")
+    assert first_failure(f"error {process_id}") == (0, "error 0")
 
 
 def train(process_id: int, workdir: str, parallelism: str) -> None:

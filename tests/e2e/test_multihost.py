@@ -7,9 +7,15 @@ each owns 2 CPU devices (``JAX_NUM_CPU_DEVICES=2``).
 import json
 import os
 import signal
+import time
 
+import jax
+import numpy as np
 import pytest
+from fault_train import MESSAGES, SCRIPT
 from multihost_helpers import Job, compare_params, run_single
+
+from transformer_jax.checkpoints import load_params
 
 STEPS = 3
 # Subword sampling on: the segmentation drawn for a pair must not depend on which process reads it.
@@ -104,3 +110,42 @@ def test_killed_process_ends_the_others(tmp_path):
     assert codes[0] != 0
     log = job.log(0)
     assert "tasks are unhealthy (stopped sending heartbeats):\n1\n" in log, log[-3000:]
+
+
+def _wait_for_text(job: Job, process: int, text: str) -> None:
+    """Until ``text`` appears in a process's log or the process ends (the start of the fault)."""
+    deadline = time.monotonic() + TIMEOUT_S
+    while (time.monotonic() < deadline and job.procs[process].poll() is None
+           and text not in job.log(process)):
+        time.sleep(0.2)
+
+
+@pytest.mark.faults
+@pytest.mark.parametrize("fault, failing, args", [
+    # process 1's batch of update 3 cannot be read; nothing is logged at update 3, so the
+    # vote of update 3 is read at update 4 (which process 1 runs on its last batch again)
+    ("data", 1, ["--config.log_every_steps=100"]),
+    # process 0 cannot append update 3 to history.jsonl; metrics are logged every update,
+    # so the vote is read at once, before update 4 is logged or saved
+    ("history", 0, []),
+])
+def test_an_error_on_one_process_stops_every_process(fault, failing, args, tmp_path):
+    """An error on one process only: every process exits non-zero within seconds (not after
+    the heartbeat timeout), each naming the failed process and its message; checkpoint 2
+    (before the fault) is the newest and loads; the update made with a stand-in batch is
+    never saved (checkpoint 4 would be due)."""
+    with Job(tmp_path / "run", "--config.num_train_steps=8", "--config.checkpoint_every_steps=2",
+             "--config.parallelism=shard_map", *args,
+             script=(SCRIPT, fault, str(failing), "3")) as job:
+        _wait_for_text(job, failing, MESSAGES[fault])
+        codes = job.wait(60)  # bounded: the heartbeat timeout (100 s) would be too late
+    # the failed process raises its own error (exit 2: data or disk); the other one a
+    # ProcessFailedError (exit 1)
+    assert codes[failing] == 2 and codes[1 - failing] == 1, job.tails()
+    for i in range(2):
+        assert f"process {failing} of 2 failed at update 3" in job.log(i), job.tails()
+        assert MESSAGES[fault] in job.log(i), job.tails()
+    assert "the newest is step 2" in job.log(1 - failing), job.tails()
+    assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["2"]
+    params = load_params(str(tmp_path / "run"))
+    assert all(np.isfinite(leaf).all() for leaf in jax.tree_util.tree_leaves(params))

@@ -80,3 +80,48 @@ def test_a_signal_after_the_last_update_is_handled(tmp_path, monkeypatch):
     assert summary["late_signal"] == signal.SIGTERM and not summary["interrupted"]
     with open(tmp_path / "run" / "summary.json") as f:
         assert json.load(f)["step"] == 2
+
+
+class FailingBatches:
+    """The session's batches, but the ``fail_at``-th one raises (an undecodable record)."""
+
+    def __init__(self, batches, fail_at: int):
+        self.batches, self.fail_at, self.calls = batches, fail_at, 0
+
+    def __next__(self):
+        self.calls += 1
+        if self.calls == self.fail_at:
+            raise ValueError("training record 17 cannot be decoded")
+        return next(self.batches)
+
+    def get_state(self):
+        return self.batches.get_state()
+
+
+@pytest.mark.faults
+def test_one_process_raises_a_data_error_where_it_happens(session):
+    """With one process an error of the training batches is raised at once, as it is: its
+    type, and a traceback from the loop straight to the raise (no agreement with other
+    processes in between)."""
+    session.train_it = FailingBatches(session.train_it, fail_at=3)
+    with pytest.raises(ValueError, match="record 17 cannot be decoded") as info:
+        train(session, hooks=[SaveCheckpoint()])
+    frames = [entry.name for entry in info.traceback]
+    assert frames[-1] == "__next__" and "raise_failure" not in frames, frames
+    assert session.progress.step == 2 and session.failure.error is None
+    session.checkpointer.close()
+
+
+@pytest.mark.faults
+def test_one_process_raises_a_failed_history_write_at_once(session, monkeypatch):
+    """With one process a failed metric write (a full disk) stops the run at that update."""
+    def full_disk(step, split, metrics):
+        raise OSError(28, "No space left on device", session.history.path)
+
+    monkeypatch.setattr(session.history, "add", full_disk)
+    with pytest.raises(OSError, match="No space left on device") as info:
+        train(session, hooks=[SaveCheckpoint()])
+    frames = [entry.name for entry in info.traceback]
+    assert frames[-1] == "full_disk" and "raise_failure" not in frames, frames
+    assert session.progress.step == 1 and session.failure.error is None
+    session.checkpointer.close()

@@ -35,7 +35,7 @@ from transformer_jax.checkpoints.layout import (
 )
 from transformer_jax.checkpoints.read import read_meta
 from transformer_jax.errors import CheckpointMismatchError, CheckpointReadError
-from transformer_jax.parallel.coordination import agree, barrier, from_chief
+from transformer_jax.parallel.coordination import agree, chief_first, from_chief
 from transformer_jax.parallel.processes import DEFAULT_BARRIER_TIMEOUT_S
 
 __all__ = ["Checkpointer"]
@@ -142,6 +142,11 @@ class Checkpointer:
                             os.path.join(self.directory, name))
                 shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
 
+    def _chief_steps(self) -> list[int]:
+        """Process 0's steps, newest first, once the interrupted saves are removed."""
+        self._remove_incomplete()
+        return sorted(self.all_steps(), reverse=True)
+
     def latest_meta(self) -> tuple[int, dict] | None:
         """``(step, meta)`` of the newest checkpoint whose metadata can be read, or None."""
         for step in sorted(self.all_steps(), reverse=True):
@@ -164,10 +169,8 @@ class Checkpointer:
         process and leaves the checkpoints alone. When none can be read, the newest one's
         error is raised as a one-line ``CheckpointMismatchError``.
         """
-        self._remove_incomplete()
         timeout_s = self._timeout_s(config)
-        steps = from_chief("checkpoint-steps", lambda: sorted(self.all_steps(), reverse=True),
-                           timeout_s=timeout_s)
+        steps = from_chief("checkpoint-steps", self._chief_steps, timeout_s=timeout_s)
         failed: list[tuple[int, Exception]] = []
         for step in steps:
             restored, err, mine = self._try_restore(template_state, step, config, shardings)
@@ -179,12 +182,11 @@ class Checkpointer:
                 continue
             if worst != _OK:
                 raise _stop_error(step, err, mine, outcomes, self.directory)
-            for bad, bad_err in failed:
-                self._set_aside(bad, bad_err, step)
-            if failed:
-                # the chief has moved them: list again
-                barrier("checkpoints-set-aside", timeout_s=timeout_s)
-                self._manager.close()
+            if failed:  # the chief moves them (an error there reaches every process)
+                chief_first(lambda: [self._set_aside(bad, bad_err, step)  # noqa: B023
+                                     for bad, bad_err in failed],
+                            "checkpoints-set-aside", timeout_s=timeout_s)
+                self._manager.close()  # and every process lists again
                 self._manager = open_manager(self.directory, **self._options)
             return restored
         if failed:

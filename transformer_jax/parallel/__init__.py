@@ -9,7 +9,8 @@
 
 all implementing :class:`Strategy` (``parallel.strategy``). Several processes:
 ``initialize`` connects them (``parallel.processes``), ``parallel.coordination`` makes them
-agree (``chief_first``, ``from_chief``, ``barrier``, ``agree``, ``StopVote``) and
+agree (``chief_first``, ``from_chief``, ``barrier``, ``agree``, ``StopVote``,
+``first_failure``) and
 ``parallel.placement`` lays arrays out over their devices.
 """
 
@@ -24,6 +25,7 @@ from transformer_jax.parallel.coordination import (
     agree,
     barrier,
     chief_first,
+    first_failure,
     from_chief,
 )
 from transformer_jax.parallel.data import DataParallel, Pmap, ShardMap, SingleDevice
@@ -67,6 +69,7 @@ __all__ = [
     "chief_first",
     "default_distributed_config",
     "default_sharding_config",
+    "first_failure",
     "from_chief",
     "global_batch",
     "initialize",

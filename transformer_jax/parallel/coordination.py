@@ -8,6 +8,8 @@
   small device collective, which cannot hang any more.
 * :class:`StopVote` all-reduces the SIGTERM/Ctrl-C flag each update, so every process stops
   after the same one; :func:`agree` gathers one int per process (checkpoint outcomes).
+* :func:`first_failure`: once all agreed that one of them failed (the training loop's vote),
+  every process learns which one and its message, in one small device collective.
 
 With one process every function here is a plain call.
 """
@@ -28,7 +30,7 @@ from transformer_jax.errors import DistributedError
 from transformer_jax.parallel.placement import ordered_mesh, process_major
 from transformer_jax.parallel.processes import DEFAULT_BARRIER_TIMEOUT_S
 
-__all__ = ["StopVote", "agree", "barrier", "chief_first", "from_chief"]
+__all__ = ["StopVote", "agree", "barrier", "chief_first", "first_failure", "from_chief"]
 
 T = TypeVar("T")
 STATUS_BYTES = 512  # an error message sent between processes is cut to this many bytes
@@ -136,6 +138,19 @@ def from_chief(name: str, fn: Callable[[], Any],
     return json.loads(text[len("ok "):])
 
 
+def first_failure(message: str | None) -> tuple[int, str] | None:
+    """The lowest process whose ``message`` is not None, and its message (cut to
+    ``STATUS_BYTES``); None when no process passes one. Every process calls this at the same
+    point (once they have agreed that one failed), so it cannot wait for a lost one."""
+    if jax.process_count() == 1:
+        return None if message is None else (0, message)
+    statuses = _gather_statuses("ok" if message is None else f"error: {message}")
+    for index, status in enumerate(statuses):
+        if status != "ok":
+            return index, status[len("error: "):]
+    return None
+
+
 def barrier(name: str, timeout_s: float = DEFAULT_BARRIER_TIMEOUT_S) -> None:
     """Wait until every process arrives here (coordination service, not a device collective);
     raises :class:`DistributedError` after ``timeout_s``."""
@@ -160,6 +175,7 @@ class StopVote:
     def __init__(self, devices: Sequence[Any] | None = None):
         self._multi = jax.process_count() > 1
         self._pending = None
+        self._last = 0  # one process: the last flag
         if not self._multi:
             return
         devices = process_major(jax.devices() if devices is None else devices)
@@ -173,12 +189,20 @@ class StopVote:
         """Submit this process's flag (0: go on, > 0: a reason to stop); returns the largest
         flag of all processes (0 when every process goes on)."""
         if not self._multi:
-            return int(stop)
+            self._last = int(stop)
+            return self._last
         flags = np.full((self._local,), int(stop), np.int32)
         agreed = self._any(jax.make_array_from_process_local_data(
             self._split, flags, (self._split.mesh.size,)))
         previous, self._pending = self._pending, agreed
         return 0 if previous is None else int(previous.addressable_shards[0].data)
+
+    def current(self) -> int:
+        """The largest flag of the last :meth:`vote`, now (waits for that vote to finish; the
+        next vote answers it again). Costs no collective: the vote's is already under way."""
+        if not self._multi:
+            return self._last
+        return 0 if self._pending is None else int(self._pending.addressable_shards[0].data)
 
     def agree_min(self, value: int) -> int:
         """The smallest of every process's ``value``, now (waits for all of them)."""

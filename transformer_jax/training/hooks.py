@@ -170,10 +170,8 @@ def evaluate(session: Session, split: str, num_sentences: int, *, params=None,
     p = session.progress
     params = session.strategy.get_state(p.state).params if params is None else params
     metrics = session.evaluator.evaluate(params, split, num_sentences)
-    tag = tag or ("eval" if split == session.config.data.eval_split else split)
-    if session.is_chief:
-        session.history.add(p.step, tag, metrics)
-        session.writer.scalars(p.step, tag, metrics)
+    session.log_metrics(tag or ("eval" if split == session.config.data.eval_split else split),
+                        metrics)
     return metrics
 
 

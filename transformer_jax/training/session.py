@@ -19,6 +19,7 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -42,7 +43,7 @@ from transformer_jax.training.workdir import (
     make_workdir,
 )
 
-__all__ = ["Progress", "Session", "RunBatches", "setup"]
+__all__ = ["Failure", "Progress", "Session", "RunBatches", "setup"]
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +86,44 @@ class Progress:
 
 
 @dataclasses.dataclass
+class Failure:
+    """This process's first error where the other processes cannot see it (its training
+    data, process 0's metric writes), kept until every process has agreed to stop
+    (``training.loop``: the stop vote, then every process raises). With one process nothing
+    is kept: the error is raised where it happens, as it is.
+
+    Attributes:
+      error: the error (None: none so far).
+      update: the update it happened in.
+    """
+
+    error: Exception | None = None
+    update: int = 0
+
+    def record(self, error: Exception, update: int) -> bool:
+        """Keep ``error`` (the first one) for the stop vote; False with one process (raise it)."""
+        if jax.process_count() == 1:
+            return False
+        if self.error is None:
+            self.error, self.update = error, update
+            log.error("process %d of %d failed at update %d (%s); stopping every process",
+                      jax.process_index(), jax.process_count(), update, self.message())
+        return True
+
+    def attempt(self, fn: Callable[[], Any], update: int) -> None:
+        """``fn()``; its error is recorded (several processes) or raised (one process)."""
+        try:
+            fn()
+        except Exception as err:
+            if not self.record(err, update):
+                raise
+
+    def message(self) -> str:
+        """The error as one line: its type and text."""
+        return f"{type(self.error).__name__}: {' '.join(str(self.error).split())}"
+
+
+@dataclasses.dataclass
 class Session:
     """A training run: what :func:`setup` built and its :class:`Progress`.
 
@@ -104,6 +143,7 @@ class Session:
       is_chief: this is process 0.
       progress: the state of the loop.
       lock: the work directory's lock (process 0 holds it until :meth:`release`).
+      failure: this process's error that the other processes must hear of first.
     """
 
     config: ml_collections.ConfigDict
@@ -123,6 +163,7 @@ class Session:
     is_chief: bool
     progress: Progress
     lock: WorkdirLock
+    failure: Failure = dataclasses.field(default_factory=Failure)
 
     @property
     def strategy(self) -> Strategy:
@@ -131,6 +172,17 @@ class Session:
     def release(self) -> None:
         """Let another run use the work directory (idempotent)."""
         self.lock.release()
+
+    def log_metrics(self, tag: str, metrics: dict) -> None:
+        """Process 0 adds ``metrics`` of the current update to the history and TensorBoard;
+        an error there (a full disk) is this process's :class:`Failure`, raised once every
+        process agreed to stop (with one process: at once)."""
+        if self.is_chief:
+            self.failure.attempt(lambda: self._write_metrics(tag, metrics), self.progress.step)
+
+    def _write_metrics(self, tag: str, metrics: dict) -> None:
+        self.history.add(self.progress.step, tag, metrics)
+        self.writer.scalars(self.progress.step, tag, metrics)
 
 
 class RunBatches:
@@ -196,9 +248,9 @@ def setup(config: ml_collections.ConfigDict, workdir: str, *, signals: StopFlag,
         # A params-only checkpoint (a model imported by interop.marian) starts a fine-tuning run.
         init_params_step = latest[0] if latest and latest[1].get("params_only") else None
         run, progress = _start(run, checkpointer, train_it, workdir, init_params_step)
-        if is_chief:  # the run's record, once the restore and the data state were accepted
-            reporting.write_json(os.path.join(workdir, reporting.CONFIG_FILE),
-                                 run.config.to_dict())
+        history, writer = chief_first(  # once the restore and the data state were accepted
+            lambda: _open_records(workdir, run.config, progress.resumed_step, is_chief),
+            "records", timeout_s=config.distributed.barrier_timeout)
     except BaseException:
         lock.release()
         raise
@@ -208,12 +260,20 @@ def setup(config: ml_collections.ConfigDict, workdir: str, *, signals: StopFlag,
         checkpointer=checkpointer,
         evaluator=Evaluator.for_run(run, prepared, batch_size=eval_batch_size,
                                     metric_names=metric_names),
-        history=reporting.History(workdir, progress.resumed_step, enabled=is_chief),
-        writer=reporting.MetricWriter(workdir, enabled=is_chief),
+        history=history, writer=writer,
         throughput=Throughput(),
         budget=TimeBudget(float(config.max_train_minutes), wall_start),
         signals=signals, tokenizer_ref=_tokenizer_ref(prepared), metric_names=metric_names,
         is_chief=is_chief, progress=progress, lock=lock)
+
+
+def _open_records(workdir: str, config, resumed_step: int, is_chief: bool):
+    """The run's record (``config.json``), metric history and TensorBoard writer; process 0
+    writes them (``chief_first``: its error, a full disk, reaches every process)."""
+    if is_chief:
+        reporting.write_json(os.path.join(workdir, reporting.CONFIG_FILE), config.to_dict())
+    return (reporting.History(workdir, resumed_step, enabled=is_chief),
+            reporting.MetricWriter(workdir, enabled=is_chief))
 
 
 def _hold(lock: WorkdirLock, is_chief: bool, timeout_s: float) -> None:
