@@ -11,20 +11,25 @@ full fine-tuning and LoRA (``model.lora_rank``) — and measures on random token
 
 Usage:
   python bench/lora_finetune.py [--smoke] [--json bench/results/lora_finetune.json]
+  python bench/lora_finetune.py --bleu [--smoke] [--json bench/results/lora_finetune_bleu.json]
 
 The default model has the size of an OPUS-MT model (D 512, N 8, 6+6 layers, F 2048) with V 8000,
-batch 16 x 32 + 32 tokens); ``--smoke`` uses a tiny one for a few seconds.
+batch 16 x 32 + 32 tokens); ``--smoke`` uses a tiny one for a few seconds. ``--bleu`` compares
+the two by BLEU on a new domain after the same wall time of fine-tuning (bench/lora_bleu.py).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
+import sys
 import time
 
 import jax
+import lora_bleu
 import numpy as np
-from benchlib import write_json
+from benchlib import machine_info, write_json
 
 from transformer_jax.nn.adapters import adapter_params
 from transformer_jax.training import build_run, default_config, validate_config
@@ -80,7 +85,11 @@ def main() -> None:
     p.add_argument("--targets", default="query,key,value,out")
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--json", default="")
+    p.add_argument("--bleu", action="store_true", help="BLEU of LoRA and full fine-tuning")
+    lora_bleu.add_arguments(p)
     args = p.parse_args()
+    if args.bleu:
+        return bleu_main(args)
     size = (64, 4, 1, 128, 500, 4, 16) if args.smoke else (512, 8, 6, 2048, 8000, 16, 32)
     (args.d_model, args.heads, args.layers, args.d_ff, args.vocab, args.batch,
      args.length) = size
@@ -95,6 +104,23 @@ def main() -> None:
         write_json(args.json, {"model": dict(zip(("d_model", "heads", "layers", "d_ff", "vocab",
                                                   "batch", "length"), size, strict=True)),
                                "targets": args.targets, "rows": rows})
+
+
+def bleu_main(args) -> None:
+    """``--bleu``: the protocol of bench/lora_bleu.py, its table and JSON."""
+    lora_bleu.configure(args)
+    before = machine_info("jax")
+    result = lora_bleu.run_protocol(args)
+    print(lora_bleu.table(result))
+    if args.json:
+        options = ("smoke", "base_minutes", "ft_minutes", "full_lr", "d_model", "heads", "layers",
+                   "d_ff", "vocab", "batch", "max_length", "warmup")
+        write_json(args.json, {
+            "command": "python bench/lora_finetune.py " + " ".join(sys.argv[1:]),
+            "settings": {k: getattr(args, k) for k in options},
+            "domain_b_words": lora_bleu.ANIMAL_WORDS, **result,
+            "machine_start": before, "load_avg_end": [round(x, 2) for x in os.getloadavg()],
+            "note": "wall-clock budgets on a shared 2-core CPU: updates done depend on the load"})
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ from flax import nnx
 from helpers import packed_batch, tiny_train_config
 
 from transformer_jax.checkpoints import load_adapters, save_adapters
-from transformer_jax.config import ModelConfig
+from transformer_jax.config import ModelConfig, count_params
 from transformer_jax.nn import build_model, split_model
 from transformer_jax.nn.adapters import adapter_params, base_params, merge_lora
 from transformer_jax.training import build_run, validate_config
@@ -61,6 +61,27 @@ def test_adapters_start_as_the_base_and_merge_into_it(kind):
     layers_attention = 3 if kind == "encoder_decoder" else 1  # enc self, dec self + cross
     layers_ffn = 2 if kind == "encoder_decoder" else 1
     assert n_adapter == layers_attention * per_attention + layers_ffn * per_ffn
+    decoder_only = kind == "decoder_only"
+    assert count_params(config, decoder_only=decoder_only) == sum(
+        x.size for x in jax.tree.leaves(params))
+    assert count_params(config, decoder_only=decoder_only, trainable=True) == n_adapter
+
+
+@pytest.mark.parametrize("kind", ["encoder_decoder", "decoder_only"])
+@pytest.mark.parametrize("targets", ["value", "query,out,wo", ALL])
+def test_count_params_counts_the_adapters_as_the_trainable_part(kind, targets):
+    config = _config(lora_targets=targets, num_decoder_heads=2, decoder_d_ff=24, use_bias=True)
+    model = nnx.eval_shape(lambda: build_model(kind, config, nnx.Rngs(0)))
+    _, params = split_model(model)
+    decoder_only = kind == "decoder_only"
+    assert count_params(config, decoder_only=decoder_only) == sum(
+        x.size for x in jax.tree.leaves(params))
+    assert count_params(config, decoder_only=decoder_only, trainable=True) == sum(
+        x.size for x in jax.tree.leaves(adapter_params(params)))
+    plain = config.replace(lora_rank=0)  # no adapters: everything trains
+    assert count_params(plain, decoder_only=decoder_only, trainable=True) == count_params(
+        plain, decoder_only=decoder_only) == sum(x.size for x in jax.tree.leaves(
+            base_params(params)))
 
 
 def test_training_updates_only_the_adapters_with_state_for_them_alone():

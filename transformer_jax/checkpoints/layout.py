@@ -68,13 +68,15 @@ def _resolved_model(model: Mapping) -> dict:
     return model
 
 
-def check_compatible(saved: Mapping, wanted: Mapping, where: str) -> None:
+def check_compatible(saved: Mapping, wanted: Mapping, where: str, *,
+                     fix: str = "use a fresh --workdir or the matching config") -> None:
     """Raise :class:`CheckpointMismatchError` naming the first field that differs.
 
     Args:
       saved: resolved config dict stored with the checkpoint (``model`` / ``optimizer``).
       wanted: the config dict of this run.
       where: checkpoint directory, for the message.
+      fix: what the message tells the user to do.
     """
     pairs = [("model", k, _resolved_model) for k in ARCHITECTURE_KEYS]
     pairs += [("optimizer", k, dict) for k in OPTIMIZER_KEYS]
@@ -86,7 +88,7 @@ def check_compatible(saved: Mapping, wanted: Mapping, where: str) -> None:
             name = key if section == "model" else f"{section}.{key}"
             raise CheckpointMismatchError(
                 f"checkpoint in {where} was written for {name}={old} but the config asks for "
-                f"{name}={new}; use a fresh --workdir or the matching config."
+                f"{name}={new}; {fix}."
             )
 
 

@@ -30,6 +30,7 @@ from transformer_jax.checkpoints.layout import (
 from transformer_jax.config import ModelConfig
 from transformer_jax.data.tokenizer import TOKENIZER_FILE, Tokenizer
 from transformer_jax.nn import DEFAULT_MODEL_KIND, abstract_params, build_model
+from transformer_jax.nn.adapters import merge_lora
 
 __all__ = ["load_params", "read_meta", "read_run", "read_tokenizer"]
 
@@ -128,7 +129,9 @@ def read_tokenizer(workdir: str, meta: Mapping) -> Tokenizer:
 def _read_step(path: str, step: int | None) -> tuple[dict, object, object]:
     """``(meta, abstract model, params)`` of checkpoint ``step`` (default newest) in ``path``.
 
-    The model is traced once (seconds for a large model) and gives the params' shapes."""
+    The model is traced once (seconds for a large model) and gives the params' shapes. A
+    model trained with LoRA adapters comes back with them merged into its weights (a model
+    without adapters, ``nn.adapters.merge_lora``)."""
     directory = checkpoint_dir(path)
     meta = read_meta(directory, step)
     saved = meta.get("config") or {}
@@ -138,7 +141,11 @@ def _read_step(path: str, step: int | None) -> tuple[dict, object, object]:
     kind = saved.get("model_kind", DEFAULT_MODEL_KIND)
     model = nnx.eval_shape(lambda: build_model(kind, config, nnx.Rngs(0)))
     abstract = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    return meta, model, _restore_params(directory, meta["step"], abstract)
+    params = _restore_params(directory, meta["step"], abstract)
+    if config.lora_rank:  # LoRA adapters folded in: a plain model, decoding at full speed
+        config, params = merge_lora(config, params)
+        model = nnx.eval_shape(lambda: build_model(kind, config, nnx.Rngs(0)))
+    return meta, model, params
 
 
 def _readable_step(workdir: str, step: int | None, averaged: bool) -> tuple[dict, object, object]:
@@ -173,7 +180,7 @@ def read_run(workdir: str, step: int | None = None, averaged: bool = False) -> d
     (files missing, short or undecodable) is skipped for the newest readable one, with a
     one-line warning on stderr; any other error is raised. The model is built from the run's
     saved ``model`` config and ``model_kind``; callers use what the model answers
-    (``nn.model``), never the kind itself.
+    (``nn.model``), never the kind itself. LoRA adapters come back merged into the weights.
     """
     workdir = os.path.abspath(workdir)
     if not os.path.isdir(workdir):

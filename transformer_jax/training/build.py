@@ -25,6 +25,7 @@ from flax import nnx
 
 from transformer_jax.config import ModelConfig
 from transformer_jax.nn import ModelDef, build_model, split_model
+from transformer_jax.nn.adapters import adapter_params
 from transformer_jax.parallel import Strategy, make_strategy
 from transformer_jax.training.defaults import model_config
 from transformer_jax.training.lora import for_adapters
@@ -113,6 +114,15 @@ class Run:
             return create_train_state(full, self.tx)
 
         return jax.jit(make, out_shardings=self.state_shardings)(given)
+
+    def param_counts(self) -> dict[str, int]:
+        """``{"total": ..., "trainable": ...}`` parameters of the model; training updates the
+        LoRA adapters alone when the model has them (``model.lora_rank > 0``), else all."""
+        params = self.abstract_state.params
+        total = sum(x.size for x in jax.tree.leaves(params))
+        trainable = (sum(x.size for x in jax.tree.leaves(adapter_params(params)))
+                     if self.model_config.lora_rank else total)
+        return {"total": int(total), "trainable": int(trainable)}
 
     def with_num_train_steps(self, steps: int) -> Run:
         """This run with a schedule that spans ``steps`` updates (and its step recompiled);

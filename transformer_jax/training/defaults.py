@@ -40,6 +40,9 @@ Top-level keys:
   eval_length_penalty     beam-search length penalty alpha
   average_last            > 1: at the end, average the last k checkpoints into
                           <workdir>/averaged and report its metrics too
+  init_from               "" or the work directory of a trained run: a fresh run starts
+                          from its newest parameters and its tokenizer (the model must
+                          have its architecture; training.init_from)
   model.*                 transformer_jax.config.ModelConfig fields (vocab_size comes from
                           the tokenizer; dtype "float16" is refused: no loss scaling)
   data.*                  transformer_jax.data default_data_config()
@@ -136,6 +139,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.eval_beam_size = 1
     c.eval_length_penalty = 0.6
     c.average_last = 0
+    c.init_from = ""
     c.model = _model_defaults()
     c.data = default_data_config()
     c.optimizer = default_optimizer_config()
@@ -208,6 +212,9 @@ def _check_schedule_keys(merged: dict) -> None:
         raise ConfigError(f"seed={merged['seed']} must be below 2**32 ({SEED_LIMIT}); choose a "
                           "seed in [0, 2**32).")
     parse_metrics(merged["eval_metrics"])
+    if not isinstance(merged["init_from"], str):
+        raise ConfigError(f"init_from={merged['init_from']!r} must be the path of a trained "
+                          "work directory, or '' to start from fresh weights.")
     minutes = merged["max_train_minutes"]
     if isinstance(minutes, bool) or not isinstance(minutes, int | float) or not minutes >= 0:
         raise ConfigError(f"max_train_minutes={minutes!r} must be a number of minutes >= 0 "

@@ -221,6 +221,7 @@ def finish(session: Session) -> dict:
         "train_tokens_per_s": session.throughput.rate,
         "train_seconds": session.throughput.seconds,
         "train_pairs_dropped": len(session.prepared.stats.dropped_train_ids),
+        "params": session.run.param_counts(),  # total, and trainable (LoRA: adapters only)
     }
     try:
         if not p.interrupted:

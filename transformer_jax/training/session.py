@@ -5,11 +5,13 @@ A :class:`Session` is the whole state of a run, in the open: what set-up built (
 writers) and the :class:`Progress` that the loop and its hooks advance. Nothing is set
 elsewhere, so the loop (``training.loop``) and the hooks (``training.hooks``) read one object.
 
-Order of set-up: the strategy checks the batch sizes (before anything is written), the work
-directory is created and locked (``training.workdir``: one run at a time), a resume checks
-the tokenizer against its checkpoint's, the data are prepared (the tokenizer's size becomes
-``model.vocab_size``), the run is built, the state is restored from the newest readable
-checkpoint, or initialised, and only then ``config.json`` records the run.
+Order of set-up: the strategy checks the batch sizes and ``init_from`` is checked
+(``training.init_from``; before anything is written), the work directory is created and
+locked (``training.workdir``: one run at a time), a resume checks the tokenizer against its
+checkpoint's, the data are prepared (the tokenizer's size becomes ``model.vocab_size``), the
+run is built, the state is restored from the newest readable checkpoint, or started from the
+weights of a fine-tuning's start, or initialised, and only then ``config.json`` records the
+run.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from transformer_jax.training.budget import Throughput, TimeBudget
 from transformer_jax.training.build import Run, build_run
 from transformer_jax.training.defaults import parse_metrics
 from transformer_jax.training.evaluate import Evaluator
+from transformer_jax.training.init_from import StartingPoint, starting_point
 from transformer_jax.training.step import TrainState
 from transformer_jax.training.workdir import (
     WorkdirLock,
@@ -230,6 +233,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str, *, signals: StopFlag,
     strategy.check_batch_size(config.batch_size)  # before anything is written
     eval_batch_size = config.eval_batch_size or config.batch_size
     strategy.check_batch_size(eval_batch_size)
+    start = starting_point(config, workdir)  # None: fresh weights, a resume or an import
     is_chief = jax.process_index() == 0
     created = make_workdir(workdir)
     lock = WorkdirLock(workdir)
@@ -240,17 +244,21 @@ def setup(config: ml_collections.ConfigDict, workdir: str, *, signals: StopFlag,
         latest = checkpointer.latest_meta()  # fail before touching anything if the run
         if latest is not None:  # cannot continue
             check_tokenizer(workdir, *latest)
-        prepared = _prepare_data(config, workdir, created)
+        prepared = _prepare_data(config, workdir, created, start if latest is None else None)
         run = build_run(config, vocab_size=prepared.vocab_size, strategy=strategy)
         if latest is not None:
             check_compatible(latest[1].get("config", {}), run.config.to_dict(), workdir)
         train_it = RunBatches(prepared, run)
-        # A params-only checkpoint (a model imported by interop.marian) starts a fine-tuning run.
-        init_params_step = latest[0] if latest and latest[1].get("params_only") else None
-        run, progress = _start(run, checkpointer, train_it, workdir, init_params_step)
-        history, writer = chief_first(  # once the restore and the data state were accepted
-            lambda: _open_records(workdir, run.config, progress.resumed_step, is_chief),
-            "records", timeout_s=config.distributed.barrier_timeout)
+        init_params = _initial_params(workdir, latest, start)
+        run, progress = _start(run, checkpointer, train_it, init_params)
+
+        def records():  # once the restore and the data state were accepted
+            if is_chief and latest is None and start is not None:
+                start.record(workdir, init_params)
+            return _open_records(workdir, run.config, progress.resumed_step, is_chief)
+
+        history, writer = chief_first(records, "records",
+                                      timeout_s=config.distributed.barrier_timeout)
     except BaseException:
         lock.release()
         raise
@@ -284,18 +292,27 @@ def _hold(lock: WorkdirLock, is_chief: bool, timeout_s: float) -> None:
         raise WorkdirError(refused)
 
 
-def _start(run: Run, checkpointer: Checkpointer, train_it: RunBatches, workdir: str,
-           init_params_step: int | None) -> tuple[Run, Progress]:
+def _initial_params(workdir: str, latest, start: StartingPoint | None):
+    """The parameters a fine-tuning run starts from, or None (fresh weights or a resume): a
+    params-only checkpoint (a model imported by interop.marian), or ``init_from``'s."""
+    if latest is not None:
+        return load_params(workdir, latest[0]) if latest[1].get("params_only") else None
+    return None if start is None else start.params()
+
+
+def _start(run: Run, checkpointer: Checkpointer, train_it: RunBatches,
+           init_params) -> tuple[Run, Progress]:
     """The state restored into its shardings from the newest readable checkpoint (damaged
-    newer ones are set aside), or initialised there; the run with its fitted schedule."""
+    newer ones are set aside), started from ``init_params`` (fine-tuning) or initialised
+    there; the run with its fitted schedule."""
     restored = None
-    if init_params_step is None:
+    if init_params is None:
         restored = checkpointer.restore_latest(run.abstract_state, config=run.config.to_dict(),
                                                shardings=run.state_shardings)
     rng = jax.random.fold_in(jax.random.key(run.config.seed), 1)  # dropout stream
     resumed_step, fitted = 0, None
-    if init_params_step is not None:
-        state = run.state_from_params(load_params(workdir, init_params_step))
+    if init_params is not None:
+        state = run.state_from_params(init_params)
     elif restored is None:
         state = run.init_state()
     else:
@@ -318,12 +335,17 @@ def _start(run: Run, checkpointer: Checkpointer, train_it: RunBatches, workdir: 
     return run, progress
 
 
-def _prepare_data(config, workdir: str, created: bool):
-    """The prepared data, process 0 first; a failure leaves no half-prepared work directory
-    behind (one this run ``created`` is removed)."""
+def _prepare_data(config, workdir: str, created: bool, start: StartingPoint | None):
+    """The prepared data (with ``start``'s tokenizer), process 0 first; a failure leaves no
+    half-prepared work directory behind (one this run ``created`` is removed)."""
+
+    def prepare():
+        if start is not None:
+            start.install_tokenizer(workdir)
+        return data_lib.prepare(config.data, workdir)
+
     try:
-        return chief_first(lambda: data_lib.prepare(config.data, workdir), "prepare",
-                           timeout_s=config.distributed.barrier_timeout)
+        return chief_first(prepare, "prepare", timeout_s=config.distributed.barrier_timeout)
     except Exception:
         if created and jax.process_index() == 0:
             shutil.rmtree(workdir, ignore_errors=True)

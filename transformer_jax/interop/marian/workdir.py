@@ -32,6 +32,7 @@ from transformer_jax.interop.marian.hf import (
 from transformer_jax.interop.marian.tokenizer import MarianTokenizer, TokenizerFilesError
 from transformer_jax.interop.marian.weights import ConversionError
 from transformer_jax.nn import DEFAULT_MODEL_KIND
+from transformer_jax.nn.adapters import merge_lora
 
 __all__ = ["export_workdir", "import_workdir", "main", "permute_vocab"]
 
@@ -146,7 +147,10 @@ def export_workdir(workdir: str, to: str, *, step: int | None = None) -> str:
     with open(os.path.join(marian_dir, ORDER_FILE), encoding="utf-8") as f:
         order = json.load(f)
     tokenizer = MarianTokenizer.from_directory(marian_dir)
-    params = permute_vocab(load_params(workdir, meta["step"]), np.argsort(order))
+    params = load_params(workdir, meta["step"])
+    if config.lora_rank:  # a LoRA fine-tuning: the adapters folded into the weights
+        config, params = merge_lora(config, params)
+    params = permute_vocab(params, np.argsort(order))
     with open(os.path.join(marian_dir, "config.json"), encoding="utf-8") as f:
         hf = json.load(f)
     tmp = f"{to}.exporting-{os.getpid()}"
