@@ -6,11 +6,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from helpers import synthetic_batch, tiny_model, trained_workdir
+from helpers import synthetic_batch, tiny_config, tiny_model, trained_workdir
 
 from transformer_jax import translate
 from transformer_jax.inference import Translator
-from transformer_jax.nn import quantize_int8, split_model
+from transformer_jax.nn import build_model, quantize_int8, split_model
 
 SENTENCES = ["twenty one", "seven", "nine thousand nine hundred and ninety nine",
              "one hundred and five", "", "eighty", "three thousand and twelve"]
@@ -65,19 +65,18 @@ def test_quantized_model_is_the_numpy_rounded_model(tie):
     np.testing.assert_allclose(forward(q_def.graphdef, q_params), want, rtol=1e-5, atol=1e-5)
 
     # from 0 rows every projection also quantises its input: close, not equal
-    i_def, i_params = split_model(quantize_int8(model_def.merge(params), min_rows=0))
+    model = quantize_int8(model_def.merge(params), min_rows=0)
+    i_def, i_params = split_model(model)
     got = forward(i_def.graphdef, i_params)
     assert 0 < float(jnp.abs(got - want).max()) < 0.05 * float(jnp.std(want))
-    assert float(jnp.abs(forward(model_def.graphdef, params) - want).max()) > 0  # rounded
-
-
-def test_quantize_refuses_adapters_and_a_second_pass():
-    model_def, params = tiny_model(lora_rank=2)
-    with pytest.raises(ValueError, match="merge_lora"):
-        quantize_int8(model_def.merge(params))
-    model_def, params = tiny_model()
-    model = quantize_int8(model_def.merge(params))
     with pytest.raises(ValueError, match="already quantised"):
+        quantize_int8(model)
+
+
+def test_quantize_refuses_adapters():
+    config = tiny_config(lora_rank=2)  # refused before any weight is read: shapes suffice
+    model = nnx.eval_shape(lambda: build_model("encoder_decoder", config, nnx.Rngs(0)))
+    with pytest.raises(ValueError, match="merge_lora"):
         quantize_int8(model)
 
 
@@ -96,11 +95,6 @@ def test_translator_int8_decodes_as_the_numpy_rounded_model(workdir):
     want = rounded.translate(SENTENCES, beam_size=1)
     assert int8.translate(SENTENCES, beam_size=1) == want and want[4] == ""
     assert fp32.quantize is None and int8.quantize == "int8"
-    # beam search with every projection on the float path: the rounded model exactly (with
-    # int8 matmuls in the steps too, a near tie of this little-trained model may flip)
-    float_path = Translator(quantize_int8(fp32.model, min_rows=10**9), fp32.tokenizer,
-                            normalize=fp32.normalize)
-    assert float_path.translate(SENTENCES) == rounded.translate(SENTENCES)
     with pytest.raises(ValueError, match="quantize='int4' is not supported; use one of int8"):
         Translator.from_workdir(workdir, quantize="int4")
 
