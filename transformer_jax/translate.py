@@ -3,6 +3,7 @@
   python -m transformer_jax.translate --workdir runs/demo < input.txt > output.txt
   python -m transformer_jax.translate --workdir runs/demo --beam 4 --alpha 0.6 \\
       --reference ref.txt < input.txt > output.txt          # scores on stderr
+  python -m transformer_jax.translate --workdir runs/demo --quantize int8 < input.txt
 
 Beam search with 4 beams by default; the length penalty defaults to the run's own
 ``eval_length_penalty`` (the one its evaluation used; 0.6, the paper's, for runs without one).
@@ -112,6 +113,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--input", default="-", help="input file (default: stdin)")
     parser.add_argument("--chunk_size", type=int, default=1024,
                         help="lines read, sorted, translated and written at a time")
+    parser.add_argument("--quantize", default="none",
+                        help="'int8': decode with int8 weights (docs/decoding.md, 'int8'); "
+                             "'none' (default): the weights as trained")
     parser.add_argument("--compile_cache", default=DEFAULT_CACHE,
                         help="persistent JAX compilation cache directory ('none': off)")
     return parser
@@ -200,6 +204,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --beam={args.beam}, --batch_size={args.batch_size} and "
               f"--chunk_size={args.chunk_size} must be >= 1.", file=sys.stderr)
         return 2
+    if args.quantize not in ("none", "int8"):
+        print(f"error: --quantize={args.quantize} is not supported; use int8 or none.",
+              file=sys.stderr)
+        return 2
     if args.alpha is not None and not math.isfinite(args.alpha):
         print(f"error: --alpha={args.alpha} is not a finite number; give a finite length "
               "penalty such as 0.6.", file=sys.stderr)
@@ -216,8 +224,9 @@ def main(argv: list[str] | None = None) -> int:
     _quiet_logs()
     _enable_compile_cache(args.compile_cache)
     try:
-        translator = Translator.from_workdir(args.workdir, step=args.step,
-                                             averaged=args.averaged)
+        translator = Translator.from_workdir(
+            args.workdir, step=args.step, averaged=args.averaged,
+            quantize=None if args.quantize == "none" else args.quantize)
     except (FileNotFoundError, ValueError, DataError, CheckpointMismatchError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

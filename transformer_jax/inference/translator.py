@@ -33,7 +33,7 @@ from transformer_jax import decoding
 from transformer_jax.checkpoints import read_run
 from transformer_jax.data.preprocess import source_transform
 from transformer_jax.data.tokenizer import EOS_ID, PAD_ID, Tokenizer
-from transformer_jax.nn import split_model
+from transformer_jax.nn import QUANTIZE_MODES, quantize_int8, split_model
 
 __all__ = ["EXTRA_LENGTH", "Translator", "attention_maps", "make_translate_fn"]
 
@@ -139,12 +139,17 @@ class Translator:
       extra_length: outputs are capped at source length + this (paper: 50).
       normalize: applied to every source sentence before tokenizing (``from_workdir`` passes
         ``data.preprocess.source_transform`` of the run: what its training pairs went through).
+      quantize: "int8" decodes with int8 weights (``nn.int8``: int8 x int8 matmuls for
+        batches of rows, every projection's weights rounded to int8); None keeps the weights.
     """
 
     def __init__(self, model, tokenizer: Tokenizer, *, params=None,
                  max_source_length: int | None = None, max_decode_length: int | None = None,
                  extra_length: int = EXTRA_LENGTH,
-                 normalize: Callable[[str], str] | None = None):
+                 normalize: Callable[[str], str] | None = None, quantize: str | None = None):
+        if quantize is not None and quantize not in QUANTIZE_MODES:
+            raise ValueError(f"quantize={quantize!r} is not supported; use one of "
+                             f"{', '.join(QUANTIZE_MODES)} or None (float weights).")
         if not model.translates:
             raise TypeError(f"Translator needs a model that translates (an encoder-decoder "
                             f"Transformer), not a {type(model).__name__}; use Generator for "
@@ -155,6 +160,9 @@ class Translator:
             if any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree_util.tree_leaves(own)):
                 raise ValueError("the model is abstract (nnx.eval_shape); pass params=.")
             params = own
+        if quantize == "int8":  # a new module: the caller's model keeps its weights
+            self.model_def, params = split_model(quantize_int8(self.model_def.merge(params)))
+        self.quantize = quantize
         self.params = jax.device_put(params, jax.local_devices()[0])
         self.tokenizer = tokenizer
         if tokenizer.vocab_size > self.config.vocab_size:

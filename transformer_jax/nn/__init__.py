@@ -4,7 +4,8 @@ Main entry points: ``Transformer`` (encoder-decoder), ``DecoderOnlyLM``, ``build
 config, rngs)`` (either, by name), ``split_model`` / ``ModelDef``, ``shift_right``, the model
 protocol ``Model`` (``nn.model``: ``model(batch)``, ``hidden`` / ``logits``,
 ``init_decoding`` / ``decode``) and the building blocks ``MultiHeadAttention``,
-``FeedForward``, ``Residual``, ``TransformerLayer`` (``EncoderLayer``, ``DecoderLayer``). All
+``FeedForward``, ``Residual``, ``TransformerLayer`` (``EncoderLayer``, ``DecoderLayer``);
+``quantize_int8(model)`` gives a built model int8 weights for decoding (``nn.int8``). All
 modules work as pure functions of ``split_model(model)`` under ``jax.jit``::
 
     model_def, params = split_model(model)
@@ -25,6 +26,7 @@ from transformer_jax.nn.build import (
     split_model,
 )
 from transformer_jax.nn.embeddings import InputEmbedding, OutputProjection, TokenEmbedding
+from transformer_jax.nn.int8 import QUANTIZE_MODES, Int8Dense, quantize_int8
 from transformer_jax.nn.layers import (
     DecoderLayer,
     EncoderLayer,
@@ -42,12 +44,14 @@ from transformer_jax.nn.transformer import Transformer
 __all__ = [
     "DEFAULT_MODEL_KIND",
     "MODEL_KINDS",
+    "QUANTIZE_MODES",
     "Model",
     "ModelDef",
     "abstract_params",
     "build_model",
     "logical_specs",
     "model_class",
+    "quantize_int8",
     "split_model",
     "Decoder",
     "DecoderLayer",
@@ -56,6 +60,7 @@ __all__ = [
     "EncoderLayer",
     "FeedForward",
     "InputEmbedding",
+    "Int8Dense",
     "LayerNorm",
     "MultiHeadAttention",
     "OutputProjection",

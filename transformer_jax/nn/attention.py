@@ -41,6 +41,7 @@ from flax import nnx
 from jax import lax
 
 from transformer_jax import ops
+from transformer_jax.nn.int8 import INT8_SUFFIX, quantize_weight
 from transformer_jax.nn.lora import LoRA
 from transformer_jax.nn.partitioning import logical_param
 
@@ -147,22 +148,35 @@ class MultiHeadAttention(nnx.Module):
         if name == "key":
             bias = ops.inert_key_bias(bias)  # no effect on outputs, so an exact zero gradient
         inputs, kernel = inputs.astype(self.dtype), self._param(name)
-        lora = getattr(self, f"{name}_lora", None)
-        if lora is None:
+        adapter = self._adapter(name)
+        if adapter is None:
             return ops.project_qkv(inputs, kernel, bias)
         d, n, h = kernel.shape
-        out = lora(inputs, kernel.reshape(d, n * h)).reshape(*inputs.shape[:2], n, h)
+        out = adapter(inputs, kernel.reshape(d, n * h)).reshape(*inputs.shape[:2], n, h)
         return out if bias is None else out + bias
 
     def _output(self, heads) -> jax.Array:
         """``[B, T, N, H]`` -> ``[B, T, D]`` with the output projection (and its adapter)."""
         kernel, bias = self._param("out"), self._param("out_bias")
-        lora = getattr(self, "out_lora", None)
-        if lora is None:
+        adapter = self._adapter("out")
+        if adapter is None:
             return ops.project_out(heads, kernel, bias)
         b, t, n, h = heads.shape
-        out = lora(heads.reshape(b, t, n * h), kernel.reshape(n * h, -1))
+        out = adapter(heads.reshape(b, t, n * h), kernel.reshape(n * h, -1))
         return out if bias is None else out + bias
+
+    def _adapter(self, name: str):
+        """What sits beside projection ``name``'s weight, called as ``adapter(x, w [D_in,
+        D_out])``: its LoRA adapter, its int8 weights (``nn.int8``) or None."""
+        lora = getattr(self, f"{name}_lora", None)
+        return lora if lora is not None else getattr(self, name + INT8_SUFFIX, None)
+
+    def quantize_int8(self, *, min_rows: int) -> None:
+        """int8 weights for the four projections (``nn.int8.quantize_int8``)."""
+        for name in self._NAMES:
+            d_in = self.d_model if name != "out" else self.num_heads * self.head_dim
+            setattr(self, name + INT8_SUFFIX,
+                    quantize_weight(getattr(self, name), d_in, min_rows=min_rows))
 
     # ------------------------------------------------------------------ caches
 

@@ -18,6 +18,7 @@ from flax import nnx
 
 from transformer_jax import ops
 from transformer_jax.config import ModelConfig
+from transformer_jax.nn.int8 import INT8_SUFFIX, quantize_weight
 from transformer_jax.nn.partitioning import logical_init
 from transformer_jax.ops import dropout
 
@@ -131,10 +132,23 @@ class OutputProjection(nnx.Module):
         return kernel, bias
 
     def __call__(self, x) -> jax.Array:
+        int8 = getattr(self, "kernel" + INT8_SUFFIX, None)
+        if int8 is not None:  # after nn.int8.quantize_int8
+            kernel, bias = self.weights()
+            logits = int8(x.astype(self.dtype), kernel, dtype=jnp.float32)  # [B, T, V]
+            return logits if bias is None else logits + bias
         logits = self.tokens.attend(x) if self.tie else self._dense(x)  # [B, T, V]
         if hasattr(self, "logits_bias"):
             logits = logits + self.logits_bias[...].astype(jnp.float32)
         return logits
+
+    def quantize_int8(self, *, min_rows: int) -> None:
+        """int8 weights for the projection (``nn.int8.quantize_int8``); a tied table is
+        quantised per row (per output logit), which its look-ups then read."""
+        param = self.tokens.embed.embedding if self.tie else self.dense.kernel
+        d_model = param[...].shape[1 if self.tie else 0]
+        setattr(self, "kernel" + INT8_SUFFIX,
+                quantize_weight(param, d_model, transpose=self.tie, min_rows=min_rows))
 
     def _dense(self, x) -> jax.Array:
         kernel = self.dense.kernel[...].astype(self.dtype)  # [D, V]

@@ -20,6 +20,7 @@ from flax import nnx
 
 from transformer_jax.config import ACTIVATIONS, ModelConfig
 from transformer_jax.nn.attention import MultiHeadAttention
+from transformer_jax.nn.int8 import INT8_SUFFIX, quantize_weight
 from transformer_jax.nn.lora import make_lora
 from transformer_jax.nn.partitioning import logical_init
 from transformer_jax.ops import dropout
@@ -88,18 +89,28 @@ class FeedForward(nnx.Module):
 
     def __call__(self, x: jax.Array, *, dropout_rng=None) -> jax.Array:
         """``[B, T, D]`` -> ``[B, T, D]``."""
-        hidden = ACTIVATIONS[self.activation](_dense(self.wi, self.wi_lora, x))  # [B, T, F]
+        hidden = ACTIVATIONS[self.activation](self._dense("wi", x))  # [B, T, F]
         hidden = dropout(hidden, self.dropout_rate, dropout_rng)
-        return _dense(self.wo, self.wo_lora, hidden)  # [B, T, D]
+        return self._dense("wo", hidden)  # [B, T, D]
 
+    def _dense(self, name: str, x) -> jax.Array:
+        """Projection ``name`` of ``x``, through what sits beside its weight (a LoRA adapter,
+        or int8 weights after ``nn.int8.quantize_int8``) when there is one."""
+        linear = getattr(self, name)
+        adapter = getattr(self, f"{name}_lora")
+        adapter = getattr(self, name + INT8_SUFFIX, None) if adapter is None else adapter
+        if adapter is None:
+            return linear(x)
+        x = x.astype(linear.dtype)
+        out = adapter(x, linear.kernel[...].astype(linear.dtype))
+        return out if linear.bias is None else out + linear.bias[...].astype(linear.dtype)
 
-def _dense(linear: nnx.Linear, lora, x) -> jax.Array:
-    """``linear(x)``, through its LoRA adapter when it has one."""
-    if lora is None:
-        return linear(x)
-    x = x.astype(linear.dtype)
-    out = lora(x, linear.kernel[...].astype(linear.dtype))
-    return out if linear.bias is None else out + linear.bias[...].astype(linear.dtype)
+    def quantize_int8(self, *, min_rows: int) -> None:
+        """int8 weights for ``wi`` and ``wo`` (``nn.int8.quantize_int8``)."""
+        for name in ("wi", "wo"):
+            linear = getattr(self, name)
+            setattr(self, name + INT8_SUFFIX,
+                    quantize_weight(linear.kernel, linear.in_features, min_rows=min_rows))
 
 
 class Residual(nnx.Module):

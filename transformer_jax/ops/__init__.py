@@ -1,4 +1,5 @@
-"""Pure-JAX building blocks of the Transformer: attention, masks, positions, losses, LoRA.
+"""Pure-JAX building blocks of the Transformer: attention, masks, positions, losses, LoRA,
+int8 quantisation.
 
 No Flax here; every function works under ``jax.jit``, ``jax.vmap`` and ``jax.grad``.
 """
@@ -29,9 +30,18 @@ from transformer_jax.ops.positional import (
     relative_position_buckets,
     sinusoidal_encoding,
 )
+from transformer_jax.ops.quantize import (
+    QMAX,
+    dequantize,
+    int8_dot,
+    int8_matmul,
+    quantize_per_channel,
+    quantize_rows,
+)
 
 __all__ = [
     "IMPLEMENTATIONS",
+    "QMAX",
     "AttentionSpec",
     "FusedLoss",
     "alibi_bias",
@@ -40,6 +50,7 @@ __all__ = [
     "causal_mask",
     "combine_masks",
     "cross_entropy",
+    "dequantize",
     "dot_product_attention",
     "dropout",
     "fused_cross_entropy",
@@ -52,7 +63,11 @@ __all__ = [
     "padding_mask",
     "project_out",
     "inert_key_bias",
+    "int8_dot",
+    "int8_matmul",
     "project_qkv",
+    "quantize_per_channel",
+    "quantize_rows",
     "relative_position_bias",
     "relative_position_buckets",
     "segment_mask",
