@@ -29,7 +29,7 @@ from transformer_jax.checkpoints.layout import (
 )
 from transformer_jax.config import ModelConfig
 from transformer_jax.data.tokenizer import TOKENIZER_FILE, Tokenizer
-from transformer_jax.nn import DEFAULT_MODEL_KIND, abstract_params, build_model
+from transformer_jax.nn import DEFAULT_MODEL_KIND, abstract_model, abstract_params
 
 __all__ = ["load_params", "read_meta", "read_run", "read_tokenizer"]
 
@@ -128,7 +128,7 @@ def read_tokenizer(workdir: str, meta: Mapping) -> Tokenizer:
 def _read_step(path: str, step: int | None) -> tuple[dict, object, object]:
     """``(meta, abstract model, params)`` of checkpoint ``step`` (default newest) in ``path``.
 
-    The model is traced once (seconds for a large model) and gives the params' shapes."""
+    The model is built abstractly once (``nn.abstract_model``) and gives the params' shapes."""
     directory = checkpoint_dir(path)
     meta = read_meta(directory, step)
     saved = meta.get("config") or {}
@@ -136,7 +136,7 @@ def _read_step(path: str, step: int | None) -> tuple[dict, object, object]:
         raise ValueError(f"the checkpoint in {directory} has no model config in its metadata.")
     config = ModelConfig.from_dict(dict(saved["model"]))
     kind = saved.get("model_kind", DEFAULT_MODEL_KIND)
-    model = nnx.eval_shape(lambda: build_model(kind, config, nnx.Rngs(0)))
+    model = abstract_model(kind, config)
     abstract = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     return meta, model, _restore_params(directory, meta["step"], abstract)
 

@@ -139,12 +139,14 @@ class Translator:
       extra_length: outputs are capped at source length + this (paper: 50).
       normalize: applied to every source sentence before tokenizing (``from_workdir`` passes
         ``data.preprocess.source_transform`` of the run: what its training pairs went through).
+      program_store: an ``exported.ProgramStore``: the translate programs are exported there
+        once and read back by later processes, which then skip tracing and lowering them.
     """
 
     def __init__(self, model, tokenizer: Tokenizer, *, params=None,
                  max_source_length: int | None = None, max_decode_length: int | None = None,
                  extra_length: int = EXTRA_LENGTH,
-                 normalize: Callable[[str], str] | None = None):
+                 normalize: Callable[[str], str] | None = None, program_store=None):
         if not model.translates:
             raise TypeError(f"Translator needs a model that translates (an encoder-decoder "
                             f"Transformer), not a {type(model).__name__}; use Generator for "
@@ -173,6 +175,9 @@ class Translator:
         # of the translate CLI); the paper's 0.6 otherwise
         self.length_penalty = 0.6
         self._fns: dict[tuple, object] = {}
+        # the non-param state is closed over by an exported program: only an empty one
+        self.program_store = None if jax.tree_util.tree_leaves(self.model_def.rest) else \
+            program_store
 
     @classmethod
     def from_workdir(cls, workdir: str, *, step: int | None = None, averaged: bool = False,
@@ -238,10 +243,13 @@ class Translator:
     def _fn(self, buffer: int, beam_size: int, alpha: float, min_length: int = 0):
         key = (buffer, beam_size, float(alpha), self.extra_length, min_length)
         if key not in self._fns:
-            self._fns[key] = make_translate_fn(
+            fn = make_translate_fn(
                 self.model_def, max_length=buffer, beam_size=beam_size, length_penalty=alpha,
                 extra_length=self.extra_length, pad_id=self.config.pad_id,
                 min_length=min_length)
+            if self.program_store is not None:
+                fn = self.program_store.wrap(fn, {"translate": key, "pad": self.config.pad_id})
+            self._fns[key] = fn
         return self._fns[key]
 
     # -------------------------------------------------------------------- translation
