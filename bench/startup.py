@@ -11,7 +11,7 @@ of them alike; the medians, ranges and after/before ratios of wall-clock and use
 seconds go to the JSON, with the load average around every run.
 
   python bench/startup.py --before /tmp/before --runs 5     # the OPUS-MT-sized model
-  python bench/startup.py --smoke --workdir runs/demo       # one round, seconds; CI runs it
+  python bench/startup.py --smoke --workdir runs/demo       # one cold + warm pair; CI runs it
 
 The default model is ``bench/translate_speed.py``'s (``/tmp/translate_speed_full``: the
 imported ``jax_workdir``, ``ct2`` and ``marian/source.spm``).
@@ -63,7 +63,8 @@ def timed(cmd: list[str], env: dict, stdin: bytes) -> dict:
 
 def translate_runs(package: str, args, cache: str) -> dict:
     """A cold and a warm run of the command with ``package`` first on ``PYTHONPATH``."""
-    env = dict(os.environ, PYTHONPATH=package)
+    inherited = os.environ.get("PYTHONPATH")
+    env = dict(os.environ, PYTHONPATH=package + (os.pathsep + inherited if inherited else ""))
     cmd = [sys.executable, "-m", "transformer_jax.translate", "--workdir", args.workdir,
            "--beam", str(args.beam), "--compile_cache", cache]
     shutil.rmtree(cache, ignore_errors=True)
@@ -120,12 +121,13 @@ def parse_args(argv=None):
     parser.add_argument("--runs", type=int, default=5, help="rounds")
     parser.add_argument("--beam", type=int, default=4)
     parser.add_argument("--sentence", default=SENTENCE)
-    parser.add_argument("--smoke", action="store_true", help="one round, no CTranslate2")
+    parser.add_argument("--smoke", action="store_true",
+                        help="one round of this checkout alone, no CTranslate2")
     parser.add_argument("--json", default=None, help="result file")
     args = parser.parse_args(argv)
     root = os.path.dirname(os.path.abspath(args.workdir))
     if args.smoke:
-        args.runs, args.ct2 = 1, None
+        args.runs, args.ct2, args.before = 1, None, None
     elif args.ct2 is None and os.path.isdir(os.path.join(root, "ct2")):
         args.ct2 = os.path.join(root, "ct2")
     if args.ct2 and args.spm is None:
