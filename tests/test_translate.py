@@ -1,6 +1,7 @@
 """python -m transformer_jax.translate: line order/count, empty lines, UTF-8 errors, scores,
 exit codes."""
 
+import importlib.util
 import io
 import os
 import re
@@ -60,6 +61,8 @@ def test_cli_keeps_lines_and_reports_sacrebleu_scores(workdir, tmp_path):
     assert float(scores["exact_match"]) == pytest.approx(100 * same / len(REFS), abs=1e-4)
     assert f"({len(LINES)} lines" in err[-1]
     assert any(cache.iterdir())  # the compiled programs, for the next run
+    if importlib.util.find_spec("flatbuffers") is not None:  # and the exported ones
+        assert any((cache / cli.PROGRAMS_DIR).iterdir())
 
 
 def test_cli_streams_chunks_in_input_order(workdir, monkeypatch, capsys):

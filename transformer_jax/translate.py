@@ -21,7 +21,8 @@ Progress goes to stderr when the input is a file or a pipe (not a terminal).
 
 Compiled programs are kept in a persistent JAX compilation cache (``--compile_cache``,
 default ``~/.cache/transformer_jax/jax``; ``none`` turns it off), so a second run skips
-compilation.
+compilation, and the translate programs themselves are exported to its ``programs/`` folder
+(``inference.exported``), so a second run skips tracing and lowering them too.
 """
 
 from __future__ import annotations
@@ -44,10 +45,12 @@ import absl.logging
 from transformer_jax.data.validation import DataError
 from transformer_jax.errors import CheckpointMismatchError
 from transformer_jax.inference import Translator
+from transformer_jax.inference.exported import ProgramStore
 
 __all__ = ["iter_chunks", "main", "read_lines"]
 
 DEFAULT_CACHE = os.path.join("~", ".cache", "transformer_jax", "jax")
+PROGRAMS_DIR = "programs"  # exported translate programs, inside the compilation cache
 
 
 class InputError(ValueError):
@@ -155,10 +158,11 @@ def _open_input(args) -> tuple[Iterator[list[str]], list[str] | None, int | None
     return iter_chunks(stream, args.chunk_size), None, total
 
 
-def _enable_compile_cache(path: str) -> None:
-    """Persistent JAX compilation cache in ``path`` (every program, however fast it compiled)."""
+def _enable_compile_cache(path: str) -> str | None:
+    """Persistent JAX compilation cache in ``path`` (every program, however fast it compiled);
+    returns the folder, or None when there is none."""
     if path.lower() == "none":
-        return
+        return None
     import jax
 
     path = os.path.expanduser(path)
@@ -166,9 +170,10 @@ def _enable_compile_cache(path: str) -> None:
         os.makedirs(path, exist_ok=True)
     except OSError as err:
         print(f"warning: no compilation cache ({path}: {err.strerror}).", file=sys.stderr)
-        return
+        return None
     jax.config.update("jax_compilation_cache_dir", path)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    return path
 
 
 def _quiet_logs() -> None:
@@ -222,11 +227,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     _quiet_logs()
-    _enable_compile_cache(args.compile_cache)
+    cache = _enable_compile_cache(args.compile_cache)
+    store = None if cache is None else ProgramStore(os.path.join(cache, PROGRAMS_DIR))
     try:
         translator = Translator.from_workdir(
             args.workdir, step=args.step, averaged=args.averaged,
-            quantize=None if args.quantize == "none" else args.quantize)
+            quantize=None if args.quantize == "none" else args.quantize, program_store=store)
     except (FileNotFoundError, ValueError, DataError, CheckpointMismatchError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

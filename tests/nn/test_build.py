@@ -9,6 +9,7 @@ from helpers import tiny_config
 from transformer_jax.nn import (
     DecoderOnlyLM,
     Transformer,
+    abstract_model,
     abstract_params,
     build_model,
     model_class,
@@ -36,6 +37,23 @@ def test_abstract_params_have_the_shapes_of_the_real_ones():
     for s, p in zip(jax.tree_util.tree_leaves(shapes), jax.tree_util.tree_leaves(params),
                     strict=True):
         assert isinstance(s, jax.ShapeDtypeStruct) and (s.shape, s.dtype) == (p.shape, p.dtype)
+
+
+@pytest.mark.parametrize("kind, overrides", [
+    ("encoder_decoder", {}),
+    ("encoder_decoder", {"lora_rank": 2, "dropout_rate": 0.1, "share_embeddings": False}),
+    ("decoder_only", {"num_kv_heads": 1}),
+])
+def test_abstract_model_is_the_one_nnx_eval_shape_builds(kind, overrides):
+    config = tiny_config(**overrides)
+    ours = abstract_model(kind, config)
+    theirs = nnx.eval_shape(lambda: build_model(kind, config, nnx.Rngs(0)))
+    (graph_a, state_a), (graph_b, state_b) = nnx.split(ours), nnx.split(theirs)
+    assert graph_a == graph_b and type(ours) is type(theirs)
+    assert (jax.tree_util.tree_structure(state_a) == jax.tree_util.tree_structure(state_b))
+    for a, b in zip(jax.tree_util.tree_leaves(state_a), jax.tree_util.tree_leaves(state_b),
+                    strict=True):
+        assert isinstance(a, jax.ShapeDtypeStruct) and (a.shape, a.dtype) == (b.shape, b.dtype)
 
 
 def test_split_model_round_trip_gives_the_same_logits():

@@ -29,7 +29,7 @@ from transformer_jax.checkpoints.layout import (
 )
 from transformer_jax.config import ModelConfig
 from transformer_jax.data.tokenizer import TOKENIZER_FILE, Tokenizer
-from transformer_jax.nn import DEFAULT_MODEL_KIND, abstract_params, build_model
+from transformer_jax.nn import DEFAULT_MODEL_KIND, abstract_model, abstract_params
 from transformer_jax.nn.adapters import merge_lora
 
 __all__ = ["load_params", "read_meta", "read_run", "read_tokenizer"]
@@ -129,8 +129,8 @@ def read_tokenizer(workdir: str, meta: Mapping) -> Tokenizer:
 def _read_step(path: str, step: int | None) -> tuple[dict, object, object]:
     """``(meta, abstract model, params)`` of checkpoint ``step`` (default newest) in ``path``.
 
-    The model is traced once (seconds for a large model) and gives the params' shapes. A
-    model trained with LoRA adapters comes back with them merged into its weights (a model
+    The model is built abstractly once (``nn.abstract_model``) and gives the params' shapes.
+    A model trained with LoRA adapters comes back with them merged into its weights (a model
     without adapters, ``nn.adapters.merge_lora``)."""
     directory = checkpoint_dir(path)
     meta = read_meta(directory, step)
@@ -139,12 +139,12 @@ def _read_step(path: str, step: int | None) -> tuple[dict, object, object]:
         raise ValueError(f"the checkpoint in {directory} has no model config in its metadata.")
     config = ModelConfig.from_dict(dict(saved["model"]))
     kind = saved.get("model_kind", DEFAULT_MODEL_KIND)
-    model = nnx.eval_shape(lambda: build_model(kind, config, nnx.Rngs(0)))
+    model = abstract_model(kind, config)
     abstract = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     params = _restore_params(directory, meta["step"], abstract)
     if config.lora_rank:  # LoRA adapters folded in: a plain model, decoding at full speed
         config, params = merge_lora(config, params)
-        model = nnx.eval_shape(lambda: build_model(kind, config, nnx.Rngs(0)))
+        model = abstract_model(kind, config)
     return meta, model, params
 
 

@@ -141,12 +141,15 @@ class Translator:
         ``data.preprocess.source_transform`` of the run: what its training pairs went through).
       quantize: "int8" decodes with int8 weights (``nn.int8``: int8 x int8 matmuls for
         batches of rows, every projection's weights rounded to int8); None keeps the weights.
+      program_store: an ``exported.ProgramStore``: the translate programs are exported there
+        once and read back by later processes, which then skip tracing and lowering them.
     """
 
     def __init__(self, model, tokenizer: Tokenizer, *, params=None,
                  max_source_length: int | None = None, max_decode_length: int | None = None,
                  extra_length: int = EXTRA_LENGTH,
-                 normalize: Callable[[str], str] | None = None, quantize: str | None = None):
+                 normalize: Callable[[str], str] | None = None, quantize: str | None = None,
+                 program_store=None):
         if quantize is not None and quantize not in QUANTIZE_MODES:
             raise ValueError(f"quantize={quantize!r} is not supported; use one of "
                              f"{', '.join(QUANTIZE_MODES)} or None (float weights).")
@@ -181,6 +184,9 @@ class Translator:
         # of the translate CLI); the paper's 0.6 otherwise
         self.length_penalty = 0.6
         self._fns: dict[tuple, object] = {}
+        # the non-param state is closed over by an exported program: only an empty one
+        self.program_store = None if jax.tree_util.tree_leaves(self.model_def.rest) else \
+            program_store
 
     @classmethod
     def from_workdir(cls, workdir: str, *, step: int | None = None, averaged: bool = False,
@@ -246,10 +252,13 @@ class Translator:
     def _fn(self, buffer: int, beam_size: int, alpha: float, min_length: int = 0):
         key = (buffer, beam_size, float(alpha), self.extra_length, min_length)
         if key not in self._fns:
-            self._fns[key] = make_translate_fn(
+            fn = make_translate_fn(
                 self.model_def, max_length=buffer, beam_size=beam_size, length_penalty=alpha,
                 extra_length=self.extra_length, pad_id=self.config.pad_id,
                 min_length=min_length)
+            if self.program_store is not None:
+                fn = self.program_store.wrap(fn, {"translate": key, "pad": self.config.pad_id})
+            self._fns[key] = fn
         return self._fns[key]
 
     # -------------------------------------------------------------------- translation
