@@ -15,7 +15,8 @@ BUDGET_S="${GPU_TRAIN_BUDGET_S:-420}"
 "$PYTHON" -c 'import platform, sys; print("python", platform.python_version(), "glibc", "-".join(platform.libc_ver()), "on", sys.executable)'
 # Dependencies the GPU image lacks; jax/jaxlib/flax/optax/orbax/torch are never reinstalled.
 missing=()
-for mod in tensorflow_datasets grain array_record ml_collections num2words tensorboardX absl; do
+for mod in tensorflow_datasets grain array_record ml_collections num2words tensorboardX absl \
+    flatbuffers; do
   "$PYTHON" -c "import $mod" 2>/dev/null || missing+=("$mod")
 done
 if ((${#missing[@]})); then
@@ -30,7 +31,7 @@ if ((${#missing[@]})); then
   "$PYTHON" -m pip install --no-index --find-links .wheels \
     grain array-record ml-collections num2words tensorboardX absl-py dm-tree \
     "etils[edc,enp,epath,epy,etree]" immutabledict promise protobuf psutil requests \
-    simple-parsing tensorflow-metadata termcolor toml tqdm wrapt
+    simple-parsing tensorflow-metadata termcolor toml tqdm wrapt flatbuffers
   "$PYTHON" -m pip install --no-index --find-links .wheels --no-deps tensorflow-datasets
 fi
 

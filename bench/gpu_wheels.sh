@@ -12,7 +12,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python}"
-PACKAGES=(tensorflow-datasets grain array-record ml-collections num2words tensorboardX absl-py)
+PACKAGES=(tensorflow-datasets grain array-record ml-collections num2words tensorboardX absl-py
+          flatbuffers)
 # Their own dependencies that the GPU image may lack; over there pip takes from the wheelhouse
 # only what is not installed already (it never upgrades the image's packages).
 EXTRA=(dm-tree etils simple-parsing termcolor toml tqdm wrapt immutabledict psutil
