@@ -191,7 +191,7 @@ def test_beam_cache_equals_row_caches_copied_to_follow_the_beams(rope, kv_heads)
     rng = np.random.default_rng(10)
     x = jnp.asarray(rng.normal(size=(B * G, L, D)), jnp.float32)
     rows, beams = module.init_cache(B * G, L), module.init_cache(B, L, beams=G)
-    assert beams["key"].shape == (B, module.num_kv_heads, G, L, H)
+    assert beams["key"].shape == (B, module.num_kv_heads, L * G, H)
     assert beams["beam_slot"].shape == (B * G, L)
     step = jax.jit(lambda x_t, c: module(x_t, cache=c)[:2])
     for t in range(L):

@@ -25,13 +25,14 @@ Three kinds of cache pytree (K heads each, so grouped-query attention shrinks th
   rows ``b * G .. b * G + G - 1``) attends them as ``G`` queries of example ``b``, so the
   beams share one copy of the keys.
 * a beam cache (``init_cache(..., beams=G)``) for ``G * B`` rows decoding one token per call:
-  ``{"key": [B, K, G, L, H], "value": [B, K, G, L, H], "index": int32 scalar, "beam_slot":
-  [B * G, L] int32}``. Row ``b * G + g`` writes its position ``index`` to slot ``g`` of
-  example ``b`` and attends, at each earlier position ``p``, the slot ``beam_slot[row, p]``.
+  ``{"key": [B, K, L * G, H], "value": [B, K, L * G, H], "index": int32 scalar, "beam_slot":
+  [B * G, L] int32}``. Row ``b * G + g`` writes its position ``index`` to slot
+  ``index * G + g`` of example ``b`` (one contiguous write for all beams) and attends, at each
+  earlier position ``p``, the slot ``p * G + beam_slot[row, p]``.
   Reordering the beams (``decoding.beam_search``) then permutes the small ``beam_slot`` rows
   instead of copying every key and value; the keys/values lead with B, one per example, and
   are never reordered. Each step attends all ``G * L`` slots of its example under that mask
-  (a ``[G, G * L]`` matmul per example and head instead of G ``[1, L]`` ones).
+  (a ``[G, L * G]`` matmul per example and head instead of G ``[1, L]`` ones).
 
 Caches are heads-first (``[B, K, L, H]``, the layout of the score and weighted-value matmuls,
 whose batch axes are B and the heads), so no decoding step copies a cache into another layout. The
@@ -43,6 +44,7 @@ back into the decoding loop (docs/cpu_speed.md, section 3, has the measurements)
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 
 import jax
@@ -189,7 +191,7 @@ class MultiHeadAttention(nnx.Module):
         Returns:
           ``{"key": [B, K, L, H], "value": [B, K, L, H], "index": int32 scalar 0}`` with
           ``dtype`` (default: the compute dtype); L = ``min(max_len, window + 1)``; a beam
-          cache has ``[B, K, G, L, H]`` keys/values and ``"beam_slot": [B * G, L]``.
+          cache has ``[B, K, L * G, H]`` keys/values and ``"beam_slot": [B * G, L]``.
         """
         if window is not None:
             max_len = min(max_len, window + 1)
@@ -197,7 +199,7 @@ class MultiHeadAttention(nnx.Module):
         if beams > 1:
             if window is not None:
                 raise ValueError("a beam cache has no sliding window; use beams=1.")
-            shape = shape[:2] + (beams,) + shape[2:]
+            shape = (batch, self.num_kv_heads, max_len * beams, self.head_dim)
         dtype = self.dtype if dtype is None else dtype
         cache = {
             "key": jnp.zeros(shape, dtype),
@@ -303,15 +305,17 @@ class MultiHeadAttention(nnx.Module):
     def _beam_step(self, inputs_q, cache, mask, bias, spec, positions, position_bias,
                    dropout_rng, return_weights):
         """One token per row over a beam cache (module docstring): ``(out [G*B, 1, D],
-        new_cache, weights [G*B, N, 1, G*L] or None)``."""
+        new_cache, weights [G*B, N, 1, L*G] or None)``."""
         rows, length = inputs_q.shape[:2]
-        batch, _, beams, max_len, _ = cache["key"].shape  # [B, K, G, L, H]
+        max_len = cache["beam_slot"].shape[1]
+        batch, beams = cache["key"].shape[0], cache["key"].shape[2] // max_len  # [B, K, L*G, H]
         if length != 1 or rows != batch * beams:
             raise ValueError(f"a beam cache of {batch} x {beams} rows takes [{batch * beams}, "
                              f"1, D] inputs (one token per beam); got {tuple(inputs_q.shape)}.")
-        if position_bias is not None or (spec is not None and (
-                spec.alibi_slopes is not None or spec.window is not None)):
-            raise ValueError("a beam cache supports no ALiBi, window or position bias; build "
+        if position_bias is not None or bias is not None or (spec is not None and (
+                spec.alibi_slopes is not None or spec.window is not None)) or (
+                dropout_rng is not None and self.dropout_rate > 0):
+            raise ValueError("a beam cache supports no ALiBi, window, bias or dropout; build "
                              "the decoding cache with beams=1.")
         index = cache["index"]
         if positions is None and self.rope:
@@ -322,29 +326,28 @@ class MultiHeadAttention(nnx.Module):
         if self.rope:
             query, key = ops.apply_rope(query, positions), ops.apply_rope(key, positions)
 
-        def write(cached, new):  # new [G*B, 1, K, H] -> slot (b, :, g, index)
+        def write(cached, new):  # new [G*B, 1, K, H] -> slots index * G + g of example b
             new = jnp.transpose(new.reshape(batch, beams, *new.shape[2:]), (0, 2, 1, 3))
-            new = new[:, :, :, None].astype(cached.dtype)  # [B, K, G, 1, H]
-            return lax.dynamic_update_slice(cached, new, (0, 0, 0, index, 0))
+            return lax.dynamic_update_slice(cached, new.astype(cached.dtype),
+                                            (0, 0, index * beams, 0))  # [B, K, G, H]
 
         cached_k, cached_v = write(cache["key"], key), write(cache["value"], value)
         own = (jnp.arange(rows, dtype=jnp.int32) % beams)[:, None]  # [G*B, 1] each row's slot
         slots = lax.dynamic_update_slice(cache["beam_slot"], own, (0, index))  # [G*B, L]
-        seen = slots[:, None, :] == jnp.arange(beams, dtype=jnp.int32)[:, None]  # [G*B, G, L]
-        seen = seen & (jnp.arange(max_len) <= index)
-        seen = seen.reshape(batch, 1, beams, beams * max_len)  # [B, 1, G, G*L]
+        seen = slots[:, :, None] == jnp.arange(beams, dtype=jnp.int32)  # [G*B, L, G]
+        seen = seen & (jnp.arange(max_len) <= index)[:, None]
+        seen = seen.reshape(batch, 1, beams, max_len * beams)  # [B, 1, G, L*G]
         mask = seen if mask is None else mask & seen
-        flat = (batch, cached_k.shape[1], beams * max_len, cached_k.shape[-1])  # [B, K, G*L, H]
-        heads, weights = self._attend(
-            query.reshape(batch, beams, *query.shape[2:]), _swap_heads(cached_k.reshape(flat)),
-            _swap_heads(cached_v.reshape(flat)), mask, bias, None, dropout_rng, return_weights,
-            cached=True)
+        heads, weights = _beam_attention(
+            query.reshape(batch, beams, *query.shape[2:]).astype(self.dtype),
+            cached_k.astype(self.dtype), cached_v.astype(self.dtype), mask, self.precision)
         out = self._output(heads.reshape(rows, 1, *heads.shape[2:]))  # [G*B, 1, D]
         out = jnp.where(index >= max_len, jnp.nan, out)  # traced overflow: poison, not wrong
-        if weights is not None:  # [B, N, G, G*L] -> [G*B, N, 1, G*L]
-            weights = jnp.swapaxes(weights, 1, 2).reshape(rows, -1, 1, weights.shape[-1])
         new_cache = {"key": cached_k, "value": cached_v, "index": index + 1, "beam_slot": slots}
-        return out, new_cache, weights
+        if not return_weights:
+            return out, new_cache, None
+        # [B, N, G, L*G] -> [G*B, N, 1, L*G]
+        return out, new_cache, jnp.swapaxes(weights, 1, 2).reshape(rows, -1, 1, weights.shape[-1])
 
     def _attend(self, query, key, value, mask, bias, spec, dropout_rng, return_weights, *,
                 cached: bool):
@@ -386,6 +389,22 @@ class MultiHeadAttention(nnx.Module):
         if _is_ring(cache, spec):
             return _update_ring(cache, key, value, spec)
         return _update_cache(cache, key, value, spec)
+
+
+def _beam_attention(query, keys, values, mask, precision):
+    """Attention of a beam step in the cache's heads-first layout, so no step copies the
+    cache: ``query [B, G, N, H]``, ``keys``/``values`` ``[B, K, S, H]``, ``mask`` bool
+    ``[B, 1, G, S]`` -> ``(heads [B, G, N, H], float32 weights [B, N, G, S])``."""
+    b, g, n, h = query.shape
+    k = keys.shape[1]
+    q = jnp.transpose(query.reshape(b, g, k, n // k, h), (0, 2, 3, 1, 4))  # [B, K, N/K, G, H]
+    logits = jnp.einsum("bkqh,bksh->bkqs", q.reshape(b, k, -1, h), keys, precision=precision,
+                        preferred_element_type=jnp.float32) * (1.0 / math.sqrt(h))
+    weights = ops.masked_softmax(logits.reshape(b, k, n // k, g, -1), mask[:, :, None])
+    out = jnp.einsum("bkqs,bksh->bkqh", weights.reshape(b, k, n // k * g, -1).astype(
+        values.dtype), values, precision=precision)  # [B, K, N/K * G, H]
+    out = jnp.transpose(out.reshape(b, k, n // k, g, h), (0, 3, 1, 2, 4)).reshape(b, g, n, h)
+    return out.astype(query.dtype), weights.reshape(b, n, g, -1)
 
 
 def _check_cache(cache, key) -> None:
