@@ -1,6 +1,7 @@
 """A/B of two beam-search decoding paths on the model of ``bench/translate_speed.py``.
 
-In one process, interleaved rounds (median and per-round ratios):
+In one process, interleaved rounds (median and per-round ratios of wall time; process CPU
+seconds too, which other jobs on a shared machine disturb less):
 
 * ``before``: the B-row decoding cache expanded to B * K rows, each step copying every
   self-attention cache row to follow the beams (``init_decoding(src, L)`` +
@@ -110,18 +111,23 @@ def main() -> int:
            for name, fn in sides.items()}
     same = all(np.array_equal(a, b) for a, b in zip(ids["before"], ids["after"], strict=True))
     times = {name: [] for name in sides}
+    cpu = {name: [] for name in sides}  # process CPU seconds: less sensitive to other load
     for _ in range(args.rounds):
         for name, fn in sides.items():
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             for src in srcs:
                 jax.block_until_ready(fn(tr.params, src))
             times[name].append(time.perf_counter() - start)
+            cpu[name].append(time.process_time() - start_cpu)
     tokens = args.sentences * args.tokens
     result = {
         "command": "python bench/decode_ab.py " + " ".join(sys.argv[1:]),
         "beam": args.beam, "batch": args.batch, "tokens": args.tokens,
         "sentences": args.sentences, "identical_ids": same,
         "seconds": {k: [round(t, 3) for t in v] for k, v in times.items()},
+        "cpu_seconds": {k: [round(t, 3) for t in v] for k, v in cpu.items()},
+        "cpu_speedup_median": round(statistics.median(cpu["before"])
+                                    / statistics.median(cpu["after"]), 3),
         "tokens_per_s": {k: round(tokens / statistics.median(v), 1) for k, v in times.items()},
         "speedup_per_round": [round(b / a, 3) for b, a in
                               zip(times["before"], times["after"], strict=True)],
