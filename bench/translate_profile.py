@@ -6,7 +6,9 @@ interleaved over ``--repeats`` rounds (median):
 * ``model``: ``--tokens`` decoder steps in a ``fori_loop`` feeding back the argmax, no search
   (B rows, and B * K rows with and without reordering the cache every step);
 * ``greedy``: ``greedy_search`` of ``--tokens`` steps at batch B;
-* ``beam``: ``beam_search`` (K = 4) of ``--tokens`` steps at batch B.
+* ``beam``: ``beam_search`` (K = 4) of ``--tokens`` steps at batch B, over the model's beam
+  cache (``init_decoding(..., beams=K)``, what ``Translator`` runs) and over the B-row cache
+  expanded to B * K rows whose every self-attention cache row is copied to follow the beams.
 
 Each is one jitted call that also encodes the source; the encoder's time (timed alone) is
 subtracted and the rest divided by the steps. Search minus model is what the search adds
@@ -38,10 +40,10 @@ def build(workdir: str, batch: int, tokens: int, beam: int):
     model_def, params, eos = tr.model_def, tr.params, 1
     src = jnp.asarray(np.random.RandomState(0).randint(3, 1000, (batch, 16)), jnp.int32)
 
-    def prepared(p, rows, length):
+    def prepared(p, rows, length, beams=1):
         model = model_def.merge(p)
-        cache, start = model.init_decoding(src, length)
-        if rows != batch:
+        cache, start = model.init_decoding(src, length, beams=beams)
+        if rows != batch and beams == 1:
             cache, start = decoding.expand_for_beam((cache, start), rows // batch)
 
         def fn(ids, cache):
@@ -66,11 +68,11 @@ def build(workdir: str, batch: int, tokens: int, beam: int):
         return decoding.greedy_search(cache, fn, batch_size=batch, max_len=tokens, eos_id=eos,
                                       start_ids=start, min_len=tokens)
 
-    def beam_fn(p):
-        cache, start, fn = prepared(p, batch, tokens)
+    def beam_fn(p, beams=beam):
+        cache, start, fn = prepared(p, batch, tokens, beams)
         return decoding.beam_search(cache, fn, batch_size=batch, beam_size=beam,
                                     max_len=tokens, eos_id=eos, start_ids=start,
-                                    min_len=tokens)[0]
+                                    min_len=tokens, beam_cache=beams > 1)[0]
 
     rows = batch * beam
     cases = {"init B": lambda p: prepared(p, batch, tokens)[0],
@@ -79,7 +81,9 @@ def build(workdir: str, batch: int, tokens: int, beam: int):
              "init BK": lambda p: prepared(p, rows, tokens)[0],
              "model BK": lambda p: model_loop(p, rows),
              "model+reorder BK": lambda p: model_loop(p, rows, reorder=True),
-             "beam B": beam_fn}
+             "init beam cache": lambda p: prepared(p, rows, tokens, beam)[0],
+             "beam B": beam_fn,
+             "beam B expanded": lambda p: beam_fn(p, 1)}
     return params, {k: jax.jit(f) for k, f in cases.items()}
 
 
@@ -111,7 +115,10 @@ def main() -> int:
             "greedy step B": (t["greedy B"] - t["init B"]) / n,
             "model step BK": (t["model BK"] - t["init BK"]) / n,
             "model step BK + cache reorder": (t["model+reorder BK"] - t["init BK"]) / n,
-            "beam step B x K": (t["beam B"] - t["init B"]) / n}
+            "beam step B x K": (t["beam B"] - t["init beam cache"]) / n,
+            "beam step B x K, expanded cache": (t["beam B expanded"] - t["init B"]) / n,
+            "beam B x K, whole call (ms)": t["beam B"],
+            "beam B x K, expanded cache, whole call (ms)": t["beam B expanded"]}
     rows = {k: round(v, 2) for k, v in rows.items()}
     print(f"batch {args.batch}, beam {args.beam}, {n} steps; ms per step", file=sys.stderr)
     for k, ms in rows.items():

@@ -229,8 +229,36 @@ def test_only_changed_cache_leaves_are_reordered(monkeypatch):
 
     monkeypatch.setattr(decoding, "gather_beams", recording)
     decoding.beam_search(cache, fn, batch_size=2, beam_size=3, max_len=4)
-    # "prev" [B*K] and the scalar index change every step; "example" is passed through.
-    assert sorted(gathered) == [(), (6,)]
+    # "prev" [B*K] changes every step; "example" is passed through and the scalar index is
+    # shared by all rows.
+    assert sorted(gathered) == [(6,)]
+
+
+def test_beam_cache_keeps_per_example_leaves_and_reorders_per_beam_rows(monkeypatch):
+    # beam_cache=True: the cache already has B*K rows ("prev") next to leaves of B rows, one
+    # per example ("example"; "seen" changes every step). Only the per-beam rows follow the
+    # beams, and the search equals the one over the expanded B-row cache.
+    table, beams = _chain(seed=3, examples=2), 3
+    fn, cache = _chain_model(table)
+
+    def per_example(ids, cache):
+        logits, new = fn(ids, dict(cache, example=jnp.repeat(cache["example"], beams)))
+        return logits, dict(new, example=cache["example"], seen=cache["seen"] + 1)
+
+    own = dict(cache, prev=jnp.repeat(cache["prev"], beams), seen=jnp.zeros(2, jnp.int32))
+    gathered, original = [], decoding.gather_beams
+    monkeypatch.setattr(decoding, "gather_beams",
+                        lambda tree, *a: gathered.append(jnp.shape(tree)) or original(tree, *a))
+    seqs, scores = decoding.beam_search(own, per_example, batch_size=2, beam_size=beams,
+                                        max_len=4, beam_cache=True)
+    assert gathered == [(6,)]
+    ref_seqs, ref_scores = decoding.beam_search(cache, fn, batch_size=2, beam_size=beams,
+                                                max_len=4)
+    np.testing.assert_array_equal(seqs, ref_seqs)
+    np.testing.assert_allclose(scores, ref_scores, rtol=1e-6)
+    with pytest.raises(ValueError, match="batch size 2 or the beam rows 6"):
+        decoding.beam_search(dict(own, bad=jnp.zeros(5)), per_example, batch_size=2,
+                             beam_size=beams, max_len=4, beam_cache=True)
 
 
 def test_greedy_respects_per_example_max_lengths_and_pads_after_eos():

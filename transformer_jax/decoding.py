@@ -125,12 +125,15 @@ def _mask_logits(logits, step, max_lengths, eos_id: int, pad_id: int, fill, forb
     return jnp.where(banned, fill, logits)
 
 
-def _check_cache(cache, rows: int) -> None:
+def _check_cache(cache, rows: int, beam_rows: int | None = None) -> None:
+    """Every non-scalar leaf leads with ``rows`` (or ``beam_rows``, when given)."""
+    allowed = {rows} if beam_rows is None else {rows, beam_rows}
     for path, leaf in jax.tree_util.tree_leaves_with_path(cache):
-        if jnp.ndim(leaf) > 0 and jnp.shape(leaf)[0] != rows:
+        if jnp.ndim(leaf) > 0 and jnp.shape(leaf)[0] not in allowed:
             raise ValueError(
                 f"cache leaf {jax.tree_util.keystr(path)} has shape {tuple(jnp.shape(leaf))}; "
-                f"every non-scalar cache leaf must lead with the batch size {rows}."
+                f"every non-scalar cache leaf must lead with the batch size {rows}"
+                + ("." if beam_rows is None else f" or the beam rows {beam_rows}.")
             )
 
 
@@ -281,18 +284,26 @@ def gather_beams(tree, beam_indices, batch_size: int, beam_size: int):
 
 
 def _reorder_cache(old, new, beam_indices, batch_size: int, beam_size: int):
-    """``gather_beams`` on the leaves of ``new`` that ``tokens_to_logits`` changed.
+    """``gather_beams`` on the leaves of ``new`` that ``tokens_to_logits`` changed and that
+    lead with ``B * K`` (one row per beam).
 
     A leaf passed through unchanged (e.g. cross-attention keys/values projected once) still
     holds what ``expand_for_beam`` copied into every beam of an example, so reordering it
-    would be a no-op; skipping it saves a full copy per step.
+    would be a no-op; skipping it saves a full copy per step. Leaves that lead with B are one
+    per example (a model's beam cache, see :func:`beam_search`) and are not reordered.
     """
+    rows = batch_size * beam_size
+
+    def reorder(o, n):
+        if n is o or jnp.ndim(n) == 0 or (beam_size > 1 and jnp.shape(n)[0] != rows):
+            return n
+        return gather_beams(n, beam_indices, batch_size, beam_size)
+
     old_leaves, old_def = jax.tree_util.tree_flatten(old)
     new_leaves, new_def = jax.tree_util.tree_flatten(new)
     if old_def != new_def:
-        return gather_beams(new, beam_indices, batch_size, beam_size)
-    leaves = [n if n is o else gather_beams(n, beam_indices, batch_size, beam_size)
-              for o, n in zip(old_leaves, new_leaves, strict=True)]
+        old_leaves = [None] * len(new_leaves)
+    leaves = [reorder(o, n) for o, n in zip(old_leaves, new_leaves, strict=True)]
     return jax.tree_util.tree_unflatten(new_def, leaves)
 
 
@@ -364,7 +375,7 @@ def _beam_select(logprobs, state: BeamState, done, eos_id: int, penalty):
 def beam_search(cache, tokens_to_logits: TokensToLogits, *, batch_size: int, beam_size: int,
                 max_len: int, eos_id: int = 1, bos_id: int = 0, pad_id: int = 0,
                 alpha: float = 0.6, max_lengths=None, start_ids=None, forbid_ids=(),
-                convention: str = "gnmt", min_len: int = 0):
+                convention: str = "gnmt", min_len: int = 0, beam_cache: bool = False):
     """Beam search with the GNMT length penalty (paper: beam 4, alpha 0.6).
 
     A finished hypothesis of ``n`` tokens (EOS included) with log-probability ``logp`` scores
@@ -394,6 +405,11 @@ def beam_search(cache, tokens_to_logits: TokensToLogits, *, batch_size: int, bea
         EOS forced at the last position adds log-probability 0, and an example stops (and
         takes no more hypotheses) once it has K finished ones and its best live beam
         ``logp / n ** alpha`` at the current length ``n`` does not beat the worst of them.
+      beam_cache: the cache already serves the ``B * K`` rows (a model's
+        ``init_decoding(..., beams=K)``) and is not expanded: leaves that lead with ``B * K``
+        are one per beam and follow the beams; leaves that lead with B are one per example,
+        shared by its beams and never reordered (a model's beam cache keeps its keys there
+        and reorders only a small per-row index of them).
 
     Returns:
       ``(sequences [B, K, max_len] int32, scores [B, K] float32)``, best first. Sequences are
@@ -407,10 +423,11 @@ def beam_search(cache, tokens_to_logits: TokensToLogits, *, batch_size: int, bea
         raise ValueError(f"convention={convention!r} is unknown; use one of {CONVENTIONS}.")
     hf = convention == "huggingface"
     B, K = batch_size, beam_size
-    _check_cache(cache, B)
+    _check_cache(cache, B, B * K if beam_cache else None)
     max_lengths = _max_lengths(max_lengths, B, max_len)
     first = jnp.repeat(_start_ids(start_ids, B, bos_id), K)  # [B*K]
-    cache = expand_for_beam(cache, K)
+    if not beam_cache:
+        cache = expand_for_beam(cache, K)
     penalty = functools.partial(length_penalty, alpha=alpha, convention=convention)
 
     def best_live_possible(step, live_logp):  # [B]

@@ -179,3 +179,44 @@ def test_bad_inputs_raise_clear_errors():
         module(jnp.zeros((B, T, 8)))
     with pytest.raises(ValueError, match=r"init_cache\(batch=2"):
         module(jnp.zeros((B, 1, D)), cache=module.init_cache(3, 4))
+
+
+@pytest.mark.parametrize("rope,kv_heads", [(False, None), (True, 2)])
+def test_beam_cache_equals_row_caches_copied_to_follow_the_beams(rope, kv_heads):
+    # G beams of each of B examples: the beam cache (keys one per example, a per-row slot
+    # index that the search permutes) gives the outputs of per-row caches whose rows are
+    # copied to follow the beams, whatever the parents.
+    G, L = 3, 6
+    module = _mha(rope=rope, num_kv_heads=kv_heads)
+    rng = np.random.default_rng(10)
+    x = jnp.asarray(rng.normal(size=(B * G, L, D)), jnp.float32)
+    rows, beams = module.init_cache(B * G, L), module.init_cache(B, L, beams=G)
+    assert beams["key"].shape == (B, module.num_kv_heads, L * G, H)
+    assert beams["beam_slot"].shape == (B * G, L)
+    step = jax.jit(lambda x_t, c: module(x_t, cache=c)[:2])
+    for t in range(L):
+        ref, rows = step(x[:, t : t + 1], rows)
+        out, beams = step(x[:, t : t + 1], beams)
+        np.testing.assert_allclose(out, ref, atol=1e-5)
+        parents = rng.integers(0, G, (B, G))  # the beam each new beam continues
+        order = (np.arange(B)[:, None] * G + parents).reshape(-1)
+        rows = {k: v if k == "index" else v[order] for k, v in rows.items()}
+        beams = dict(beams, beam_slot=beams["beam_slot"][order])
+    overflow, _ = step(x[:, :1], beams)  # index L: poisoned, not wrong
+    assert np.isnan(np.asarray(overflow)).all()
+    with pytest.raises(ValueError, match="one token per beam"):
+        module(x[:, :2], cache=module.init_cache(B, L, beams=G))
+
+
+def test_precomputed_keys_serve_the_beams_of_each_example():
+    # G * B query rows over keys precomputed for B examples: as if every row had its own copy
+    G = 3
+    module = _mha()
+    _, xkv = _inputs(11)
+    xq = jnp.asarray(np.random.default_rng(12).normal(size=(B * G, T, D)), jnp.float32)
+    out, _, weights = module(xq, cache=module.precompute_kv(xkv), return_weights=True)
+    ref, _, ref_weights = module(xq, jnp.repeat(xkv, G, axis=0), return_weights=True)
+    np.testing.assert_allclose(out, ref, atol=1e-5)
+    np.testing.assert_allclose(weights, ref_weights, atol=1e-6)
+    with pytest.raises(ValueError, match="do not divide into"):
+        module(xq[:5], cache=module.precompute_kv(xkv))

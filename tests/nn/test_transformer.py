@@ -1,6 +1,9 @@
 """Model-level invariances of Transformer and DecoderOnlyLM for every positional kind:
 padding does not change real outputs, future tokens do not change earlier logits, cached
-decoding equals the full pass (post- and pre-LN, "xla" and "chunked"); KV cache overflow."""
+decoding equals the full pass (post- and pre-LN, "xla" and "chunked"); KV cache overflow;
+beam search over a beam decoding cache."""
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -8,6 +11,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from transformer_jax import decoding
 from transformer_jax.config import ModelConfig
 from transformer_jax.nn import DecoderOnlyLM, MultiHeadAttention, Transformer, shift_right
 
@@ -91,11 +95,18 @@ def test_lm_prompt_through_init_decoding_equals_the_full_pass():
     tgt = _ids(9, 2, T)
     full = model({"targets": tgt})  # [B, T, V]: position t predicts tgt[:, t]
     cache, start = model.init_decoding(tgt[:, :3], 4)  # prompt of 3 tokens
+    prompt_cache = cache
     np.testing.assert_array_equal(start, tgt[:, 2])
     logits, cache = model.decode(start[:, None], cache=cache)  # predicts tgt[:, 3]
     np.testing.assert_allclose(logits[:, 0], full[:, 3], atol=2e-5)
     logits, _ = model.decode(tgt[:, 3:4], cache=cache)
     np.testing.assert_allclose(logits[:, 0], full[:, 4], atol=2e-5)
+    # for a beam search: every row of the prompt's cache repeated, once per beam
+    beams, start = model.init_decoding(tgt[:, :3], 4, beams=2)
+    np.testing.assert_array_equal(start, tgt[:, 2])
+    layer, ref = beams["layers"][0]["self"], prompt_cache["layers"][0]["self"]
+    np.testing.assert_array_equal(layer["key"], jnp.repeat(ref["key"], 2, 0))
+    assert int(layer["index"]) == 3
 
 
 def test_kv_cache_overflow_raises_eagerly_and_poisons_under_jit():
@@ -113,3 +124,25 @@ def test_kv_cache_overflow_raises_eagerly_and_poisons_under_jit():
         outs.append(np.asarray(out))
     assert all(np.isfinite(o).all() for o in outs[:3])
     assert all(np.isnan(o).all() for o in outs[3:])
+
+
+@pytest.mark.parametrize("positional", ["rope", "alibi"])
+def test_beam_search_over_a_beam_decoding_cache_equals_the_expanded_cache(positional):
+    # init_decoding(beams=K): beam caches (ALiBi: rows repeated K times) and cross keys one
+    # per example; the search over it equals the search that expands the B-row cache.
+    model = _model(Transformer, positional)
+    src = _ids(10, 2, S).at[1, 3:].set(0)
+
+    def fn(ids, cache):
+        logits, cache = model.decode(ids, cache=cache)
+        return logits[:, 0], cache
+
+    @functools.partial(jax.jit, static_argnames="beams")
+    def search(src, beams):
+        cache, start = model.init_decoding(src, 6, beams=beams)
+        return decoding.beam_search(cache, fn, batch_size=2, beam_size=3, max_len=6,
+                                    start_ids=start, beam_cache=beams > 1)
+
+    (seqs, scores), (ref_seqs, ref_scores) = search(src, 3), search(src, 1)
+    np.testing.assert_array_equal(seqs, ref_seqs)
+    np.testing.assert_allclose(scores, ref_scores, rtol=1e-5)

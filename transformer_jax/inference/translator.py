@@ -76,7 +76,7 @@ def _translate_program(graphdef, max_length, beam_size, length_penalty, extra_le
     def translate(params, rest, src_ids):
         model = nnx.merge(graphdef, params, rest)
         batch = src_ids.shape[0]
-        cache, start_ids = model.init_decoding(src_ids, max_length)
+        cache, start_ids = model.init_decoding(src_ids, max_length, beams=beam_size)
         max_lengths = None
         if extra_length is not None:
             max_lengths = jnp.sum(src_ids != pad_id, axis=1) + extra_length  # [B]
@@ -94,7 +94,7 @@ def _translate_program(graphdef, max_length, beam_size, length_penalty, extra_le
         return decoding.beam_search(
             cache, tokens_to_logits, batch_size=batch, beam_size=beam_size,
             max_len=max_length, eos_id=EOS_ID, alpha=length_penalty, max_lengths=max_lengths,
-            forbid_ids=forbid, start_ids=start_ids, min_len=min_length,
+            forbid_ids=forbid, start_ids=start_ids, min_len=min_length, beam_cache=True,
         )[0][:, 0]
 
     return jax.jit(translate)

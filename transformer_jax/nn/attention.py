@@ -21,7 +21,18 @@ Three kinds of cache pytree (K heads each, so grouped-query attention shrinks th
 * precomputed keys/values (``precompute_kv``, e.g. cross-attention over the encoder output):
   ``{"key": [B, K, H, S], "value": [B, K, S, H]}`` (keys stored transposed) without
   ``"index"``; used as is and returned unchanged, so each decoding step skips re-projecting
-  the encoder output.
+  the encoder output. A call with ``G * B`` query rows (beam search: G beams per example,
+  rows ``b * G .. b * G + G - 1``) attends them as ``G`` queries of example ``b``, so the
+  beams share one copy of the keys.
+* a beam cache (``init_cache(..., beams=G)``) for ``G * B`` rows decoding one token per call:
+  ``{"key": [B, K, L * G, H], "value": [B, K, L * G, H], "index": int32 scalar, "beam_slot":
+  [B * G, L] int32}``. Row ``b * G + g`` writes its position ``index`` to slot
+  ``index * G + g`` of example ``b`` (one contiguous write for all beams) and attends, at each
+  earlier position ``p``, the slot ``p * G + beam_slot[row, p]``.
+  Reordering the beams (``decoding.beam_search``) then permutes the small ``beam_slot`` rows
+  instead of copying every key and value; the keys/values lead with B, one per example, and
+  are never reordered. Each step attends all ``G * L`` slots of its example under that mask
+  (a ``[G, L * G]`` matmul per example and head instead of G ``[1, L]`` ones).
 
 Caches are heads-first (``[B, K, L, H]``, the layout of the score and weighted-value matmuls,
 whose batch axes are B and the heads), so no decoding step copies a cache into another layout. The
@@ -33,6 +44,7 @@ back into the decoding loop (docs/cpu_speed.md, section 3, has the measurements)
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 
 import jax
@@ -181,26 +193,36 @@ class MultiHeadAttention(nnx.Module):
     # ------------------------------------------------------------------ caches
 
     def init_cache(self, batch: int, max_len: int, dtype=None, *,
-                   window: int | None = None) -> dict[str, jax.Array]:
+                   window: int | None = None, beams: int = 1) -> dict[str, jax.Array]:
         """Empty self-attention cache for ``max_len`` positions.
 
         With a sliding ``window`` (each query sees ``window`` earlier positions and itself)
         and ``max_len > window + 1``, a ring buffer of ``window + 1`` slots instead (see the
-        module docstring); calls must then pass a spec with ``window=(window, 0)``.
+        module docstring); calls must then pass a spec with ``window=(window, 0)``. With
+        ``beams = G > 1``, a beam cache for ``batch * G`` rows (module docstring; no window,
+        ALiBi or position bias).
 
         Returns:
           ``{"key": [B, K, L, H], "value": [B, K, L, H], "index": int32 scalar 0}`` with
-          ``dtype`` (default: the compute dtype); L = ``min(max_len, window + 1)``.
+          ``dtype`` (default: the compute dtype); L = ``min(max_len, window + 1)``; a beam
+          cache has ``[B, K, L * G, H]`` keys/values and ``"beam_slot": [B * G, L]``.
         """
         if window is not None:
             max_len = min(max_len, window + 1)
         shape = (batch, self.num_kv_heads, max_len, self.head_dim)
+        if beams > 1:
+            if window is not None:
+                raise ValueError("a beam cache has no sliding window; use beams=1.")
+            shape = (batch, self.num_kv_heads, max_len * beams, self.head_dim)
         dtype = self.dtype if dtype is None else dtype
-        return {
+        cache = {
             "key": jnp.zeros(shape, dtype),
             "value": jnp.zeros(shape, dtype),
             "index": jnp.zeros((), jnp.int32),
         }
+        if beams > 1:
+            cache["beam_slot"] = jnp.zeros((batch * beams, max_len), jnp.int32)
+        return cache
 
     def precompute_kv(self, inputs_kv) -> dict[str, jax.Array]:
         """Projects ``inputs_kv`` ``[B, S, D]`` once: ``{"key": [B, K, H, S], "value":
@@ -261,6 +283,9 @@ class MultiHeadAttention(nnx.Module):
                 f"inputs_q must have shape [B, T, {self.d_model}]; got {tuple(inputs_q.shape)}."
             )
         batch, length = inputs_q.shape[:2]
+        if cache is not None and "beam_slot" in cache:
+            return self._beam_step(inputs_q, cache, mask, bias, spec, positions, position_bias,
+                                   dropout_rng, return_weights)
         incremental = cache is not None and "index" in cache
         if positions is None and (self.rope or position_bias is not None):
             start = cache["index"] if incremental else 0
@@ -275,12 +300,68 @@ class MultiHeadAttention(nnx.Module):
             q_pos, k_pos = _attended_positions(spec, positions, kv_positions, key.shape[1])
             extra = position_bias(q_pos, k_pos)  # [b, N, T, S]
             bias = extra if bias is None else bias + extra
+        group = batch // key.shape[0]  # query rows per key row: beams sharing cross keys
+        if group * key.shape[0] != batch:
+            raise ValueError(f"{batch} query rows do not divide into the {key.shape[0]} rows of "
+                             "the precomputed keys; precompute them for this batch.")
+        query = query.reshape(key.shape[0], group * length, *query.shape[2:])  # [B, G*T, N, H]
         heads, weights = self._attend(query, key, value, mask, bias, spec, dropout_rng,
                                       return_weights, cached=cache is not None)
+        heads = heads.reshape(batch, length, *heads.shape[2:])  # [G*B, T, N, H]
+        if weights is not None and group > 1:  # [B, N, G*T, S] -> [G*B, N, T, S]
+            weights = weights.reshape(-1, weights.shape[1], group, length, weights.shape[-1])
+            weights = jnp.swapaxes(weights, 1, 2).reshape(batch, -1, length, weights.shape[-1])
         out = self._output(heads)  # [B, T, D]
         if incremental and not _is_ring(cache, spec):  # traced overflow: poison, not wrong
             out = jnp.where(cache["index"] + length > cache["key"].shape[2], jnp.nan, out)
         return out, new_cache, weights
+
+    def _beam_step(self, inputs_q, cache, mask, bias, spec, positions, position_bias,
+                   dropout_rng, return_weights):
+        """One token per row over a beam cache (module docstring): ``(out [G*B, 1, D],
+        new_cache, weights [G*B, N, 1, L*G] or None)``."""
+        rows, length = inputs_q.shape[:2]
+        max_len = cache["beam_slot"].shape[1]
+        batch, beams = cache["key"].shape[0], cache["key"].shape[2] // max_len  # [B, K, L*G, H]
+        if length != 1 or rows != batch * beams:
+            raise ValueError(f"a beam cache of {batch} x {beams} rows takes [{batch * beams}, "
+                             f"1, D] inputs (one token per beam); got {tuple(inputs_q.shape)}.")
+        if position_bias is not None or bias is not None or (spec is not None and (
+                spec.alibi_slopes is not None or spec.window is not None)) or (
+                dropout_rng is not None and self.dropout_rate > 0):
+            raise ValueError("a beam cache supports no ALiBi, window, bias or dropout; build "
+                             "the decoding cache with beams=1.")
+        index = cache["index"]
+        if positions is None and self.rope:
+            positions = jnp.full((rows, 1), index, jnp.int32)
+        query = self._project(inputs_q, "query")  # [G*B, 1, N, H]
+        key = self._project(inputs_q, "key")  # [G*B, 1, K, H]
+        value = self._project(inputs_q, "value")
+        if self.rope:
+            query, key = ops.apply_rope(query, positions), ops.apply_rope(key, positions)
+
+        def write(cached, new):  # new [G*B, 1, K, H] -> slots index * G + g of example b
+            new = jnp.transpose(new.reshape(batch, beams, *new.shape[2:]), (0, 2, 1, 3))
+            return lax.dynamic_update_slice(cached, new.astype(cached.dtype),
+                                            (0, 0, index * beams, 0))  # [B, K, G, H]
+
+        cached_k, cached_v = write(cache["key"], key), write(cache["value"], value)
+        own = (jnp.arange(rows, dtype=jnp.int32) % beams)[:, None]  # [G*B, 1] each row's slot
+        slots = lax.dynamic_update_slice(cache["beam_slot"], own, (0, index))  # [G*B, L]
+        seen = slots[:, :, None] == jnp.arange(beams, dtype=jnp.int32)  # [G*B, L, G]
+        seen = seen & (jnp.arange(max_len) <= index)[:, None]
+        seen = seen.reshape(batch, 1, beams, max_len * beams)  # [B, 1, G, L*G]
+        mask = seen if mask is None else mask & seen
+        heads, weights = _beam_attention(
+            query.reshape(batch, beams, *query.shape[2:]).astype(self.dtype),
+            cached_k.astype(self.dtype), cached_v.astype(self.dtype), mask, self.precision)
+        out = self._output(heads.reshape(rows, 1, *heads.shape[2:]))  # [G*B, 1, D]
+        out = jnp.where(index >= max_len, jnp.nan, out)  # traced overflow: poison, not wrong
+        new_cache = {"key": cached_k, "value": cached_v, "index": index + 1, "beam_slot": slots}
+        if not return_weights:
+            return out, new_cache, None
+        # [B, N, G, L*G] -> [G*B, N, 1, L*G]
+        return out, new_cache, jnp.swapaxes(weights, 1, 2).reshape(rows, -1, 1, weights.shape[-1])
 
     def _attend(self, query, key, value, mask, bias, spec, dropout_rng, return_weights, *,
                 cached: bool):
@@ -322,6 +403,22 @@ class MultiHeadAttention(nnx.Module):
         if _is_ring(cache, spec):
             return _update_ring(cache, key, value, spec)
         return _update_cache(cache, key, value, spec)
+
+
+def _beam_attention(query, keys, values, mask, precision):
+    """Attention of a beam step in the cache's heads-first layout, so no step copies the
+    cache: ``query [B, G, N, H]``, ``keys``/``values`` ``[B, K, S, H]``, ``mask`` bool
+    ``[B, 1, G, S]`` -> ``(heads [B, G, N, H], float32 weights [B, N, G, S])``."""
+    b, g, n, h = query.shape
+    k = keys.shape[1]
+    q = jnp.transpose(query.reshape(b, g, k, n // k, h), (0, 2, 3, 1, 4))  # [B, K, N/K, G, H]
+    logits = jnp.einsum("bkqh,bksh->bkqs", q.reshape(b, k, -1, h), keys, precision=precision,
+                        preferred_element_type=jnp.float32) * (1.0 / math.sqrt(h))
+    weights = ops.masked_softmax(logits.reshape(b, k, n // k, g, -1), mask[:, :, None])
+    out = jnp.einsum("bkqs,bksh->bkqh", weights.reshape(b, k, n // k * g, -1).astype(
+        values.dtype), values, precision=precision)  # [B, K, N/K * G, H]
+    out = jnp.transpose(out.reshape(b, k, n // k, g, h), (0, 3, 1, 2, 4)).reshape(b, g, n, h)
+    return out.astype(query.dtype), weights.reshape(b, n, g, -1)
 
 
 def _check_cache(cache, key) -> None:

@@ -82,10 +82,11 @@ class DecoderOnlyLM(nnx.Module):
         """``{"layers": [{"self": {"key": [B,N,L,H], "value": [B,N,L,H], "index": int32 []}}]}``."""
         return self.decoder.init_cache(batch, max_len, dtype=dtype)
 
-    def init_decoding(self, context, max_len: int, *, dtype=None):
+    def init_decoding(self, context, max_len: int, *, dtype=None, beams: int = 1):
         """Reads the prompt ``context [B, P]`` (P >= 0, all rows the same length) through the
         cache in one parallel pass: ``(cache, start_ids [B])`` to continue it by up to
-        ``max_len`` tokens.
+        ``max_len`` tokens; with ``beams`` = K every cache row is repeated K times (rows
+        ``b * K .. b * K + K - 1``) for the ``B * K`` rows of a beam search.
 
         Training saw ``shift_right(targets)``: position 0 holds the BOS (pad id) and every
         later position the previous token. So ``[BOS, p_1 .. p_{P-1}]`` fills the cache and
@@ -96,12 +97,14 @@ class DecoderOnlyLM(nnx.Module):
             raise ValueError(f"a prompt must be token ids [B, P]; got shape {prompt.shape}.")
         batch, length = prompt.shape
         cache = self.init_cache(batch, length + max_len, dtype=dtype)
-        if not length:
-            return cache, jnp.full((batch,), self.config.pad_id, jnp.int32)
-        check_ids("prompt", prompt)
-        bos = jnp.full((batch, 1), self.config.pad_id, jnp.int32)
-        _, cache = self.decode(jnp.concatenate([bos, prompt[:, :-1]], axis=1), cache=cache)
-        return cache, prompt[:, -1]
+        start = jnp.full((batch,), self.config.pad_id, jnp.int32)
+        if length:
+            check_ids("prompt", prompt)
+            bos = jnp.full((batch, 1), self.config.pad_id, jnp.int32)
+            _, cache = self.decode(jnp.concatenate([bos, prompt[:, :-1]], axis=1), cache=cache)
+            start = prompt[:, -1]
+        cache = jax.tree.map(lambda x: jnp.repeat(x, beams, axis=0) if x.ndim else x, cache)
+        return cache, start
 
     def decode(self, ids, *, cache, dropout_rng=None):
         """Incremental step: ``ids [B, T]`` (usually T = 1) at the cache index.

@@ -59,9 +59,13 @@ class Model(Protocol):
     def with_attention(self, batch) -> tuple[jax.Array, dict]:
         """``(logits, {name: [L, B, N, T, S]})`` attention weights of every layer."""
 
-    def init_decoding(self, context, max_len: int, *, dtype=None) -> tuple[dict, jax.Array]:
+    def init_decoding(self, context, max_len: int, *, dtype=None,
+                      beams: int = 1) -> tuple[dict, jax.Array]:
         """``(cache, start_ids [B])`` to produce up to ``max_len`` tokens after ``context``
-        ``[B, C]`` (the source of a translation model, the prompt of a language model)."""
+        ``[B, C]`` (the source of a translation model, the prompt of a language model); with
+        ``beams`` = K the cache serves ``B * K`` rows, the K beams of each example in a row
+        (``decoding.beam_search(..., beam_cache=True)``): leaves that lead with ``B * K`` are
+        per row, those that lead with B are shared by an example's beams."""
 
     def decode(self, ids, *, cache, dropout_rng=None) -> tuple[jax.Array, dict]:
         """One incremental step: ``ids [B, T]`` -> ``(logits [B, T, V], new cache)``."""

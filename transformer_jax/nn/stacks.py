@@ -222,7 +222,8 @@ class Decoder(nnx.Module):
             self.final_norm = LayerNorm(config, rngs=rngs)
         self.output = OutputProjection(config, tokens, rngs=rngs)
 
-    def init_cache(self, batch: int, max_len: int, *, encoded=None, src_valid=None, dtype=None):
+    def init_cache(self, batch: int, max_len: int, *, encoded=None, src_valid=None, dtype=None,
+                   beams: int = 1):
         """Decoding cache for ``max_len`` target positions.
 
         Args:
@@ -232,6 +233,10 @@ class Decoder(nnx.Module):
             then computed once here and stored in the cache.
           src_valid: optional ``[B, S]`` bool (True = real source token), stored with them.
           dtype: dtype of the keys/values (default: the compute dtype).
+          beams: G; the cache then serves ``B * G`` rows (beam search), rows ``b * G ..
+            b * G + G - 1`` the beams of example ``b``: beam caches (``nn.attention``) for
+            self-attention, or per-row caches of ``B * G`` rows with ALiBi, a relative bias or
+            a window; the cross-attention keys/values and ``src_valid`` stay one per example.
 
         Returns:
           ``{"layers": [{"self": {"key": [B,K,L,H], "value": [B,K,L,H], "index": int32 []},
@@ -239,6 +244,8 @@ class Decoder(nnx.Module):
           ("cross" and "src_valid" only when ``encoded`` is given); K key/value heads, and
           L = ``min(max_len, local_window_size + 1)`` with a sliding window (a ring buffer).
         """
+        shared = beams > 1 and self.config.local_window_size is None and (
+            self.config.positional not in ("alibi", "t5_relative"))
         if self.config.positional == "learned" and max_len > self.config.max_len:
             raise ValueError(
                 f"A cache of max_len={max_len} exceeds the learned position table "
@@ -247,7 +254,9 @@ class Decoder(nnx.Module):
         layers = []
         for layer in self.layers:
             entry = {"self": layer.self_attention.init_cache(
-                batch, max_len, dtype, window=self.config.local_window_size)}
+                batch, max_len, dtype, beams=beams) if shared else
+                layer.self_attention.init_cache(batch * beams, max_len, dtype,
+                                                window=self.config.local_window_size)}
             if encoded is not None and self.cross_attention:
                 kv = layer.cross_attention.precompute_kv(encoded)
                 entry["cross"] = jax.tree.map(lambda a: a.astype(dtype or a.dtype), kv)

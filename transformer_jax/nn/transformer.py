@@ -72,12 +72,13 @@ class Transformer(nnx.Module):
         hidden, weights = self._forward(batch, return_attention=True)
         return self.logits(hidden), weights
 
-    def init_decoding(self, context, max_len: int, *, dtype=None):
+    def init_decoding(self, context, max_len: int, *, dtype=None, beams: int = 1):
         """Encodes the source ``context [B, S]`` once: ``(cache, start_ids [B])`` for up to
-        ``max_len`` target tokens, each search starting from the BOS (pad id)."""
+        ``max_len`` target tokens, each search starting from the BOS (pad id); with ``beams``
+        = K the cache serves the ``B * K`` rows of a beam search (``Decoder.init_cache``)."""
         src_ids = check_ids("src_ids", context)
         cache = self.init_cache(src_ids.shape[0], max_len, encoded=self.encode(src_ids),
-                                src_ids=src_ids, dtype=dtype)
+                                src_ids=src_ids, dtype=dtype, beams=beams)
         return cache, jnp.full((src_ids.shape[0],), self.config.pad_id, jnp.int32)
 
     def _forward(self, batch, *, dropout_rng=None, return_attention: bool = False):
@@ -165,8 +166,9 @@ class Transformer(nnx.Module):
         )
         return self.logits(hidden), new_cache
 
-    def init_cache(self, batch: int, max_len: int, *, encoded=None, src_ids=None, dtype=None):
-        """Decoding cache (see ``Decoder.init_cache``).
+    def init_cache(self, batch: int, max_len: int, *, encoded=None, src_ids=None, dtype=None,
+                   beams: int = 1):
+        """Decoding cache (see ``Decoder.init_cache``, also for ``beams``).
 
         With ``encoded [B, S, D]`` (and ``src_ids [B, S]`` for the padding mask) the
         cross-attention keys/values are projected once and kept in the cache, so decoding
@@ -174,5 +176,5 @@ class Transformer(nnx.Module):
         except the int32 scalar ``index`` of each layer.
         """
         return self.decoder.init_cache(
-            batch, max_len, encoded=encoded, src_valid=self._src_valid(src_ids), dtype=dtype
-        )
+            batch, max_len, encoded=encoded, src_valid=self._src_valid(src_ids), dtype=dtype,
+            beams=beams)
