@@ -43,7 +43,6 @@ back into the decoding loop (docs/cpu_speed.md, section 3, has the measurements)
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Callable
 
@@ -53,6 +52,7 @@ from flax import nnx
 from jax import lax
 
 from transformer_jax import ops
+from transformer_jax.nn import kv_cache
 from transformer_jax.nn.int8 import INT8_SUFFIX, quantize_weight
 from transformer_jax.nn.lora import LoRA
 from transformer_jax.nn.partitioning import logical_param
@@ -232,7 +232,7 @@ class MultiHeadAttention(nnx.Module):
         not rotated (RoPE is meant for self-attention).
         """
         key = jnp.transpose(self._project(inputs_kv, "key"), (0, 2, 3, 1))  # [B, K, H, S]
-        value = _swap_heads(self._project(inputs_kv, "value"))  # [B, K, S, H]
+        value = kv_cache.swap_heads(self._project(inputs_kv, "value"))  # [B, K, S, H]
         return lax.optimization_barrier({"key": key, "value": value})
 
     # ------------------------------------------------------------------ forward
@@ -312,7 +312,7 @@ class MultiHeadAttention(nnx.Module):
             weights = weights.reshape(-1, weights.shape[1], group, length, weights.shape[-1])
             weights = jnp.swapaxes(weights, 1, 2).reshape(batch, -1, length, weights.shape[-1])
         out = self._output(heads)  # [B, T, D]
-        if incremental and not _is_ring(cache, spec):  # traced overflow: poison, not wrong
+        if incremental and not kv_cache.is_ring(cache, spec):  # traced overflow: poison, not wrong
             out = jnp.where(cache["index"] + length > cache["key"].shape[2], jnp.nan, out)
         return out, new_cache, weights
 
@@ -392,17 +392,17 @@ class MultiHeadAttention(nnx.Module):
         an incremental cache, written into it."""
         if cache is not None and "index" not in cache:  # precomputed keys/values
             key = jnp.transpose(cache["key"], (0, 3, 1, 2))  # [B, S, K, H]
-            return key, _swap_heads(cache["value"]), spec, cache
+            return key, kv_cache.swap_heads(cache["value"]), spec, cache
         key = self._project(inputs_kv, "key")  # [B, S, K, H]
         value = self._project(inputs_kv, "value")  # [B, S, K, H]
         if self.rope:
             key = ops.apply_rope(key, kv_positions)
         if cache is None:
             return key, value, spec, None
-        _check_cache(cache, key)
-        if _is_ring(cache, spec):
-            return _update_ring(cache, key, value, spec)
-        return _update_cache(cache, key, value, spec)
+        kv_cache.check_cache(cache, key)
+        if kv_cache.is_ring(cache, spec):
+            return kv_cache.update_ring(cache, key, value, spec)
+        return kv_cache.update_cache(cache, key, value, spec)
 
 
 def _beam_attention(query, keys, values, mask, precision):
@@ -421,78 +421,6 @@ def _beam_attention(query, keys, values, mask, precision):
     return out.astype(query.dtype), weights.reshape(b, n, g, -1)
 
 
-def _check_cache(cache, key) -> None:
-    """The cache ``[B, K, L, H]`` fits the new keys ``[B, T, K, H]``."""
-    shape = cache["key"].shape
-    if (shape[0], shape[1], shape[3]) != (key.shape[0], key.shape[2], key.shape[3]):
-        raise ValueError(
-            f"cache key {tuple(shape)} does not match the new keys {tuple(key.shape)} "
-            f"([B, K, L, H] and [B, T, K, H]); build the cache with "
-            f"init_cache(batch={key.shape[0]}, ...) of this module."
-        )
-
-
-def _is_ring(cache, spec) -> bool:
-    """A sliding-window ring buffer: the spec's window is causal-left and the cache holds
-    exactly its ``left + 1`` slots (``init_cache(..., window=left)``)."""
-    window = None if spec is None else spec.window
-    return (cache is not None and "index" in cache and window is not None and window[1] == 0
-            and cache["key"].shape[2] == window[0] + 1)
-
-
-def _update_cache(cache, key, value, spec):
-    """Writes T new keys/values ``[B, T, K, H]`` at ``cache["index"]``; returns the full
-    cache tensors as ``[B, L, K, H]`` views and ``spec`` with the cache's causal term (query
-    i at slot ``index + i`` sees slots ``<= index + i``)."""
-    cached_k, cached_v, index = cache["key"], cache["value"], cache["index"]  # [B, K, L, H]
-    length, max_len = key.shape[1], cached_k.shape[2]
-    if length > max_len:
-        raise ValueError(f"{length} new tokens do not fit a cache of length {max_len}.")
-    if not isinstance(index, jax.core.Tracer) and int(index) + length > max_len:
-        raise ValueError(
-            f"writing {length} token(s) at position {int(index)} overflows the KV cache of "
-            f"length {max_len}; build the cache with a larger max_len."
-        )
-    start = (0, 0, index, 0)
-    cached_k = lax.dynamic_update_slice(cached_k, _swap_heads(key).astype(cached_k.dtype), start)
-    cached_v = lax.dynamic_update_slice(cached_v, _swap_heads(value).astype(cached_v.dtype),
-                                        start)
-    spec = dataclasses.replace(
-        spec or ops.AttentionSpec(),
-        causal=True,
-        q_positions=(index + jnp.arange(length, dtype=jnp.int32))[None],  # [1, T]
-        k_positions=jnp.arange(max_len, dtype=jnp.int32)[None],  # [1, L]
-    )
-    new_cache = {"key": cached_k, "value": cached_v, "index": index + length}
-    return _swap_heads(cached_k), _swap_heads(cached_v), spec, new_cache
-
-
-def _update_ring(cache, key, value, spec):
-    """Sliding-window step over a ring of C slots: the T new queries attend the C slots and
-    their own T keys (``[B, C + T, K, H]``, masked by position: causal, inside the window,
-    slot written); the newest ``min(T, C)`` keys then replace the oldest slots."""
-    cached_k, cached_v, index = cache["key"], cache["value"], cache["index"]  # [B, K, C, H]
-    slots, length = cached_k.shape[2], key.shape[1]
-    if spec.k_valid is not None or spec.q_segments is not None:
-        raise ValueError("A sliding-window cache takes no key padding or segments.")
-    # the position each slot holds: the latest p < index with p % C == slot (< 0: empty)
-    slot_pos = index - 1 - jnp.mod(index - 1 - jnp.arange(slots, dtype=jnp.int32), slots)
-    q_pos = index + jnp.arange(length, dtype=jnp.int32)  # [T]
-    keys = jnp.concatenate([_swap_heads(cached_k), key.astype(cached_k.dtype)], axis=1)
-    values = jnp.concatenate([_swap_heads(cached_v), value.astype(cached_v.dtype)], axis=1)
-    spec = dataclasses.replace(
-        spec, causal=True, q_positions=q_pos[None],
-        k_positions=jnp.concatenate([slot_pos, q_pos])[None],  # [1, C + T]
-        k_valid=jnp.concatenate([slot_pos >= 0, jnp.ones((length,), bool)])[None])
-    kept = min(length, slots)  # the newest keys that stay
-    where = jnp.mod(index + length - kept + jnp.arange(kept), slots)  # [kept] distinct slots
-    new_k = _swap_heads(key[:, length - kept:]).astype(cached_k.dtype)  # [B, K, kept, H]
-    new_v = _swap_heads(value[:, length - kept:]).astype(cached_v.dtype)
-    new_cache = {"key": cached_k.at[:, :, where].set(new_k),
-                 "value": cached_v.at[:, :, where].set(new_v), "index": index + length}
-    return keys, values, spec, new_cache
-
-
 def _attended_positions(spec, positions, kv_positions, num_keys: int):
     """``(q_positions [b, T], k_positions [b, S])`` of one call: the cache's (in the spec),
     else the given ones, else indices."""
@@ -504,9 +432,3 @@ def _attended_positions(spec, positions, kv_positions, num_keys: int):
     if k_pos is None:
         k_pos = jnp.arange(num_keys, dtype=jnp.int32)[None]
     return q_pos, k_pos
-
-
-def _swap_heads(x):
-    """``[B, L, K, H] <-> [B, K, L, H]``: cache layout to the ``ops`` layout and back (XLA folds
-    the swap into the matmul that reads it)."""
-    return jnp.swapaxes(x, 1, 2)
