@@ -39,8 +39,9 @@ from benchlib import machine_info, write_json  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from transformer_jax import decoding, ops  # noqa: E402
-from transformer_jax.config import ModelConfig, count_params  # noqa: E402
+from transformer_jax.config import ModelConfig  # noqa: E402
 from transformer_jax.nn import Transformer  # noqa: E402
+from transformer_jax.param_count import count_params  # noqa: E402
 
 FORBIDDEN = ("tensorflow_datasets", "grain", "array_record", "ml_collections", "num2words",
              "tensorboardX")

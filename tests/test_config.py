@@ -5,7 +5,8 @@ import json
 
 import pytest
 
-from transformer_jax.config import ModelConfig, count_params
+from transformer_jax.config import ModelConfig
+from transformer_jax.param_count import count_params
 
 
 @pytest.mark.parametrize(

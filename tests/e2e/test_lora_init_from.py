@@ -23,10 +23,11 @@ from helpers import (
 
 from transformer_jax import translate
 from transformer_jax.checkpoints import read_run
-from transformer_jax.config import ModelConfig, count_params
+from transformer_jax.config import ModelConfig
 from transformer_jax.data.tokenizer import TOKENIZER_FILE
 from transformer_jax.errors import CheckpointMismatchError, WorkdirError
 from transformer_jax.nn.adapters import adapter_params, base_params, base_sha256
+from transformer_jax.param_count import count_params
 from transformer_jax.training import train_and_evaluate
 from transformer_jax.training.init_from import INIT_FROM_FILE
 from transformer_jax.training.workdir import file_sha256

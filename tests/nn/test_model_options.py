@@ -12,7 +12,7 @@ import pytest
 from flax import nnx
 
 from transformer_jax import decoding, ops
-from transformer_jax.config import ACTIVATIONS, ModelConfig, count_params
+from transformer_jax.config import ACTIVATIONS, ModelConfig
 from transformer_jax.nn import (
     FeedForward,
     InputEmbedding,
@@ -20,6 +20,7 @@ from transformer_jax.nn import (
     TokenEmbedding,
     Transformer,
 )
+from transformer_jax.param_count import count_params
 
 CFG = ModelConfig(vocab_size=20, d_model=8, num_heads=2, num_layers=1, d_ff=16, max_len=10,
                   dropout_rate=0.0)

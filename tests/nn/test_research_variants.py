@@ -9,8 +9,9 @@ import pytest
 from flax import nnx
 
 from transformer_jax import ops
-from transformer_jax.config import ModelConfig, count_params
+from transformer_jax.config import ModelConfig
 from transformer_jax.nn import MultiHeadAttention, build_model, split_model
+from transformer_jax.param_count import count_params
 
 B, T, S, D, N = 2, 5, 7, 16, 4
 H = D // N

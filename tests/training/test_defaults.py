@@ -6,8 +6,9 @@ import os
 
 import pytest
 
-from transformer_jax.config import ModelConfig, count_params
+from transformer_jax.config import ModelConfig
 from transformer_jax.errors import ConfigError
+from transformer_jax.param_count import count_params
 from transformer_jax.training import validate_config
 from transformer_jax.training.optim import make_schedule
 

@@ -9,9 +9,10 @@ from flax import nnx
 from helpers import packed_batch, tiny_train_config
 
 from transformer_jax.checkpoints import load_adapters, save_adapters
-from transformer_jax.config import ModelConfig, count_params
+from transformer_jax.config import ModelConfig
 from transformer_jax.nn import build_model, split_model
 from transformer_jax.nn.adapters import adapter_params, base_params, merge_lora
+from transformer_jax.param_count import count_params
 from transformer_jax.training import build_run, validate_config
 
 V = 31
