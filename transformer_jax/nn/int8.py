@@ -51,11 +51,16 @@ class Int8Dense(nnx.Module):
         self.scale = nnx.Param(jnp.asarray(scale, jnp.float32))
         self.min_rows = int(min_rows)
 
+    def uses_int8(self, x) -> bool:
+        """Whether ``x [..., D_in]`` has the rows (``min_rows`` or more) for the int8 matmul;
+        known when the program is traced."""
+        return math.prod(x.shape[:-1]) >= self.min_rows
+
     def __call__(self, x, w, *, dtype=None) -> jax.Array:
         """``x [..., D_in]`` -> ``[..., D_out]`` in ``dtype`` (default ``x``'s); ``w [D_in,
         D_out]`` is the dequantised weight, used below ``min_rows`` rows."""
         dtype = x.dtype if dtype is None else dtype
-        if math.prod(x.shape[:-1]) < self.min_rows:
+        if not self.uses_int8(x):
             return jnp.einsum("...i,io->...o", x, w.astype(x.dtype),
                               preferred_element_type=jnp.float32).astype(dtype)
         return ops.int8_matmul(x, self.q[...], self.scale[...], dtype=dtype)
