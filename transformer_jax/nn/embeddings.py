@@ -134,8 +134,7 @@ class OutputProjection(nnx.Module):
     def __call__(self, x) -> jax.Array:
         int8 = getattr(self, "kernel" + INT8_SUFFIX, None)
         # after nn.int8.quantize_int8, with rows enough for the int8 matmul; fewer rows take
-        # the float path below over the dequantised table (a tied table transposed for
-        # Int8Dense's float path cost a decoding step at batch 1 about twice the time)
+        # the float path below over the dequantised table, untransposed (docs/decoding.md)
         if int8 is not None and int8.uses_int8(x):
             kernel, bias = self.weights()
             logits = int8(x.astype(self.dtype), kernel, dtype=jnp.float32)  # [B, T, V]
